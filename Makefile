@@ -1,0 +1,33 @@
+# External backups toolkit: `make test` and `make demo` are the two commands (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: test test-slow test-all lint demo bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $(STAMP)
+
+## test: lint, then every test not marked slow (a few minutes)
+test: $(STAMP) lint
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## test-slow: the large-data tests (memory bounds on hundreds of MB); CI runs them too
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+## demo: throwaway PostgreSQL + local S3, sample data, backup → list → verify → restore
+demo: $(STAMP)
+	$(PY) -m dev.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

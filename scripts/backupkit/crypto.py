@@ -1,0 +1,100 @@
+"""Encryption formats: openssl `enc -aes-256-cbc -pbkdf2` for dumps, AES Crypt v2 for archives.
+
+Also the passphrase's `key_id` (names a passphrase without revealing it) and the choice of the
+passphrase a backup needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from typing import BinaryIO
+
+from .errors import VerificationError
+
+OPENSSL_MAGIC = b"Salted__"
+AESCRYPT_MAGIC = b"AES"
+OPENSSL_FORMAT = "openssl-aes-256-cbc-pbkdf2"
+AESCRYPT_FORMAT = "aescrypt-v2"
+# openssl's own defaults for -pbkdf2 (3.x), spelled out so an older openssl cannot differ.
+OPENSSL_CIPHER_ARGS = ["-aes-256-cbc", "-pbkdf2", "-md", "sha256", "-iter", "10000"]
+# AES Crypt buffer: a multiple of the AES block; 1 MiB keeps Python overhead per byte low.
+AESCRYPT_BUFFER = 1024 * 1024
+KEY_ID_SALT = b"external-backups key id"
+KEY_ID_ITERATIONS = 600_000
+
+
+@functools.lru_cache(maxsize=8)
+def key_id(passphrase: str) -> str:
+    """16 hex chars naming a passphrase; slow on purpose (PBKDF2, 600k rounds)."""
+    digest = hashlib.pbkdf2_hmac("sha256", passphrase.encode(), KEY_ID_SALT, KEY_ID_ITERATIONS)
+    return digest[:8].hex()
+
+
+def pick_passphrase(wanted_key_id: str | None, candidates: list[str]) -> str:
+    """The candidate whose key_id matches; without a key_id, the current passphrase."""
+    if not candidates:
+        raise VerificationError("no encryption passphrase: set EXTERNAL_BACKUP_ENCRYPTION_KEY")
+    if not wanted_key_id:
+        return candidates[0]
+    for candidate in candidates:
+        if key_id(candidate) == wanted_key_id:
+            return candidate
+    raise VerificationError(
+        f"this backup was encrypted with the passphrase whose key_id is {wanted_key_id}; neither "
+        "EXTERNAL_BACKUP_ENCRYPTION_KEY nor EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS has that key_id "
+        f"(they have {', '.join(key_id(c) for c in candidates)})"
+    )
+
+
+def detect_format(head: bytes) -> str | None:
+    if head.startswith(OPENSSL_MAGIC):
+        return OPENSSL_FORMAT
+    if head.startswith(AESCRYPT_MAGIC):
+        return AESCRYPT_FORMAT
+    return None
+
+
+def passphrase_pipe(passphrase: str) -> int:
+    """A pipe whose read end yields the passphrase, for `openssl -pass fd:N`.
+
+    Returns the read end (pass it with `pass_fds`, close it after the child started).
+    """
+    data = passphrase.encode() + b"\n"
+    if len(data) > 60000:  # stay within the pipe buffer so the write cannot block
+        raise VerificationError("the encryption passphrase is too long (over 60000 bytes)")
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, data)
+    finally:
+        os.close(write_end)
+    return read_end
+
+
+def openssl_args(fd: int, decrypt: bool = False) -> list[str]:
+    return ["openssl", "enc", *(["-d"] if decrypt else []), *OPENSSL_CIPHER_ARGS, "-pass", f"fd:{fd}"]
+
+
+class FullReader:
+    """Wraps a stream so every read(n) returns n bytes until real end of input.
+
+    pyAesCrypt.encryptStream takes any short read for end of file and would silently truncate
+    the archive (with a valid HMAC); pipes and generators return short reads all the time.
+    """
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return self._raw.read()
+        parts = []
+        missing = size
+        while missing > 0:
+            chunk = self._raw.read(missing)
+            if not chunk:
+                break
+            parts.append(chunk)
+            missing -= len(chunk)
+        return b"".join(parts)

@@ -1,0 +1,249 @@
+"""Subprocess pipelines: start stages, connect them, read their stderr, wait, and fail loudly.
+
+`Pipeline` owns every process it starts: on leaving its `with` block with an error, every stage
+still running is terminated (psql's transaction then rolls back). `finish()` waits for all stages
+and raises a BackupError naming the first command that failed, its exit status and its stderr.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import hashlib
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from typing import IO, Any
+
+from .errors import BackupError
+
+CHUNK = 1024 * 1024  # bytes per read between stages: large enough that Python's per-call cost vanishes
+STDERR_TAIL = 64 * 1024  # keep this much of a stage's stderr for its error message
+
+
+class Tally:
+    """Size and SHA-256 of the bytes that went past."""
+
+    def __init__(self) -> None:
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def update(self, data: bytes) -> None:
+        self.sha256.update(data)
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return self.sha256.hexdigest()
+
+    @classmethod
+    def of_file(cls, path: str) -> Tally:
+        tally = cls()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                tally.update(chunk)
+        return tally
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # If we are killed outright, the child must not outlive us: a psql that sees EOF on its
+    # input would COMMIT a partial restore.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Stage:
+    """One running command whose stderr is collected by a thread."""
+
+    def __init__(self, name: str, argv: Sequence[str], proc: subprocess.Popen):
+        self.name = name
+        self.argv = list(argv)
+        self.proc = proc
+        self._stderr: collections.deque[bytes] = collections.deque()
+        self._stderr_size = 0
+        self._reader = threading.Thread(target=self._read_stderr, name=f"{name}-stderr", daemon=True)
+        self._reader.start()
+
+    @property
+    def stdin(self) -> IO[bytes]:
+        return self.proc.stdin
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        return self.proc.stdout
+
+    def _read_stderr(self) -> None:
+        for line in iter(self.proc.stderr.readline, b""):
+            self._stderr.append(line)
+            self._stderr_size += len(line)
+            while self._stderr_size > STDERR_TAIL and len(self._stderr) > 1:
+                self._stderr_size -= len(self._stderr.popleft())
+        self.proc.stderr.close()
+
+    def stderr_text(self) -> str:
+        self._reader.join(timeout=5)
+        return b"".join(self._stderr).decode("utf-8", "replace").strip()
+
+    def wait(self) -> int:
+        code = self.proc.wait()
+        self._reader.join(timeout=5)
+        return code
+
+    def describe_failure(self) -> str:
+        code = self.proc.returncode
+        status = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        stderr = self.stderr_text()
+        detail = f": {stderr.splitlines()[-1] if len(stderr) > 300 else stderr}" if stderr else ""
+        return f"{self.name} failed ({status}){detail}".replace("\n", " | ")
+
+    def check(self) -> None:
+        if self.wait() != 0:
+            raise BackupError(self.describe_failure())
+
+    def terminate(self, grace: float = 5.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Pipeline:
+    """Stages started in order; `pump()` connects two of them through Python (to hash bytes)."""
+
+    def __init__(self) -> None:
+        self.stages: list[Stage] = []
+        self._pumps: list[threading.Thread] = []
+        self._pump_errors: list[BaseException] = []
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str],
+        stdin: Any = subprocess.DEVNULL,
+        stdout: Any = subprocess.PIPE,
+        pass_fds: Sequence[int] = (),
+        die_with_parent: bool = False,
+    ) -> Stage:
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=stdin,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                env=env,
+                pass_fds=tuple(pass_fds),
+                # Own process group: a Ctrl-C in the terminal reaches us, and we stop the
+                # stages in order (psql must be killed, not left to read EOF and commit).
+                start_new_session=True,
+                preexec_fn=_die_with_parent if die_with_parent else None,
+            )
+        except FileNotFoundError:
+            raise BackupError(f"{name}: command not found: {argv[0]} (install it or put it on PATH)") from None
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
+        stage = Stage(name, argv, proc)
+        self.stages.append(stage)
+        return stage
+
+    def pump(self, src: IO[bytes], dst: IO[bytes], tally: Tally | None = None) -> None:
+        """Copy src → dst in a thread (hashing on the way), then close dst."""
+
+        def run() -> None:
+            try:
+                copy(src, dst.write, tally)
+            except BrokenPipeError:
+                pass  # the reader died: its own exit status tells why
+            except BaseException as exc:  # noqa: BLE001 - re-raised by finish()
+                self._pump_errors.append(exc)
+            finally:
+                try:
+                    dst.close()
+                except BrokenPipeError:
+                    pass
+
+        thread = threading.Thread(target=run, name="pump", daemon=True)
+        thread.start()
+        self._pumps.append(thread)
+
+    def finish(self) -> None:
+        """Wait for every stage; raise for the first that failed (a stage killed by SIGPIPE
+        only because a later one died is not the cause)."""
+        for thread in self._pumps:
+            thread.join()
+        for stage in self.stages:
+            stage.wait()
+        failed = [s for s in self.stages if s.proc.returncode != 0]
+        causes = [s for s in failed if s.proc.returncode != -signal.SIGPIPE] or failed
+        if causes:
+            raise BackupError(causes[0].describe_failure())
+        if self._pump_errors:
+            raise self._pump_errors[0]
+
+    def terminate(self) -> None:
+        # Kill first, close pipes after: a psql that saw EOF on its input before dying would
+        # COMMIT what it had read.
+        for stage in self.stages:
+            stage.terminate()
+        for stage in self.stages:
+            for pipe in (stage.proc.stdin, stage.proc.stdout):
+                if pipe:
+                    try:
+                        pipe.close()
+                    except OSError:
+                        pass
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.terminate()
+
+
+def copy(src: IO[bytes], write: Callable[[bytes], Any], tally: Tally | None = None,
+         progress: Callable[[int], None] | None = None) -> int:
+    """Copy until EOF in CHUNK reads; returns the byte count."""
+    total = 0
+    read = getattr(src, "read1", src.read)
+    while True:
+        chunk = read(CHUNK)
+        if not chunk:
+            return total
+        if tally is not None:
+            tally.update(chunk)
+        write(chunk)
+        total += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
+
+
+HOLD_BACK = 64 * 1024  # plaintext kept from psql until verified; holds pg_dump's trailer
+
+
+def hold_back(src: IO[bytes], dst: IO[bytes], tally: Tally, keep: int = HOLD_BACK) -> tuple[bytes, bool]:
+    """Copy src → dst except the last `keep` bytes, which are returned for the caller to release
+    only once the whole stream verified (psql commits when its input ends). If dst breaks (its
+    reader died), src is still read to the end and hashed. Returns (held tail, dst broken)."""
+    held = bytearray()
+    broken = False
+    read = getattr(src, "read1", src.read)
+    while chunk := read(CHUNK):
+        tally.update(chunk)
+        held += chunk
+        if len(held) > keep:
+            release = len(held) - keep
+            if not broken:
+                try:
+                    dst.write(held[:release])
+                except BrokenPipeError:
+                    broken = True
+            del held[:release]
+    return bytes(held), broken

@@ -1,0 +1,108 @@
+"""S3 clients for the external bucket and for the app's (source) bucket, and error translation.
+
+The external bucket uses boto3's own credential chain and endpoint variables (AWS_PROFILE,
+AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, …). The source bucket may have its own SOURCE_AWS_*
+credentials. Retries: botocore's standard mode, MAX_ATTEMPTS attempts per request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from .errors import BackupError
+
+MAX_ATTEMPTS = 5  # botocore standard retry mode: 1 try + 4 retries with backoff, per request
+CONNECT_TIMEOUT = 10
+READ_TIMEOUT = 60
+
+
+def _config(max_pool_connections: int = 16) -> Config:
+    return Config(
+        retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=READ_TIMEOUT,
+        max_pool_connections=max_pool_connections,
+        # Object Lock buckets reject writes without a checksum: always send one.
+        request_checksum_calculation="when_supported",
+    )
+
+
+def external_client(max_pool_connections: int = 16):  # noqa: ANN201 (boto3 client type)
+    with s3_errors("create the S3 client"):
+        return boto3.session.Session().client("s3", config=_config(max_pool_connections))
+
+
+def source_client(profile: str | None = None, max_pool_connections: int = 16):  # noqa: ANN201
+    """Client for the app's bucket: SOURCE_AWS_PROFILE / --source-profile, SOURCE_AWS_* keys,
+    or, when neither is set, the same credentials as the external bucket."""
+    profile = profile or os.environ.get("SOURCE_AWS_PROFILE")
+    region = os.environ.get("SOURCE_AWS_REGION")
+    endpoint = os.environ.get("SOURCE_AWS_ENDPOINT_URL")
+    with s3_errors("create the source S3 client"):
+        if profile:
+            session = boto3.session.Session(profile_name=profile, region_name=region)
+        elif os.environ.get("SOURCE_AWS_ACCESS_KEY_ID"):
+            session = boto3.session.Session(
+                aws_access_key_id=os.environ["SOURCE_AWS_ACCESS_KEY_ID"],
+                aws_secret_access_key=os.environ.get("SOURCE_AWS_SECRET_ACCESS_KEY"),
+                aws_session_token=os.environ.get("SOURCE_AWS_SESSION_TOKEN") or None,
+                region_name=region,
+            )
+        else:
+            session = boto3.session.Session(region_name=region)
+        return session.client("s3", endpoint_url=endpoint or None, config=_config(max_pool_connections))
+
+
+_HINTS = {
+    "NoSuchBucket": "the bucket does not exist: check BACKUP_BUCKET / --bucket and the region",
+    "AccessDenied": "access denied: check the credentials and that their IAM policy allows this",
+    "AllAccessDisabled": "access denied: check the credentials and that their IAM policy allows this",
+    "InvalidAccessKeyId": "the AWS access key is not valid: check the credentials",
+    "SignatureDoesNotMatch": "the AWS secret key does not match the access key: check the credentials",
+    "ExpiredToken": "the AWS credentials have expired: renew them",
+    "InvalidToken": "the AWS session token is not valid: renew the credentials",
+    "NoSuchKey": "no such object",
+    "NoSuchVersion": "no such object version",
+}
+
+
+def explain(exc: BaseException, action: str) -> BackupError:
+    """A BackupError naming the S3 action, the error code and what to do. Never includes
+    credentials (botocore messages do not carry them)."""
+    if isinstance(exc, BackupError):
+        return exc
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = error.get("Code") or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
+        hint = _HINTS.get(code) or error.get("Message") or "see the S3 error code"
+        return BackupError(f"could not {action}: S3 answered {code}: {hint}")
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return BackupError(f"could not {action}: no AWS credentials found (set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+    if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError)):
+        return BackupError(f"could not {action}: cannot reach the S3 endpoint ({exc.kwargs.get('endpoint_url', '?')}) after {MAX_ATTEMPTS} attempts")
+    if isinstance(exc, (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)):
+        return BackupError(f"could not {action}: the S3 endpoint timed out after {MAX_ATTEMPTS} attempts")
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return BackupError(f"could not {action}: {exc}")
+    return BackupError(f"could not {action}: {type(exc).__name__}: {exc}")
+
+
+def error_code(exc: BaseException) -> str | None:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return exc.response.get("Error", {}).get("Code")
+    return None
+
+
+@contextlib.contextmanager
+def s3_errors(action: str) -> Iterator[None]:
+    """Turn botocore exceptions raised inside into a BackupError saying what failed."""
+    try:
+        yield
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise explain(exc, action) from exc

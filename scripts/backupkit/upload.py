@@ -1,0 +1,195 @@
+"""One streaming multipart uploader, used by every backup.
+
+Bytes go in through `write()`; full parts are uploaded by a bounded pool, so memory stays at
+about (MAX_IN_FLIGHT + 1) × part size whatever the backup's size. Size and SHA-256 are computed
+on the way. Nothing becomes a visible object until `complete()`; `abort()` otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .s3 import error_code, explain, s3_errors
+
+MIB = 1024 * 1024
+INITIAL_PART_SIZE = 8 * MIB
+# The part size doubles every PARTS_PER_STEP parts: 10,000 parts then hold 1000 × 8 MiB ×
+# (2^10 - 1) ≈ 7.8 TiB, above S3's 5 TiB object limit, and no part exceeds 4 GiB (limit 5 GiB).
+PARTS_PER_STEP = 1000
+MAX_IN_FLIGHT = 4
+MAX_PARTS = 10_000
+
+
+def part_size(part_number: int, initial: int = INITIAL_PART_SIZE) -> int:
+    """Size of part `part_number` (1-based)."""
+    return initial << min((part_number - 1) // PARTS_PER_STEP, 9)
+
+
+class StreamingUpload:
+    """`write()` bytes, then `complete()` (returns the version id) or `abort()`.
+
+    Used as a context manager, an exception inside the block aborts the upload.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        key: str,
+        *,
+        initial_part_size: int = INITIAL_PART_SIZE,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        content_type: str = "application/octet-stream",
+    ):
+        self._client = client
+        self.bucket = bucket
+        self.key = key
+        self._initial = initial_part_size
+        self._content_type = content_type
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="upload")
+        self._futures: list = []
+        self._parts: dict[int, dict[str, str]] = {}
+        self._error: BaseException | None = None
+        self._upload_id: str | None = None
+        self._buffer = bytearray()
+        self._next_part = 1
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.uploaded = 0
+        self.version_id: str | None = None
+        self.state = "open"  # open → completed | aborted
+
+    # -- writing ---------------------------------------------------------------------------
+    def write(self, data: bytes) -> int:
+        if self.state != "open":
+            raise ValueError(f"upload is {self.state}")
+        self._raise_worker_error()
+        self.sha256.update(data)
+        self.size += len(data)
+        view = memoryview(data)
+        while view:
+            room = part_size(self._next_part, self._initial) - len(self._buffer)
+            self._buffer += view[:room]
+            view = view[room:]
+            if len(self._buffer) == part_size(self._next_part, self._initial):
+                self._submit_part()
+        return len(data)
+
+    def _submit_part(self) -> None:
+        if self._next_part > MAX_PARTS:
+            raise explain(RuntimeError("more than 10,000 parts"), f"upload s3://{self.bucket}/{self.key}")
+        if self._upload_id is None:
+            with s3_errors(f"start the multipart upload of s3://{self.bucket}/{self.key}"):
+                response = self._client.create_multipart_upload(
+                    Bucket=self.bucket, Key=self.key, ContentType=self._content_type, ChecksumAlgorithm="CRC32"
+                )
+            self._upload_id = response["UploadId"]
+        body, self._buffer = self._buffer, bytearray()
+        number = self._next_part
+        self._next_part += 1
+        self._slots.acquire()  # blocks while MAX_IN_FLIGHT parts are being uploaded
+        try:
+            self._futures.append(self._pool.submit(self._upload_part, number, body))
+        except BaseException:
+            self._slots.release()
+            raise
+        self._raise_worker_error()
+
+    def _upload_part(self, number: int, body: bytearray) -> None:
+        try:
+            if self._error is not None:
+                return
+            response = self._client.upload_part(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=body,
+                ChecksumAlgorithm="CRC32",
+            )
+            part = {"PartNumber": number, "ETag": response["ETag"]}
+            if response.get("ChecksumCRC32"):
+                part["ChecksumCRC32"] = response["ChecksumCRC32"]
+            self._parts[number] = part
+            self.uploaded += len(body)
+        except BaseException as exc:  # noqa: BLE001 - handed to the writer thread
+            if self._error is None:
+                self._error = exc
+        finally:
+            self._slots.release()
+
+    def _raise_worker_error(self) -> None:
+        if self._error is not None:
+            raise explain(self._error, f"upload a part of s3://{self.bucket}/{self.key}") from self._error
+
+    def _wait_for_parts(self) -> None:
+        for future in self._futures:
+            future.result()
+        self._futures.clear()
+
+    # -- finishing ---------------------------------------------------------------------------
+    def complete(self) -> str | None:
+        """Make the object visible; returns its version id (None in an unversioned bucket)."""
+        if self.state != "open":
+            raise ValueError(f"upload is {self.state}")
+        target = f"s3://{self.bucket}/{self.key}"
+        if self._upload_id is None:
+            # Under one part (empty included): a multipart upload with zero parts is MalformedXML.
+            with s3_errors(f"upload {target}"):
+                response = self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    Body=bytes(self._buffer),
+                    ContentType=self._content_type,
+                    ChecksumAlgorithm="CRC32",
+                )
+            self.uploaded = len(self._buffer)
+        else:
+            if self._buffer:
+                self._submit_part()
+            self._wait_for_parts()
+            self._raise_worker_error()
+            parts = [self._parts[n] for n in sorted(self._parts)]
+            with s3_errors(f"complete the multipart upload of {target}"):
+                response = self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
+                )
+        self._buffer = bytearray()
+        self._pool.shutdown(wait=True)
+        self.state = "completed"
+        self.version_id = response.get("VersionId")
+        return self.version_id
+
+    def abort(self) -> None:
+        """Throw away whatever was uploaded. A denied abort is a warning: the bucket's lifecycle
+        rule removes incomplete uploads after 7 days."""
+        if self.state != "open":
+            return
+        self.state = "aborted"
+        if self._error is None:
+            self._error = RuntimeError("aborted")
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._buffer = bytearray()
+        if self._upload_id is None:
+            return
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id)
+        except Exception as exc:  # noqa: BLE001 - we are already failing; say so and go on
+            reason = error_code(exc) or type(exc).__name__
+            print(
+                f"warning: could not abort the incomplete multipart upload of s3://{self.bucket}/{self.key} "
+                f"({reason}); it is not a backup and the bucket's lifecycle rule removes it after 7 days",
+                file=sys.stderr,
+            )
+
+    def __enter__(self) -> StreamingUpload:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self.state == "open":
+            self.abort()

@@ -1,0 +1,119 @@
+"""Shared fixtures: a real PostgreSQL cluster, a moto S3 server over HTTP, and a runner that
+starts the scripts as an operator would (subprocess, real argv, environment variables)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from dev.harness import REPO, PostgresCluster, S3Server, create_sample_database
+
+PASSPHRASE = "correct-horse-Passphrase-91c2"
+OLD_PASSPHRASE = "old-battery-Passphrase-55aa"
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg():
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def s3server():
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_db(pg):
+    """The sample app database (do not modify it in tests)."""
+    create_sample_database(pg, "app", rows=1500)
+    return "app"
+
+
+@pytest.fixture
+def bucket(s3server):
+    return s3server.create_bucket(f"ext-backups-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def scratch_db(pg):
+    """An empty database, dropped afterwards."""
+    name = f"scratch_{os.getpid()}_{next(_counter)}"
+    pg.create_database(name)
+    yield name
+    pg.drop_database(name)
+
+
+@dataclass
+class Runner:
+    """Runs scripts with a clean environment built from the fixtures."""
+
+    env: dict[str, str]
+    cwd: Path = REPO
+    calls: list = field(default_factory=list)
+
+    def command(self, script: str, *args: str) -> list[str]:
+        path = REPO / script if script.endswith(".py") and "/" in script else REPO / "scripts" / script
+        return [sys.executable, str(path), *args]
+
+    def __call__(self, script: str, *args: str, env: dict | None = None, check: bool | None = None,
+                 timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess:
+        merged = {**self.env, **(env or {})}
+        merged = {k: v for k, v in merged.items() if v is not None}
+        done = subprocess.run(self.command(script, *args), env=merged, cwd=self.cwd, capture_output=True,
+                              text=True, timeout=timeout, input=input)
+        self.calls.append(done)
+        if check is True and done.returncode != 0:
+            raise AssertionError(f"{script} {args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        return done
+
+    def popen(self, script: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+        merged = {**self.env, **(env or {})}
+        merged = {k: v for k, v in merged.items() if v is not None}
+        return subprocess.Popen(self.command(script, *args), env=merged, cwd=self.cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def base_env() -> dict[str, str]:
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "SYSTEMROOT")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env["PYTHONPATH"] = str(REPO)
+    env["BACKUP_PROGRESS_INTERVAL"] = "1"
+    return env
+
+
+@pytest.fixture
+def run(s3server, bucket, pg):
+    env = {
+        **base_env(),
+        **s3server.env(),
+        "BACKUP_BUCKET": bucket,
+        "BACKUP_ENVIRONMENT": "production",
+        "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE,
+        "PG_DUMP": str(pg.bin / "pg_dump"),
+        "PSQL": str(pg.bin / "psql"),
+    }
+    return Runner(env)
+
+
+def versions(client, bucket: str, prefix: str = "") -> list[dict]:
+    """Every object version in the bucket (to assert nothing was completed)."""
+    out = []
+    for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+        out += page.get("Versions", [])
+    return out
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
