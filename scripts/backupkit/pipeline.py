@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from .errors import BackupError
 
-CHUNK = 1024 * 1024  # bytes per read between stages: large enough that Python's per-call cost vanishes
+CHUNK = 256 * 1024  # bytes per read between stages: Python's per-call cost is negligible at this size
 STDERR_TAIL = 64 * 1024  # keep this much of a stage's stderr for its error message
 
 

@@ -1,7 +1,8 @@
 """One streaming multipart uploader, used by every backup.
 
-Bytes go in through `write()`; full parts are uploaded by a bounded pool, so memory stays at
-about (MAX_IN_FLIGHT + 1) × part size whatever the backup's size. Size and SHA-256 are computed
+Bytes go in through `write()`; full parts are uploaded by a bounded pool. At most MAX_IN_FLIGHT
+part buffers exist at once (the one being filled included), so memory stays at about
+MAX_IN_FLIGHT × part size whatever the backup's size. Size and SHA-256 are computed
 on the way. Nothing becomes a visible object until `complete()`; `abort()` otherwise.
 """
 
@@ -57,6 +58,8 @@ class StreamingUpload:
         self._error: BaseException | None = None
         self._upload_id: str | None = None
         self._buffer = bytearray()
+        self._free: list[bytearray] = []  # part buffers whose upload finished, for reuse
+        self._filled = 0
         self._next_part = 1
         self.sha256 = hashlib.sha256()
         self.size = 0
@@ -73,12 +76,35 @@ class StreamingUpload:
         self.size += len(data)
         view = memoryview(data)
         while view:
-            room = part_size(self._next_part, self._initial) - len(self._buffer)
-            self._buffer += view[:room]
-            view = view[room:]
-            if len(self._buffer) == part_size(self._next_part, self._initial):
+            if not self._buffer:
+                # A part buffer holds a slot from allocation until its upload ends, so at most
+                # `max_in_flight` buffers exist. Allocated at full size: growing over-allocates.
+                self._slots.acquire()
+                self._raise_worker_error()
+                self._buffer = self._allocate(part_size(self._next_part, self._initial))
+            room = len(self._buffer) - self._filled
+            take = min(room, len(view))
+            self._buffer[self._filled:self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == len(self._buffer):
                 self._submit_part()
         return len(data)
+
+    def _allocate(self, size: int) -> bytearray:
+        # Reusing part buffers keeps the heap from fragmenting (malloc would otherwise keep a
+        # freed 8 MiB hole per thread arena: ~10 MiB more peak RSS in practice).
+        while self._free:
+            buffer = self._free.pop()
+            if len(buffer) == size:
+                return buffer
+        return bytearray(size)
+
+    def _take_buffer(self) -> bytearray:
+        body, self._buffer = self._buffer, bytearray()
+        del body[self._filled:]  # the last part is usually shorter
+        self._filled = 0
+        return body
 
     def _submit_part(self) -> None:
         if self._next_part > MAX_PARTS:
@@ -89,10 +115,9 @@ class StreamingUpload:
                     Bucket=self.bucket, Key=self.key, ContentType=self._content_type, ChecksumAlgorithm="CRC32"
                 )
             self._upload_id = response["UploadId"]
-        body, self._buffer = self._buffer, bytearray()
+        body = self._take_buffer()
         number = self._next_part
         self._next_part += 1
-        self._slots.acquire()  # blocks while MAX_IN_FLIGHT parts are being uploaded
         try:
             self._futures.append(self._pool.submit(self._upload_part, number, body))
         except BaseException:
@@ -121,6 +146,7 @@ class StreamingUpload:
             if self._error is None:
                 self._error = exc
         finally:
+            self._free.append(body)
             self._slots.release()
 
     def _raise_worker_error(self) -> None:
@@ -144,13 +170,13 @@ class StreamingUpload:
                 response = self._client.put_object(
                     Bucket=self.bucket,
                     Key=self.key,
-                    Body=bytes(self._buffer),
+                    Body=bytes(self._take_buffer()),
                     ContentType=self._content_type,
                     ChecksumAlgorithm="CRC32",
                 )
-            self.uploaded = len(self._buffer)
+            self.uploaded = self.size
         else:
-            if self._buffer:
+            if self._filled:
                 self._submit_part()
             self._wait_for_parts()
             self._raise_worker_error()
@@ -159,7 +185,6 @@ class StreamingUpload:
                 response = self._client.complete_multipart_upload(
                     Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
                 )
-        self._buffer = bytearray()
         self._pool.shutdown(wait=True)
         self.state = "completed"
         self.version_id = response.get("VersionId")
