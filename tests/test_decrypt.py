@@ -1,0 +1,113 @@
+"""decrypt.py: both formats, seed-compatible flags, manifests, and no output left on failure."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pyAesCrypt
+import pytest
+
+from dev.harness import REPO
+from tests.conftest import OLD_PASSPHRASE, PASSPHRASE
+
+DECRYPT = [sys.executable, str(REPO / "decrypt.py")]
+PLAIN = ("-- some SQL\n" + "INSERT INTO t VALUES ('zoë');\n" * 5000).encode()
+
+
+def env(**extra):
+    base = {"PATH": "/usr/bin:/bin", "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE}
+    return {k: v for k, v in {**base, **extra}.items() if v is not None}
+
+
+def openssl_encrypt(path, data, passphrase=PASSPHRASE):
+    subprocess.run(["openssl", "enc", "-aes-256-cbc", "-pbkdf2", "-out", str(path), "-pass", "env:K"],
+                   input=data, check=True, env={"K": passphrase, "PATH": "/usr/bin:/bin"})
+
+
+def aescrypt_encrypt(path, data, passphrase=PASSPHRASE):
+    out = io.BytesIO()
+    pyAesCrypt.encryptStream(io.BytesIO(data), out, passphrase, 64 * 1024)
+    path.write_bytes(out.getvalue())
+
+
+@pytest.mark.parametrize("encrypt", [openssl_encrypt, aescrypt_encrypt], ids=["openssl", "aescrypt"])
+@pytest.mark.parametrize("flags", [("--filein", "--fileout"), ("-i", "-o"), ("--infile", "--outfile")])
+def test_decrypts_both_formats_with_every_flag_spelling(tmp_path, encrypt, flags):
+    encrypted = tmp_path / "x.encrypted"
+    encrypt(encrypted, PLAIN)
+    out = tmp_path / "out"
+    subprocess.run([*DECRYPT, flags[0], str(encrypted), flags[1], str(out)], check=True, env=env(), capture_output=True)
+    assert out.read_bytes() == PLAIN
+
+
+@pytest.mark.parametrize("encrypt", [openssl_encrypt, aescrypt_encrypt], ids=["openssl", "aescrypt"])
+def test_wrong_passphrase_exits_1_and_leaves_no_output(tmp_path, encrypt):
+    encrypted = tmp_path / "x.encrypted"
+    encrypt(encrypted, PLAIN)
+    out = tmp_path / "out"
+    done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(out)], env=env(EXTERNAL_BACKUP_ENCRYPTION_KEY="nope"),
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and "wrong passphrase" in done.stderr
+    assert list(tmp_path.iterdir()) == [encrypted]
+
+
+@pytest.mark.parametrize("encrypt", [openssl_encrypt, aescrypt_encrypt], ids=["openssl", "aescrypt"])
+def test_previous_passphrase_is_tried(tmp_path, encrypt):
+    encrypted = tmp_path / "x.encrypted"
+    encrypt(encrypted, PLAIN, OLD_PASSPHRASE)
+    out = tmp_path / "out"
+    subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(out)], check=True, capture_output=True,
+                   env=env(EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS=f"something-else,{OLD_PASSPHRASE}"))
+    assert out.read_bytes() == PLAIN
+
+
+def test_password_flag_works_and_warns(tmp_path):
+    encrypted = tmp_path / "x.encrypted"
+    aescrypt_encrypt(encrypted, PLAIN)
+    done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(tmp_path / "o"), "-p", PASSPHRASE],
+                          env=env(EXTERNAL_BACKUP_ENCRYPTION_KEY=None), capture_output=True, text=True)
+    assert done.returncode == 0 and "process list" in done.stderr
+
+
+def test_corrupted_aescrypt_fails_on_hmac(tmp_path):
+    encrypted = tmp_path / "x.encrypted"
+    aescrypt_encrypt(encrypted, PLAIN)
+    data = bytearray(encrypted.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    encrypted.write_bytes(bytes(data))
+    done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(tmp_path / "o")], env=env(), capture_output=True, text=True)
+    assert done.returncode == 1 and not (tmp_path / "o").exists()
+
+
+def test_manifest_beside_input_checks_hashes(run, pg, sample_db, s3server, bucket, tmp_path):
+    manifest = json.loads(run("backup_database.py", "--database-url", pg.url(sample_db), "--json", check=True).stdout)
+    encrypted = tmp_path / "b.sql.encrypted"
+    encrypted.write_bytes(s3server.client().get_object(Bucket=bucket, Key=manifest["key"])["Body"].read())
+    (tmp_path / "b.sql.encrypted.manifest.json").write_text(json.dumps(manifest))
+    done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(tmp_path / "b.sql")], env=env(), capture_output=True, text=True)
+    assert done.returncode == 0 and "checked against its manifest" in done.stdout
+    manifest["plaintext_sha256"] = "0" * 64
+    (tmp_path / "b.sql.encrypted.manifest.json").write_text(json.dumps(manifest))
+    done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(tmp_path / "c.sql")], env=env(), capture_output=True, text=True)
+    assert done.returncode == 1 and "plaintext SHA-256" in done.stderr and not (tmp_path / "c.sql").exists()
+
+
+@pytest.mark.parametrize("content, expect", [(b"", "empty"), (b"hello world", "not an encrypted backup")])
+def test_not_a_backup(tmp_path, content, expect):
+    path = tmp_path / "x"
+    path.write_bytes(content)
+    done = subprocess.run([*DECRYPT, "-i", str(path), "-o", str(tmp_path / "o")], env=env(), capture_output=True, text=True)
+    assert done.returncode == 1 and expect in done.stderr
+
+
+def test_missing_input_and_missing_passphrase(tmp_path):
+    done = subprocess.run([*DECRYPT, "-i", str(tmp_path / "nope"), "-o", str(tmp_path / "o")], env=env(), capture_output=True, text=True)
+    assert done.returncode == 1 and "no such file" in done.stderr
+    path = tmp_path / "x"
+    aescrypt_encrypt(path, PLAIN)
+    done = subprocess.run([*DECRYPT, "-i", str(path), "-o", str(tmp_path / "o")], env=env(EXTERNAL_BACKUP_ENCRYPTION_KEY=None),
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1 and "EXTERNAL_BACKUP_ENCRYPTION_KEY" in done.stderr

@@ -1,0 +1,141 @@
+"""restore_database.py: real backups restored into real databases; nothing committed unless verified."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from dev.harness import table_fingerprint
+from tests.conftest import PASSPHRASE, error_lines
+
+TABLES = ("applications", "admin_user")
+
+
+def assert_same(pg, a, b):
+    for table in TABLES:
+        assert table_fingerprint(pg, a, table) == table_fingerprint(pg, b, table)
+
+
+@pytest.fixture
+def backed_up(run, pg, sample_db):
+    return json.loads(run("backup_database.py", "--database-url", pg.url(sample_db), "--json", check=True).stdout)
+
+
+def test_latest_round_trip_restores_every_row(run, pg, sample_db, backed_up, scratch_db):
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), "--json", check=True)
+    result = json.loads(done.stdout)
+    assert result["key"] == backed_up["key"] and result["version_id"] == backed_up["version_id"]
+    assert result["tables"] == 2 and result["skipped"] == []
+    assert_same(pg, sample_db, scratch_db)
+
+
+def test_pgbench_database_round_trip(run, pg, scratch_db, s3server, bucket):
+    source = "pgbench_src"
+    pg.create_database(source)
+    try:
+        subprocess.run([str(pg.bin / "pgbench"), "-i", "-s", "2", "-q", pg.url(source)], check=True, capture_output=True)
+        run("backup_database.py", "--database-url", pg.url(source), check=True)
+        run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), check=True)
+        for table in ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history"):
+            assert table_fingerprint(pg, scratch_db, table) == table_fingerprint(pg, source, table)
+    finally:
+        pg.drop_database(source)
+
+
+def test_target_with_tables_is_refused_without_replace(run, pg, sample_db, backed_up, scratch_db):
+    """The app already started on the new database and created its default admin row."""
+    pg.psql("CREATE TABLE admin_user (id serial PRIMARY KEY, email text UNIQUE NOT NULL, "
+            "created_at timestamptz NOT NULL DEFAULT now()); INSERT INTO admin_user (email) VALUES ('fresh@app')", scratch_db)
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db))
+    assert done.returncode == 1
+    assert "--replace" in error_lines(done.stderr)[0] and "public.admin_user" in done.stderr
+    assert pg.psql("SELECT email FROM admin_user", scratch_db) == "fresh@app"
+
+    run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), "--replace", check=True)
+    assert_same(pg, sample_db, scratch_db)
+    assert pg.psql("SELECT count(*) FROM admin_user WHERE email = 'fresh@app'", scratch_db) == "0"
+
+
+def test_key_and_version_id_select_one_backup(run, pg, sample_db, scratch_db, s3server, bucket):
+    same_second = {"EXTERNAL_BACKUPS_NOW": "2026-11-29T10:00:00Z"}
+    first = json.loads(run("backup_database.py", "--database-url", pg.url(sample_db), "--json", env=same_second, check=True).stdout)
+    pg.psql("INSERT INTO admin_user (email) VALUES ('second@backup')", sample_db)
+    try:
+        second = json.loads(run("backup_database.py", "--database-url", pg.url(sample_db), "--json", env=same_second,
+                                check=True).stdout)
+    finally:
+        pg.psql("DELETE FROM admin_user WHERE email = 'second@backup'", sample_db)
+    assert first["key"] == second["key"] and first["version_id"] != second["version_id"]
+
+    listing = json.loads(run("list_backups.py", "--kind", "database", "--json", check=True).stdout)
+    assert {b["version_id"] for b in listing} == {first["version_id"], second["version_id"]}
+    assert all(b["complete"] for b in listing)
+
+    run("restore_database.py", "--key", first["key"], "--version-id", first["version_id"],
+        "--target-database-url", pg.url(scratch_db), check=True)
+    assert pg.psql("SELECT count(*) FROM admin_user", scratch_db) == "1"
+    run("restore_database.py", "--key", "2026-11-29--10-00-00.sql.encrypted", "--version-id", second["version_id"],
+        "--target-database-url", pg.url(scratch_db), "--replace", check=True)
+    assert pg.psql("SELECT count(*) FROM admin_user", scratch_db) == "2"
+
+
+def test_restore_from_local_file(run, pg, sample_db, backed_up, scratch_db, s3server, bucket, tmp_path):
+    path = tmp_path / "backup.sql.encrypted"
+    path.write_bytes(s3server.client().get_object(Bucket=bucket, Key=backed_up["key"])["Body"].read())
+    run("restore_database.py", "--file", str(path), "--target-database-url", pg.url(scratch_db), check=True)
+    assert_same(pg, sample_db, scratch_db)
+
+
+def test_wrong_passphrase_commits_nothing(run, pg, backed_up, scratch_db):
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db),
+               env={"EXTERNAL_BACKUP_ENCRYPTION_KEY": "not-the-passphrase"})
+    assert done.returncode == 1
+    assert backed_up["key_id"] in done.stderr
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+
+
+def test_truncated_local_file_commits_nothing(run, pg, backed_up, scratch_db, s3server, bucket, tmp_path):
+    """A dump cut short decrypts partially: psql must never see its end of input."""
+    body = s3server.client().get_object(Bucket=bucket, Key=backed_up["key"])["Body"].read()
+    path = tmp_path / "cut.sql.encrypted"
+    path.write_bytes(body[: len(body) // 2])
+    done = run("restore_database.py", "--file", str(path), "--target-database-url", pg.url(scratch_db))
+    assert done.returncode == 1 and len(error_lines(done.stderr)) == 1
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+
+
+def test_dump_without_trailer_commits_nothing(run, pg, sample_db, scratch_db, tmp_path):
+    """Encrypted cleanly but cut at a statement boundary: only the missing trailer tells."""
+    dump = subprocess.run([str(pg.bin / "pg_dump"), "--clean", "--if-exists", "--no-owner", "--no-privileges",
+                           pg.url(sample_db)], check=True, capture_output=True).stdout
+    cut = dump[: dump.index(b"-- PostgreSQL database dump complete")]
+    plain = tmp_path / "cut.sql"
+    plain.write_bytes(cut)
+    encrypted = tmp_path / "cut.sql.encrypted"
+    subprocess.run(["openssl", "enc", "-aes-256-cbc", "-pbkdf2", "-in", str(plain), "-out", str(encrypted),
+                    "-pass", "env:KEY"], check=True, env={"KEY": PASSPHRASE, "PATH": "/usr/bin:/bin"})
+    done = run("restore_database.py", "--file", str(encrypted), "--target-database-url", pg.url(scratch_db))
+    assert done.returncode == 1
+    assert "trailer is missing" in done.stderr
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+
+
+@pytest.mark.parametrize(
+    "args, expect, code",
+    [
+        (["--latest", "--key", "x"], "not allowed with", 2),
+        ([], "one of the arguments", 2),
+        (["--file", "/no/such/file"], "no such file", 2),
+        (["--latest", "--environment", "../x"], "invalid environment name", 2),
+    ],
+)
+def test_usage_errors(run, pg, scratch_db, args, expect, code):
+    done = run("restore_database.py", "--target-database-url", pg.url(scratch_db), *args)
+    assert done.returncode == code and expect in done.stderr and "Traceback" not in done.stderr
+
+
+def test_no_backup_at_all_is_a_clear_error(run, pg, scratch_db):
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db))
+    assert done.returncode == 1 and "no database backup found" in done.stderr
