@@ -51,6 +51,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--mode", choices=wanted_bucket.MODES, default="COMPLIANCE",
                    help="Object Lock mode: COMPLIANCE (nobody, not even the root user, can delete early) or "
                         "GOVERNANCE (users with s3:BypassGovernanceRetention can) (default: %(default)s)")
+    p.add_argument("--allow-plain-http", action="store_true",
+                   help="leave out (and do not check) the bucket policy denying non-TLS requests: only for a local "
+                        "S3-compatible endpoint served over plain HTTP, such as the tests' and the demo's")
     action = p.add_mutually_exclusive_group(required=True)
     action.add_argument("--apply", action="store_true", help="create or fix the bucket")
     action.add_argument("--check", action="store_true", help="audit the bucket; exit 1 on any drift")
@@ -102,7 +105,8 @@ def check(client: Any, settings: BucketSettings) -> tuple[bool, list[wanted_buck
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     bucket = config.bucket_name(args.bucket)
-    settings = BucketSettings(bucket, args.retention_days, args.expire_days, args.mode).validate()
+    settings = BucketSettings(bucket, args.retention_days, args.expire_days, args.mode,
+                              args.allow_plain_http).validate()
     if args.dry_run and not args.apply:
         raise UsageError("--dry-run goes with --apply")
 

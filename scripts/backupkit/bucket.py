@@ -31,6 +31,9 @@ class BucketSettings:
     retention_days: int = DEFAULT_RETENTION_DAYS
     expire_days: int = DEFAULT_EXPIRE_DAYS
     mode: str = "COMPLIANCE"
+    # Leave out the TLS-only bucket policy: for an S3-compatible endpoint served over plain HTTP
+    # (tests, the demo), where that policy would refuse every object request.
+    allow_plain_http: bool = False
 
     def validate(self) -> BucketSettings:
         if self.retention_days < 1:
@@ -160,7 +163,7 @@ def wanted_state(settings: BucketSettings) -> dict[str, Any]:
                                 "BlockPublicPolicy": True, "RestrictPublicBuckets": True},
         # SSE-S3, not KMS: a KMS key would also need kms:GenerateDataKey in the write-only policy.
         "encryption": {"Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]},
-        "policy": deny_insecure_transport(settings.bucket),
+        "policy": None if settings.allow_plain_http else deny_insecure_transport(settings.bucket),
     }
 
 
@@ -236,7 +239,7 @@ def _describe_policy(value: dict[str, Any] | None) -> str:
 
 def compare(wanted: dict[str, Any], found: dict[str, Any]) -> list[Finding]:
     """Property by property; `found` holds None for what is not set, or a str saying why it
-    could not be read."""
+    could not be read. A property wanted as None is not managed (the policy, with allow_plain_http)."""
     findings: list[Finding] = []
 
     def unreadable(prop: str, name: str, wanted_text: str) -> bool:
@@ -268,6 +271,8 @@ def compare(wanted: dict[str, Any], found: dict[str, Any]) -> list[Finding]:
     for prop, name, describe in (("public_access_block", "public access block", _describe_public_access),
                                  ("encryption", "default encryption", _describe_encryption),
                                  ("policy", "bucket policy", _describe_policy)):
+        if wanted[prop] is None:
+            continue
         text = describe(wanted[prop])
         if not unreadable(prop, name, text):
             findings.append(Finding(name, prop, text, describe(found.get(prop))))
