@@ -317,3 +317,32 @@ def test_tls_policy_refuses_plain_http_object_requests(setup):
     assert error_code(admin.put_object, Bucket=setup.bucket, Key="production/database/x", Body=b"x",
                       ChecksumAlgorithm="CRC32") in ("403", "AccessDenied")
     assert error_code(admin.get_object, Bucket=setup.bucket, Key="production/database/x") in ("403", "AccessDenied")
+
+
+@pytest.mark.parametrize("policy", ["write_only", "write_only_recommended"])
+def test_write_only_multipart_upload_and_abort(iam_server, policy, capsys):
+    """The streamed multipart upload needs nothing but s3:PutObject; aborting a failed one needs
+    s3:AbortMultipartUpload, and without it the upload is left for the lifecycle rule."""
+    from scripts.backupkit.upload import MIB, StreamingUpload
+
+    setup = make_setup(iam_server)
+    setup.runner(setup.operator)(SCRIPT, "--apply", "--allow-plain-http", check=True)
+    writer = iam_server.user(f"{policy.replace('_', '-')}-{setup.bucket[-12:]}", printed_policies(setup.bucket)[policy]).client()
+
+    upload = StreamingUpload(writer, setup.bucket, "production/database/multipart.sql.encrypted", initial_part_size=5 * MIB)
+    upload.write(b"x" * (6 * MIB))
+    assert upload.complete()
+    admin = setup.admin.client()
+    assert admin.head_object(Bucket=setup.bucket, Key=upload.key)["ContentLength"] == 6 * MIB
+
+    failed = StreamingUpload(writer, setup.bucket, "production/database/failed.sql.encrypted", initial_part_size=5 * MIB)
+    failed.write(b"y" * (5 * MIB))
+    failed.abort()
+    left = admin.list_multipart_uploads(Bucket=setup.bucket).get("Uploads", [])
+    warning = capsys.readouterr().err
+    if policy == "write_only":
+        assert [u["Key"] for u in left] == [failed.key]
+        assert "could not abort the incomplete multipart upload" in warning and "AccessDenied" in warning
+        assert "lifecycle rule removes it after 7 days" in warning
+    else:
+        assert left == [] and warning == ""
