@@ -346,3 +346,10 @@ def test_write_only_multipart_upload_and_abort(iam_server, policy, capsys):
         assert "lifecycle rule removes it after 7 days" in warning
     else:
         assert left == [] and warning == ""
+
+
+def test_apply_creates_the_bucket_in_the_given_region(setup):
+    done = setup.runner(setup.operator)(SCRIPT, "--apply", "--region", "eu-central-1", "--allow-plain-http", check=True)
+    assert "in eu-central-1 with Object Lock enabled" in done.stdout
+    location = setup.admin.client().get_bucket_location(Bucket=setup.bucket)["LocationConstraint"]
+    assert location == "eu-central-1"
