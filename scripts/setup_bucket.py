@@ -70,12 +70,12 @@ def apply(client: Any, settings: BucketSettings, region: str | None, dry_run: bo
     created = not wanted_bucket.bucket_exists(client, bucket)
     if created:
         done.append(f"create s3://{bucket} in {region or 'us-east-1'} with Object Lock enabled")
-        if dry_run:
-            found = {prop: None for prop in wanted_bucket.PROPERTIES}
-        else:
+    if created and dry_run:
+        found = wanted_bucket.NEW_BUCKET_STATE
+    else:
+        if created:
             log(f"creating s3://{bucket} in {region or 'us-east-1'} with Object Lock enabled")
             wanted_bucket.create_bucket(client, bucket, region)
-    if not (created and dry_run):
         found = wanted_bucket.read_state(client, bucket)
     findings = wanted_bucket.compare(wanted, found)
     for prop in wanted_bucket.changes(findings):

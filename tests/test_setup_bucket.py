@@ -137,7 +137,9 @@ def test_apply_creates_then_changes_nothing_and_check_passes(setup):
 
     first = operator(SCRIPT, "--apply", "--json", check=True)
     result = json.loads(first.stdout)
-    assert result["created"] is True and len(result["changes"]) > 5
+    assert result["created"] is True
+    assert result["changes"] == [line.strip() for line in dry.stdout.splitlines()[1:]]  # as the dry run said
+    assert len(result["changes"]) == 9
 
     second = operator(SCRIPT, "--apply", check=True)
     assert second.stdout.strip() == f"no changes: s3://{setup.bucket} is already in the wanted state"

@@ -339,6 +339,11 @@ def read_state(client: Any, bucket: str) -> dict[str, Any]:
     return state
 
 
+# What a bucket created with ObjectLockEnabledForBucket holds before any other setting.
+NEW_BUCKET_STATE: dict[str, Any] = {**dict.fromkeys(PROPERTIES), "versioning": {"Status": "Enabled"},
+                                    "object_lock": {"ObjectLockEnabled": "Enabled"}}
+
+
 def create_bucket(client: Any, bucket: str, region: str | None) -> None:
     extra: dict[str, Any] = {}
     if region and region != "us-east-1":
