@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -61,6 +62,8 @@ class IamS3Server:
 
     def start(self) -> IamS3Server:
         binary = Path(sys.executable).parent / "moto_server"
+        if not binary.exists():
+            binary = Path(shutil.which("moto_server") or "moto_server")
         env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(BOOTSTRAP_CALLS)}
         self._process = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(self.port)], env=env,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -74,11 +77,15 @@ class IamS3Server:
                     self.stop()
                     raise RuntimeError("moto_server did not start") from None
                 time.sleep(0.1)
-        root = boto3.client("iam", endpoint_url=self.endpoint, region_name=REGION,
-                            aws_access_key_id=ROOT_KEYS["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=ROOT_KEYS["AWS_SECRET_ACCESS_KEY"])
-        self.admin = self._create_user(root, "admin", ADMIN_POLICY)
-        self._assert_enforced()
+        try:
+            root = boto3.client("iam", endpoint_url=self.endpoint, region_name=REGION,
+                                aws_access_key_id=ROOT_KEYS["AWS_ACCESS_KEY_ID"],
+                                aws_secret_access_key=ROOT_KEYS["AWS_SECRET_ACCESS_KEY"])
+            self.admin = self._create_user(root, "admin", ADMIN_POLICY)
+            self._assert_enforced()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _assert_enforced(self) -> None:
