@@ -42,7 +42,6 @@ def main() -> int:
     try:
         print(f"PostgreSQL ({pg.bin}) on 127.0.0.1:{pg.port}, S3 (moto) at {s3.endpoint}")
         create_sample_database(pg, "app", rows=5000)
-        s3.create_bucket(BUCKET)
         print("sample database 'app': applications (jsonb, bytea, timestamps, unicode) and admin_user")
         env = {
             **os.environ,
@@ -55,6 +54,9 @@ def main() -> int:
             "PSQL": str(pg.bin / "psql"),
             "BACKUP_PROGRESS_INTERVAL": "1",
         }
+
+        step("set up the external bucket (Object Lock, lifecycle, encryption; no TLS policy: moto speaks plain HTTP)")
+        script(env, "setup_bucket.py", "--apply", "--allow-plain-http")
 
         step("backup: pg_dump → openssl → S3")
         script(env, "backup_database.py")

@@ -253,10 +253,12 @@ def catalogue(
 
     if with_retention:
         def retention(backup: Backup) -> None:
+            # HEAD carries the lock's retain-until date (for callers allowed s3:GetObjectRetention);
+            # unlike GetObjectRetention it exists on every S3-compatible store (moto answers 500).
             try:
                 extra = {"VersionId": backup.version_id} if backup.version_id else {}
-                answer = client.get_object_retention(Bucket=bucket, Key=backup.key, **extra)
-                backup.retain_until = answer["Retention"].get("RetainUntilDate")
+                answer = client.head_object(Bucket=bucket, Key=backup.key, **extra)
+                backup.retain_until = answer.get("ObjectLockRetainUntilDate")
             except Exception:  # noqa: BLE001 - no lock on this object, or not allowed: unknown
                 backup.retain_until = None
 

@@ -33,9 +33,9 @@ def _config(max_pool_connections: int = 16) -> Config:
     )
 
 
-def external_client(max_pool_connections: int = 16):  # noqa: ANN201 (boto3 client type)
+def external_client(max_pool_connections: int = 16, region: str | None = None):  # noqa: ANN201 (boto3 client type)
     with s3_errors("create the S3 client"):
-        return boto3.session.Session().client("s3", config=_config(max_pool_connections))
+        return boto3.session.Session(region_name=region).client("s3", config=_config(max_pool_connections))
 
 
 def source_client(profile: str | None = None, max_pool_connections: int = 16):  # noqa: ANN201

@@ -1,0 +1,357 @@
+"""setup_bucket.py, and the backup scripts under the IAM policies it prints, on a moto server that
+enforces IAM (tests/iam_helpers.py): every script runs with an IAM user's keys holding exactly one
+printed policy.
+
+What moto does and does not enforce (tested in moto 5.2):
+- identity policies: enforced per request, but with moto's own action names for some calls:
+  GetObjectLockConfiguration, GetBucketEncryption and GetPublicAccessBlock are authorized as
+  s3:ListBucket, their PUTs as s3:CreateBucket, HeadBucket as a made-up s3:HeadBucket,
+  PutObjectRetention as s3:PutObject. So the printed policies are tested for what they allow and
+  deny here, not for every AWS action name.
+- bucket policies: evaluated for object requests only, and moto ignores `Bool` conditions: the
+  deny-insecure-transport policy refuses every object request, even over TLS. AWS refuses only
+  plain HTTP, which is also all our local endpoint speaks; so the backup tests set the bucket up
+  with --allow-plain-http (no TLS policy), and one test shows the policy in force.
+- Object Lock: default retention applied to new objects, deletes of locked versions refused
+  (COMPLIANCE even with BypassGovernanceRetention); lifecycle rules are stored, never run.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from dev.harness import table_fingerprint
+from scripts.backupkit import bucket as wanted_bucket
+from tests.conftest import PASSPHRASE, Runner, base_env, error_lines
+from tests.iam_helpers import IamS3Server, User, error_code
+
+SCRIPT = "setup_bucket.py"
+
+
+@pytest.fixture(scope="module")
+def iam_server():
+    server = IamS3Server().start()
+    yield server
+    server.stop()
+
+
+def printed_policies(bucket: str) -> dict:
+    done = Runner(base_env())(SCRIPT, "--bucket", bucket, "--print-policies", check=True)
+    return json.loads(done.stdout)
+
+
+@dataclass
+class Setup:
+    """A bucket name and one IAM user per printed policy, each with a Runner using its keys."""
+
+    bucket: str
+    operator: User  # the `administer` policy: what --apply needs
+    writer: User  # write_only: s3:PutObject, nothing else
+    reader: User  # read_only
+    admin: User  # "*": stands in for the account owner changing things by hand
+    extra_env: dict
+
+    def runner(self, user: User) -> Runner:
+        return Runner({**base_env(), **user.env(), "BACKUP_BUCKET": self.bucket, "BACKUP_ENVIRONMENT": "production",
+                       "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, **self.extra_env})
+
+
+def make_setup(server: IamS3Server, extra_env: dict | None = None) -> Setup:
+    suffix = uuid.uuid4().hex[:12]
+    bucket = f"ext-backups-{suffix}"
+    policies = printed_policies(bucket)
+    return Setup(
+        bucket=bucket,
+        operator=server.user(f"operator-{suffix}", policies["administer"]),
+        writer=server.user(f"writer-{suffix}", policies["write_only"]),
+        reader=server.user(f"reader-{suffix}", policies["read_only"]),
+        admin=server.admin,
+        extra_env=extra_env or {},
+    )
+
+
+@pytest.fixture
+def setup(iam_server):
+    return make_setup(iam_server)
+
+
+# -- pure data ------------------------------------------------------------------------------------
+
+def test_write_only_policy_is_exactly_put_object():
+    assert wanted_bucket.write_only("b-1") == {"Version": "2012-10-17", "Statement": [
+        {"Sid": "WriteBackups", "Effect": "Allow", "Action": ["s3:PutObject"], "Resource": ["arn:aws:s3:::b-1/*"]}]}
+    recommended = wanted_bucket.write_only_recommended("b-1")["Statement"]
+    assert [s["Action"] for s in recommended] == [["s3:PutObject", "s3:AbortMultipartUpload"]]
+
+
+def test_read_only_policy_reads_and_never_writes():
+    actions = {a for s in wanted_bucket.read_only("b-1")["Statement"] for a in s["Action"]}
+    assert {"s3:ListBucket", "s3:ListBucketVersions", "s3:GetObject", "s3:GetObjectVersion", "s3:GetObjectRetention",
+            "s3:GetBucketVersioning", "s3:GetBucketObjectLockConfiguration", "s3:GetLifecycleConfiguration",
+            "s3:GetBucketPublicAccessBlock", "s3:GetEncryptionConfiguration", "s3:GetBucketPolicy"} <= actions
+    assert all(a.startswith(("s3:Get", "s3:List")) for a in actions)
+
+
+def test_compare_names_each_drifted_property():
+    settings = wanted_bucket.BucketSettings("b-1")
+    wanted = wanted_bucket.wanted_state(settings)
+    assert all(f.ok for f in wanted_bucket.compare(wanted, wanted))
+    found = {**wanted, "versioning": {"Status": "Suspended"}, "encryption": None, "policy": "AccessDenied"}
+    failed = {f.name: f for f in wanted_bucket.compare(wanted, found) if not f.ok}
+    assert set(failed) == {"versioning", "default encryption", "bucket policy"}
+    assert failed["bucket policy"].found == "unreadable (AccessDenied)"
+    assert wanted_bucket.changes(list(failed.values())) == ["versioning", "encryption", "policy"]
+
+
+# -- usage errors (exit 2, before any request) ------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--bucket", "Bad_Bucket", "--check"], "invalid bucket name 'Bad_Bucket'"),
+    (["--bucket", "ab", "--apply"], "invalid bucket name 'ab'"),
+    (["--bucket", "ok-bucket", "--apply", "--retention-days", "40"], "hide still-locked backups behind delete markers"),
+    (["--bucket", "ok-bucket", "--apply", "--retention-days", "35", "--expire-days", "30"], "must be greater than --retention-days"),
+    (["--bucket", "ok-bucket", "--check", "--retention-days", "0"], "must be at least 1 day"),
+    (["--bucket", "ok-bucket", "--check", "--dry-run"], "--dry-run goes with --apply"),
+    (["--bucket", "ok-bucket"], "one of the arguments --apply --check --print-policies is required"),
+    (["--bucket", "ok-bucket", "--check", "--mode", "LOOSE"], "invalid choice"),
+])
+def test_usage_errors_exit_2(args, message):
+    done = Runner(base_env())(SCRIPT, *args)
+    assert done.returncode == 2, done.stderr
+    assert message in error_lines(done.stderr)[0]
+    assert done.stdout == ""
+
+
+# -- --apply and --check ------------------------------------------------------------------------
+
+def test_apply_creates_then_changes_nothing_and_check_passes(setup):
+    operator = setup.runner(setup.operator)
+    dry = operator(SCRIPT, "--apply", "--dry-run", check=True)
+    assert "would change" in dry.stdout and "create s3://" in dry.stdout
+    assert error_code(setup.admin.client().get_bucket_versioning, Bucket=setup.bucket) == "NoSuchBucket"
+
+    first = operator(SCRIPT, "--apply", "--json", check=True)
+    result = json.loads(first.stdout)
+    assert result["created"] is True
+    assert result["changes"] == [line.strip() for line in dry.stdout.splitlines()[1:]]  # as the dry run said
+    assert len(result["changes"]) == 9
+
+    second = operator(SCRIPT, "--apply", check=True)
+    assert second.stdout.strip() == f"no changes: s3://{setup.bucket} is already in the wanted state"
+    assert json.loads(operator(SCRIPT, "--apply", "--dry-run", "--json", check=True).stdout)["changes"] == []
+
+    check = setup.runner(setup.reader)(SCRIPT, "--check", check=True)
+    lines = check.stdout.splitlines()
+    assert len(lines) == 10 and all(line.startswith("PASS") for line in lines), check.stdout
+    assert "PASS  object lock: enabled, COMPLIANCE 35 days" in lines
+
+    client = setup.admin.client()
+    lock = client.get_object_lock_configuration(Bucket=setup.bucket)["ObjectLockConfiguration"]
+    assert lock["ObjectLockEnabled"] == "Enabled"
+    assert {k: lock["Rule"]["DefaultRetention"][k] for k in ("Mode", "Days")} == {"Mode": "COMPLIANCE", "Days": 35}
+    rules = {r["ID"]: r for r in client.get_bucket_lifecycle_configuration(Bucket=setup.bucket)["Rules"]}
+    assert rules["expire-current-versions"]["Expiration"] == {"Days": 40}
+    assert rules["delete-noncurrent-versions"]["NoncurrentVersionExpiration"]["NoncurrentDays"] == 1
+    assert rules["remove-expired-delete-markers"]["Expiration"] == {"ExpiredObjectDeleteMarker": True}
+    assert rules["abort-incomplete-multipart-uploads"]["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 7}
+    assert all(client.get_public_access_block(Bucket=setup.bucket)["PublicAccessBlockConfiguration"].values())
+    encryption = client.get_bucket_encryption(Bucket=setup.bucket)["ServerSideEncryptionConfiguration"]
+    assert encryption["Rules"][0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    policy = json.loads(client.get_bucket_policy(Bucket=setup.bucket)["Policy"])
+    assert policy["Statement"][0]["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+
+def test_check_fails_naming_the_property_changed_by_hand(setup):
+    setup.runner(setup.operator)(SCRIPT, "--apply", check=True)
+    reader = setup.runner(setup.reader)
+    client = setup.admin.client()
+
+    client.put_bucket_lifecycle_configuration(Bucket=setup.bucket, LifecycleConfiguration={"Rules": [
+        {"ID": "expire-current-versions", "Status": "Enabled", "Filter": {"Prefix": ""}, "Expiration": {"Days": 5}}]})
+    done = reader(SCRIPT, "--check")
+    assert done.returncode == 1
+    assert 'FAIL  lifecycle expire-current-versions: wanted {"Expiration":{"Days":40},"Status":"Enabled"}; ' \
+           'found {"Expiration":{"Days":5},"Status":"Enabled"}' in done.stdout
+    assert "FAIL  lifecycle delete-noncurrent-versions" in done.stdout
+    assert "PASS  object lock" in done.stdout
+    assert "lifecycle expire-current-versions" in error_lines(done.stderr)[0]
+    assert "setup_bucket.py --bucket" in error_lines(done.stderr)[0]
+
+    setup.runner(setup.operator)(SCRIPT, "--apply", check=True)
+    client.put_object_lock_configuration(Bucket=setup.bucket, ObjectLockConfiguration={
+        "ObjectLockEnabled": "Enabled", "Rule": {"DefaultRetention": {"Mode": "GOVERNANCE", "Days": 10}}})
+    done = reader(SCRIPT, "--check", "--json")
+    assert done.returncode == 1
+    failed = [p for p in json.loads(done.stdout)["properties"] if not p["ok"]]
+    assert failed == [{"property": "object lock", "ok": False, "wanted": "enabled, COMPLIANCE 35 days",
+                       "found": "enabled, GOVERNANCE 10 days"}]
+
+    fixed = setup.runner(setup.operator)(SCRIPT, "--apply", check=True)
+    assert "set object lock: enabled, GOVERNANCE 10 days → enabled, COMPLIANCE 35 days" in fixed.stdout
+    reader(SCRIPT, "--check", check=True)
+
+
+def test_check_of_a_missing_bucket_fails(setup):
+    done = setup.runner(setup.reader)(SCRIPT, "--check")
+    assert done.returncode == 1
+    assert "does not exist" in error_lines(done.stderr)[0]
+
+
+def test_check_other_settings(setup):
+    """--retention-days/--expire-days/--mode are part of the wanted state for both commands."""
+    operator = setup.runner(setup.operator)
+    operator(SCRIPT, "--apply", "--retention-days", "7", "--expire-days", "10", "--mode", "GOVERNANCE", check=True)
+    setup.runner(setup.reader)(SCRIPT, "--check", "--retention-days", "7", "--expire-days", "10", "--mode", "GOVERNANCE", check=True)
+    assert setup.runner(setup.reader)(SCRIPT, "--check").returncode == 1
+
+
+def test_existing_bucket_without_object_lock(setup):
+    client = setup.admin.client()
+    client.create_bucket(Bucket=setup.bucket)  # no Object Lock, no versioning, empty
+    setup.runner(setup.operator)(SCRIPT, "--apply", check=True)
+    setup.runner(setup.reader)(SCRIPT, "--check", check=True)
+
+    other = f"{setup.bucket}-full"
+    client.create_bucket(Bucket=other)
+    client.put_object(Bucket=other, Key="something", Body=b"x")
+    done = setup.runner(setup.admin)(SCRIPT, "--bucket", other, "--apply")
+    assert done.returncode == 1
+    message = error_lines(done.stderr)[0]
+    assert f"could not turn on Object Lock for the existing bucket s3://{other}" in message
+    assert "create a new bucket" in message
+
+
+def test_operator_policy_is_enough_and_reader_cannot_apply(setup):
+    done = setup.runner(setup.reader)(SCRIPT, "--apply")
+    assert done.returncode == 1
+    assert "AccessDenied" in error_lines(done.stderr)[0] or "access denied" in error_lines(done.stderr)[0]
+    assert error_code(setup.admin.client().get_bucket_versioning, Bucket=setup.bucket) == "NoSuchBucket"
+
+
+# -- the backup scripts under the printed policies ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def backed_up(iam_server, pg, sample_db):
+    """A bucket set up by --apply and one database backup made with the write-only keys."""
+    setup = make_setup(iam_server, {"PG_DUMP": str(pg.bin / "pg_dump"), "PSQL": str(pg.bin / "psql")})
+    setup.runner(setup.operator)(SCRIPT, "--apply", "--allow-plain-http", check=True)
+    done = setup.runner(setup.writer)("backup_database.py", "--json", env={"DATABASE_URL": pg.url(sample_db)}, check=True)
+    return setup, json.loads(done.stdout)
+
+
+def test_writer_backs_up_and_can_do_nothing_else(backed_up):
+    setup, manifest = backed_up
+    key, version = manifest["key"], manifest["version_id"]
+    assert version
+    writer = setup.writer.client()
+    denied = {
+        "list": error_code(writer.list_objects_v2, Bucket=setup.bucket),
+        "list versions": error_code(writer.list_object_versions, Bucket=setup.bucket),
+        "get": error_code(writer.get_object, Bucket=setup.bucket, Key=key),
+        "get version": error_code(writer.get_object, Bucket=setup.bucket, Key=key, VersionId=version),
+        "delete": error_code(writer.delete_object, Bucket=setup.bucket, Key=key),
+        "delete version": error_code(writer.delete_object, Bucket=setup.bucket, Key=key, VersionId=version),
+        "lifecycle": error_code(writer.put_bucket_lifecycle_configuration, Bucket=setup.bucket,
+                                LifecycleConfiguration={"Rules": [{"ID": "x", "Status": "Enabled", "Filter": {},
+                                                                   "Expiration": {"Days": 1}}]}),
+    }
+    assert denied == dict.fromkeys(denied, "AccessDenied")
+    # Nothing was deleted or hidden: the object's only version is still there.
+    versions = setup.admin.client().list_object_versions(Bucket=setup.bucket, Prefix=key)
+    assert [v["VersionId"] for v in versions.get("Versions", []) if v["Key"] == key] == [version]
+    assert not versions.get("DeleteMarkers")
+
+
+def test_reader_lists_restores_and_checks_but_cannot_write(backed_up, pg, sample_db, scratch_db):
+    setup, manifest = backed_up
+    reader = setup.runner(setup.reader)
+    listed = json.loads(reader("list_backups.py", "--json", check=True).stdout)
+    assert [(b["key"], b["version_id"], b["complete"]) for b in listed] == [(manifest["key"], manifest["version_id"], True)]
+
+    reader("restore_database.py", "--latest", env={"TARGET_DATABASE_URL": pg.url(scratch_db)}, check=True)
+    for table in ("applications", "admin_user"):
+        assert table_fingerprint(pg, scratch_db, table) == table_fingerprint(pg, sample_db, table)
+
+    checked = reader(SCRIPT, "--check", "--allow-plain-http", check=True)
+    assert "bucket policy" not in checked.stdout
+    assert reader(SCRIPT, "--check").returncode == 1  # without the flag the TLS policy is wanted
+
+    client = setup.reader.client()
+    assert error_code(client.put_object, Bucket=setup.bucket, Key="production/database/x", Body=b"x",
+                      ChecksumAlgorithm="CRC32") == "AccessDenied"
+    assert error_code(client.delete_object, Bucket=setup.bucket, Key=manifest["key"]) == "AccessDenied"
+    assert error_code(client.delete_object, Bucket=setup.bucket, Key=manifest["key"],
+                      VersionId=manifest["version_id"]) == "AccessDenied"
+
+
+def test_compliance_locked_backup_cannot_be_deleted_by_anyone(backed_up):
+    setup, manifest = backed_up
+    key, version = manifest["key"], manifest["version_id"]
+    admin = setup.admin.client()  # allowed every action by IAM: only the lock stands in the way
+    head = admin.head_object(Bucket=setup.bucket, Key=key, VersionId=version)  # moto lacks GetObjectRetention
+    assert head["ObjectLockMode"] == "COMPLIANCE"
+    expected = datetime.now(UTC) + timedelta(days=35)
+    assert abs(head["ObjectLockRetainUntilDate"] - expected) < timedelta(hours=1)
+
+    assert error_code(admin.delete_object, Bucket=setup.bucket, Key=key, VersionId=version) == "AccessDenied"
+    assert error_code(admin.delete_object, Bucket=setup.bucket, Key=key, VersionId=version,
+                      BypassGovernanceRetention=True) == "AccessDenied"
+    assert admin.get_object(Bucket=setup.bucket, Key=key, VersionId=version)["ContentLength"] == manifest["encrypted_size"]
+
+    listed = json.loads(setup.runner(setup.reader)("list_backups.py", "--json", check=True).stdout)
+    backup = next(b for b in listed if b["version_id"] == version)
+    retain_until = datetime.fromisoformat(backup["retain_until"].replace("Z", "+00:00"))
+    assert abs(retain_until - expected) < timedelta(hours=1)
+    table = setup.runner(setup.reader)("list_backups.py", check=True).stdout
+    assert retain_until.strftime("%Y-%m-%dT%H:%M") in table
+
+
+def test_tls_policy_refuses_plain_http_object_requests(setup):
+    """Over plain HTTP the deny-insecure-transport policy refuses even the admin (on AWS as on
+    moto; moto would refuse HTTPS too, as it ignores the condition)."""
+    setup.runner(setup.operator)(SCRIPT, "--apply", check=True)
+    admin = setup.admin.client()
+    assert error_code(admin.put_object, Bucket=setup.bucket, Key="production/database/x", Body=b"x",
+                      ChecksumAlgorithm="CRC32") in ("403", "AccessDenied")
+    assert error_code(admin.get_object, Bucket=setup.bucket, Key="production/database/x") in ("403", "AccessDenied")
+
+
+@pytest.mark.parametrize("policy", ["write_only", "write_only_recommended"])
+def test_write_only_multipart_upload_and_abort(iam_server, policy, capsys):
+    """The streamed multipart upload needs nothing but s3:PutObject; aborting a failed one needs
+    s3:AbortMultipartUpload, and without it the upload is left for the lifecycle rule."""
+    from scripts.backupkit.upload import MIB, StreamingUpload
+
+    setup = make_setup(iam_server)
+    setup.runner(setup.operator)(SCRIPT, "--apply", "--allow-plain-http", check=True)
+    writer = iam_server.user(f"{policy.replace('_', '-')}-{setup.bucket[-12:]}", printed_policies(setup.bucket)[policy]).client()
+
+    upload = StreamingUpload(writer, setup.bucket, "production/database/multipart.sql.encrypted", initial_part_size=5 * MIB)
+    upload.write(b"x" * (6 * MIB))
+    assert upload.complete()
+    admin = setup.admin.client()
+    assert admin.head_object(Bucket=setup.bucket, Key=upload.key)["ContentLength"] == 6 * MIB
+
+    failed = StreamingUpload(writer, setup.bucket, "production/database/failed.sql.encrypted", initial_part_size=5 * MIB)
+    failed.write(b"y" * (5 * MIB))
+    failed.abort()
+    left = admin.list_multipart_uploads(Bucket=setup.bucket).get("Uploads", [])
+    warning = capsys.readouterr().err
+    if policy == "write_only":
+        assert [u["Key"] for u in left] == [failed.key]
+        assert "could not abort the incomplete multipart upload" in warning and "AccessDenied" in warning
+        assert "lifecycle rule removes it after 7 days" in warning
+    else:
+        assert left == [] and warning == ""
+
+
+def test_apply_creates_the_bucket_in_the_given_region(setup):
+    done = setup.runner(setup.operator)(SCRIPT, "--apply", "--region", "eu-central-1", "--allow-plain-http", check=True)
+    assert "in eu-central-1 with Object Lock enabled" in done.stdout
+    location = setup.admin.client().get_bucket_location(Bucket=setup.bucket)["LocationConstraint"]
+    assert location == "eu-central-1"
