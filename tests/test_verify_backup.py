@@ -243,3 +243,34 @@ def test_tampered_files_object_fails_before_decryption(run, s3server, bucket):
 def test_restore_into_is_for_database_backups_only(run):
     done = verify(run, "--kind", "files", "--latest", "--restore-into", "postgresql://x@localhost/y")
     assert done.returncode == 2
+
+
+def test_tampering_with_a_recomputed_manifest_is_caught_by_decryption(run, pg, sample_db, s3server, bucket):
+    # Whoever can PutObject can also write a manifest with the tampered object's own hashes; without
+    # the passphrase they cannot fix the AES Crypt HMAC or the plaintext SHA-256.
+    client = s3server.client()
+    files = upload_archive(client, bucket, at(2), streamed_zip(OBJECTS), PASSPHRASE, len(OBJECTS))
+    dump = database_backup(run, pg=pg, started_at=at(1))
+    for manifest, reason in ((files, "Bad HMAC"), (dump, "does not match the manifest's plaintext SHA-256")):
+        body = flip_byte(read_object(client, bucket, manifest["key"], manifest["version_id"]), 4000)
+        bad = put_with_manifest(client, bucket, manifest["key"], body,
+                                {**manifest, "encrypted_size": len(body), "encrypted_sha256": sha256(body)})
+        done = verify(run, "--kind", manifest["kind"], "--key", manifest["key"], "--version-id", bad["version_id"])
+        assert done.returncode == 1
+        assert reason in result_lines(done.stdout)[0]
+
+
+def test_incomplete_backups(run, pg, sample_db, s3server, bucket):
+    good = database_backup(run, pg=pg, started_at=at(2))
+    key = good["key"].replace(good["key"].split("/")[-1][:10], "2099-01-01")  # newest, never got its manifest
+    s3server.client().put_object(Bucket=bucket, Key=key, Body=b"Salted__partial", ChecksumAlgorithm="CRC32")
+
+    done = verify(run, "--kind", "database", "--key", key)
+    assert done.returncode == 1
+    assert result_lines(done.stdout)[0].startswith(f"FAILED  {key}")
+    assert "incomplete: no manifest" in result_lines(done.stdout)[0]
+
+    done = verify(run, "--kind", "database", "--latest")
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[:2] for line in result_lines(done.stdout)] == [["SKIPPED", key], ["OK", good["key"]]]
+    assert "no manifest" in result_lines(done.stdout)[0]
