@@ -1,7 +1,7 @@
 """`make demo`: the main job end to end on throwaway local services.
 
 A PostgreSQL cluster and a local S3 endpoint (moto) are started in temp dirs; a sample app
-database is backed up, listed and restored into a fresh database, and the two are compared.
+database is backed up, listed, verified and restored into a fresh database, and the two are compared.
 Everything is removed afterwards.
 """
 
@@ -63,6 +63,9 @@ def main() -> int:
 
         step("list the backups")
         script(env, "list_backups.py", "--max-age", "1h", "--kind", "database")
+
+        step("verify the newest backup: download, check against its manifest, decrypt (no plaintext on disk), trailer")
+        script(env, "verify_backup.py", "--kind", "database", "--latest")
 
         step("restore the newest backup into a fresh database")
         env["TARGET_DATABASE_URL"] = pg.create_database("app_restored")

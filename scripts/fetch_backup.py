@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Fetch one backup, still encrypted, checked against its manifest; the manifest goes beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from backupkit import cli, config, s3
+from backupkit.errors import UsageError
+from backupkit.manifest import KINDS, MANIFEST_SUFFIX, Backup
+from backupkit.progress import human_bytes
+from backupkit.retrieve import candidates, download, first_good
+
+DESCRIPTION = """\
+Download one backup (still encrypted) to FILE and check its size and SHA-256 against its manifest;
+the manifest is written beside it as FILE.manifest.json. decrypt.py then picks the passphrase by the
+manifest's key_id and checks both hashes on its own:
+
+  scripts/fetch_backup.py --environment production --kind database --latest --out backup.sql.encrypted
+  ./decrypt.py --filein backup.sql.encrypted --fileout database-backup.sql
+
+The download goes to a temporary name beside FILE (mode 0600) and is renamed only once it
+verified, so FILE is never a partial backup. An existing FILE is replaced.
+--latest takes the newest complete backup whose download verifies, naming the newer ones it
+skipped and why.
+"""
+
+EPILOG = """\
+environment:
+  BACKUP_BUCKET, BACKUP_ENVIRONMENT, AWS_*   the external bucket (read-only access is enough)
+
+examples:
+  scripts/fetch_backup.py --environment production --kind files --latest --out files.zip.encrypted
+  scripts/fetch_backup.py --environment production --kind database \\
+      --key 2026-11-29--10-00-00.sql.encrypted --version-id 3HL4kqtJ... --out backup.sql.encrypted
+"""
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.parser("fetch_backup.py", DESCRIPTION, EPILOG)
+    cli.add_target_args(p)
+    p.add_argument("--kind", choices=KINDS, required=True, help="database or files")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--latest", action="store_true", help="the newest complete backup whose download verifies")
+    which.add_argument("--key", help="a backup's key (or its file name), as list_backups.py shows it")
+    p.add_argument("--version-id", help="with --key: one version, when two backups share a second")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the encrypted backup")
+    cli.add_output_args(p)
+    return p
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Write `path` atomically, mode 0600."""
+    fd, temp = tempfile.mkstemp(prefix=".fetch-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.version_id and not args.key:
+        raise UsageError("--version-id needs --key")
+    environment = config.environment_name(args.environment)
+    bucket = config.bucket_name(args.bucket)
+    out = os.path.abspath(args.out)
+    if os.path.isdir(out):
+        raise UsageError(f"--out {args.out} is a directory: give a file name, e.g. {os.path.join(args.out, 'backup.encrypted')}")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise UsageError(f"--out {args.out}: the directory {os.path.dirname(out)} does not exist")
+
+    client = s3.external_client()
+    options = candidates(client, bucket, environment, args.kind, latest=args.latest, key=args.key, version_id=args.version_id)
+    fd, temp = tempfile.mkstemp(prefix=".fetch-", suffix=".partial", dir=os.path.dirname(out))  # 0600
+    os.close(fd)
+    try:
+        def attempt(backup: Backup) -> None:
+            download(client, bucket, backup, temp)  # raises unless size and SHA-256 match the manifest
+
+        backup, _, skipped = first_good(options, attempt, latest=args.latest)
+        write_private(out + MANIFEST_SUFFIX, (json.dumps(backup.manifest, indent=2) + "\n").encode())
+        os.replace(temp, out)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+    manifest = backup.manifest
+    result = {"key": backup.key, "version_id": backup.version_id, "file": out, "manifest_file": out + MANIFEST_SUFFIX,
+              "size": manifest["encrypted_size"], "encrypted_sha256": manifest["encrypted_sha256"],
+              "key_id": manifest["key_id"], "skipped": skipped}
+    cli.print_result(result, args.json,
+                     f"fetched s3://{bucket}/{backup.label()} to {args.out} ({human_bytes(manifest['encrypted_size'])}, "
+                     f"SHA-256 checked against its manifest, written beside it as {args.out}{MANIFEST_SUFFIX}; "
+                     f"encrypted with the passphrase whose key_id is {manifest['key_id']})")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
