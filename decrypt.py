@@ -99,6 +99,19 @@ def decrypt_aescrypt(infile: str, outfile: str, passphrase: str) -> None:
             raise ValueError(f"wrong passphrase or corrupted file ({exc})") from None
 
 
+def check_looks_like_text(path: str) -> None:
+    """openssl has no MAC: a wrong passphrase passes its padding check about once in 256 tries
+    and yields noise. Our openssl backups are SQL dumps (UTF-8 text); without a manifest to check
+    the hash against, noise is told from a dump this way."""
+    with open(path, "rb") as handle:
+        head = handle.read(64 * 1024)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a character cut at the end of the sample
+            raise ValueError("wrong passphrase (the output is not the SQL text of a dump)") from None
+
+
 def read_manifest(path: str | None) -> dict | None:
     if not path or not os.path.exists(path):
         return None
@@ -144,6 +157,8 @@ def decrypt(infile: str, outfile: str, passphrases: list[str], manifest: dict | 
         for passphrase in passphrases:
             try:
                 function(infile, temp, passphrase)
+                if function is decrypt_openssl and manifest is None:
+                    check_looks_like_text(temp)
                 break
             except ValueError as exc:
                 problems.append(str(exc))

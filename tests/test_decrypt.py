@@ -111,3 +111,24 @@ def test_missing_input_and_missing_passphrase(tmp_path):
     done = subprocess.run([*DECRYPT, "-i", str(path), "-o", str(tmp_path / "o")], env=env(EXTERNAL_BACKUP_ENCRYPTION_KEY=None),
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert done.returncode == 1 and "EXTERNAL_BACKUP_ENCRYPTION_KEY" in done.stderr
+
+
+def test_openssl_wrong_passphrase_that_passes_padding_is_still_rejected(tmp_path):
+    """openssl has no MAC: find a wrong passphrase whose padding happens to check out."""
+    encrypted = tmp_path / "x.encrypted"
+    openssl_encrypt(encrypted, PLAIN)
+    for attempt in range(2000):
+        wrong = f"wrong-{attempt}"
+        probe = subprocess.run(["openssl", "enc", "-d", "-aes-256-cbc", "-pbkdf2", "-in", str(encrypted), "-out", "/dev/null",
+                                "-pass", "env:K"], env={"K": wrong, "PATH": "/usr/bin:/bin"}, capture_output=True)
+        if probe.returncode == 0:
+            break
+    else:
+        pytest.skip("no padding-passing wrong passphrase found in 2000 tries")
+    out = tmp_path / "out"
+    done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(out)], env=env(EXTERNAL_BACKUP_ENCRYPTION_KEY=wrong),
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "wrong passphrase" in done.stderr and not out.exists()
+    subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(out)], check=True, capture_output=True,
+                   env=env(EXTERNAL_BACKUP_ENCRYPTION_KEY=wrong, EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS=PASSPHRASE))
+    assert out.read_bytes() == PLAIN
