@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -51,9 +50,10 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--mode", choices=wanted_bucket.MODES, default="COMPLIANCE",
                    help="Object Lock mode: COMPLIANCE (nobody, not even the root user, can delete early) or "
                         "GOVERNANCE (users with s3:BypassGovernanceRetention can) (default: %(default)s)")
-    p.add_argument("--allow-plain-http", action="store_true",
+    p.add_argument("--allow-plain-http", action="store_true", default=os.environ.get("BACKUP_ALLOW_PLAIN_HTTP") == "1",
                    help="leave out (and do not check) the bucket policy denying non-TLS requests: only for a local "
-                        "S3-compatible endpoint served over plain HTTP, such as the tests' and the demo's")
+                        "S3-compatible endpoint served over plain HTTP, such as the tests' and the demo's "
+                        "(env BACKUP_ALLOW_PLAIN_HTTP=1)")
     action = p.add_mutually_exclusive_group(required=True)
     action.add_argument("--apply", action="store_true", help="create or fix the bucket")
     action.add_argument("--check", action="store_true", help="audit the bucket; exit 1 on any drift")
@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
         raise UsageError("--dry-run goes with --apply")
 
     if args.print_policies:
-        print(json.dumps(wanted_bucket.policies(bucket), indent=2))
+        cli.print_result(wanted_bucket.policies(bucket), True, "")
         return 0
 
     client = s3.external_client(region=args.region)

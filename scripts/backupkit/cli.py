@@ -97,7 +97,11 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def print_result(result: Any, as_json: bool, human: str) -> None:
-    print(json.dumps(result, indent=2, default=str) if as_json else human, flush=True)
+    try:
+        print(json.dumps(result, indent=2, default=str) if as_json else human, flush=True)
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) left: the work is done, only the rest of the output is lost.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def run(main: Callable[[list[str]], int], argv: list[str] | None = None) -> NoReturn:
