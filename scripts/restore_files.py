@@ -183,31 +183,61 @@ def items_of(path: str, prefix: str, only: str | None) -> list[Item]:
     return items
 
 
-def digests(path: str, item: Item, part_size: int | None) -> str:
-    """The ETag S3 gives these bytes: the MD5, or for a multipart upload with parts of
-    `part_size`, the MD5 of the parts' MD5s and the part count."""
-    whole = hashlib.md5(usedforsecurity=False)
-    parts: list[bytes] = []
-    part = hashlib.md5(usedforsecurity=False)
-    in_part = 0
+# Part sizes apps' uploaders commonly use (boto3/aws-cli 8 MiB, the AWS SDKs 5 MiB, …): a
+# multipart ETag is the MD5 of the parts' MD5s, so it can only be checked by guessing the size.
+COMMON_PART_SIZES = [n * 1024 * 1024 for n in (5, 8, 16, 10, 15, 25, 32, 50, 64, 100, 128)]
+
+
+class PartHasher:
+    """The ETag S3 gives bytes uploaded in parts of `part_size` (None: one PutObject, the MD5)."""
+
+    def __init__(self, part_size: int | None):
+        self.part_size = part_size
+        self._whole = hashlib.md5(usedforsecurity=False)
+        self._part = hashlib.md5(usedforsecurity=False)
+        self._in_part = 0
+        self._parts: list[bytes] = []
+
+    def update(self, chunk: bytes) -> None:
+        if not self.part_size:
+            self._whole.update(chunk)
+            return
+        view = memoryview(chunk)
+        while view:
+            take = view[: self.part_size - self._in_part]
+            self._part.update(take)
+            self._in_part += len(take)
+            view = view[len(take):]
+            if self._in_part == self.part_size:
+                self._parts.append(self._part.digest())
+                self._part, self._in_part = hashlib.md5(usedforsecurity=False), 0
+
+    def etag(self) -> str:
+        if not self.part_size:
+            return self._whole.hexdigest()
+        parts = self._parts + ([self._part.digest()] if self._in_part else [])
+        return f"{hashlib.md5(b''.join(parts), usedforsecurity=False).hexdigest()}-{len(parts)}"
+
+
+def part_sizes(size: int, etag: str) -> list[int | None]:
+    """Part sizes that could have produced `etag` for `size` bytes."""
+    if "-" not in etag:
+        return [None]
+    count = int(etag.rsplit("-", 1)[1] or 0)
+    if count < 1:
+        return []
+    mib = 1024 * 1024
+    guess = -(-size // count // mib) * mib or mib  # parts of a whole number of MiB, the last shorter
+    return [p for p in dict.fromkeys([*COMMON_PART_SIZES, guess, guess + mib]) if -(-size // p) == count] or [guess]
+
+
+def same_bytes(path: str, item: Item, etag: str) -> bool:
+    hashers = [PartHasher(p) for p in part_sizes(item.size, etag)]
     with FileSection(path, item.offset, item.size) as section:
-        while chunk := section.read(CHUNK):
-            whole.update(chunk)
-            if part_size:
-                view = memoryview(chunk)
-                while view:
-                    take = view[: part_size - in_part]
-                    part.update(take)
-                    in_part += len(take)
-                    view = view[len(take):]
-                    if in_part == part_size:
-                        parts.append(part.digest())
-                        part, in_part = hashlib.md5(usedforsecurity=False), 0
-    if not part_size:
-        return whole.hexdigest()
-    if in_part:
-        parts.append(part.digest())
-    return f"{hashlib.md5(b''.join(parts), usedforsecurity=False).hexdigest()}-{len(parts)}"
+        while hashers and (chunk := section.read(CHUNK)):
+            for hasher in hashers:
+                hasher.update(chunk)
+    return any(hasher.etag() == etag for hasher in hashers)
 
 
 def classify(client: Any, bucket: str, path: str, item: Item) -> str:
@@ -222,13 +252,7 @@ def classify(client: Any, bucket: str, path: str, item: Item) -> str:
     for name, value in item.attributes.items():
         if name != "Metadata" and head.get(name) != value:
             return CHANGED
-    etag = head.get("ETag", "").strip('"')
-    part_size = None
-    if "-" in etag:  # multipart: guess the uploader's part size, a whole number of MiB
-        count = int(etag.rsplit("-", 1)[1] or 1)
-        mib = 1024 * 1024
-        part_size = max(-(-item.size // count // mib) * mib, mib) if count > 1 else max(item.size, 1)
-    return IDENTICAL if digests(path, item, part_size) == etag else CHANGED
+    return IDENTICAL if same_bytes(path, item, head.get("ETag", "").strip('"')) else CHANGED
 
 
 def upload(client: Any, bucket: str, path: str, item: Item) -> None:
