@@ -196,10 +196,10 @@ def run_measured(runner, script: str, *args: str, env: dict | None = None, timeo
     with open(f"{out_path}.out", "w+") as out, open(f"{out_path}.err", "w+") as err:
         proc = subprocess.Popen(runner.command(script, *args), env=merged, cwd=runner.cwd, stdout=out, stderr=err)
         status = Path(f"/proc/{proc.pid}/status")
-        exe = os.path.realpath(runner.command(script)[0])
+        cmdline = Path(f"/proc/{proc.pid}/cmdline")
         while proc.poll() is None:
             try:
-                if os.path.realpath(f"/proc/{proc.pid}/exe") == exe:  # after exec: the script's own memory
+                if script.encode() in cmdline.read_bytes():  # after exec: the script's own memory
                     for line in status.read_text().splitlines():
                         if line.startswith("VmHWM:"):
                             peak = max(peak, int(line.split()[1]) * 1024)
