@@ -102,7 +102,8 @@ def open_archive(path: str) -> list[zipfile.ZipInfo]:
 
 
 def decrypt_verified(encrypted: str, plaintext: str, passphrase: str, manifest: dict | None) -> None:
-    progress = Progress("decrypted", total_bytes=os.path.getsize(encrypted))
+    total = manifest["plaintext_size"] if manifest else os.path.getsize(encrypted)  # about right without one
+    progress = Progress("decrypted", total_bytes=total)
     tally = decrypt_file(encrypted, plaintext, passphrase, lambda n: progress.update(n))
     progress.done()
     check_plaintext(tally, manifest)
