@@ -310,3 +310,21 @@ def test_memory_stays_bounded_and_flat(run, s3server, bucket, capsys):
     assert big_size >= 1024 * MIB
     assert big_rss < 200 * MIB
     assert big_rss < small_rss + 16 * MIB  # does not grow with the bucket's size
+
+
+@pytest.mark.slow
+def test_zip64_archive_of_more_than_65535_objects(run, s3server, bucket, tmp_path):
+    client = s3server.client()
+    source = new_bucket(s3server)
+    count = 65_600
+    fill(client, source, {f"k/{i // 1000:02d}/{i:06d}": Obj(b"%d" % i) for i in range(count)}, workers=8)
+    manifest = backup(run, source)
+    assert manifest["source"]["object_count"] == count
+    plain = tmp_path / "many.zip"
+    plain.write_bytes(decrypt_bytes(client.get_object(Bucket=bucket, Key=manifest["key"])["Body"].read(), PASSPHRASE))
+    with zipfile.ZipFile(plain) as archive:
+        names = archive.namelist()
+        assert len(names) == count and names[-1] == f"k/65/{count - 1:06d}"
+        assert archive.read(names[-1]) == b"%d" % (count - 1)
+    unzip = subprocess.run(["unzip", "-t", "-q", str(plain)], capture_output=True, text=True)
+    assert unzip.returncode == 0, unzip.stdout[-2000:] + unzip.stderr

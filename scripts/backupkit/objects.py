@@ -22,7 +22,7 @@ from .pipeline import CHUNK
 from .s3 import error_code, explain, s3_errors
 
 PREFETCH_WORKERS = 8  # GETs in flight: hides per-request latency for buckets of small files
-PREFETCH_BYTES = 32 * 1024 * 1024  # bytes fetched ahead and not yet written, at most
+PREFETCH_BYTES = 16 * 1024 * 1024  # bytes fetched ahead and not yet written, at most
 WHOLE_OBJECT_LIMIT = 4 * 1024 * 1024  # larger objects are streamed in turn, never held whole
 PREFETCH_AHEAD = 256  # objects queued ahead (their futures), however small
 VANISHED = ("NoSuchKey", "NoSuchVersion", "404")
