@@ -25,7 +25,7 @@ from backupkit.archive import (
     member_attributes,
     member_range,
 )
-from backupkit.errors import UsageError, VerificationError
+from backupkit.errors import BackupError, UsageError, VerificationError
 from backupkit.manifest import Backup, parse_manifest
 from backupkit.pipeline import CHUNK, Tally
 from backupkit.progress import Progress, human_bytes, log
@@ -271,6 +271,19 @@ def upload(client: Any, bucket: str, path: str, item: Item) -> None:
                                                         max_concurrency=2))
 
 
+def check_target(client: Any, bucket: str) -> None:
+    """Fail early on a missing target bucket (every HEAD would say 404, i.e. "new")."""
+    try:
+        client.head_bucket(Bucket=bucket)
+    except Exception as exc:
+        code = s3.error_code(exc)
+        if code in ("403", "AccessDenied"):
+            return  # allowed to write without being allowed to HeadBucket: the uploads will tell
+        if code in ("404", "NoSuchBucket"):
+            raise BackupError(f"the target bucket {bucket} does not exist: create it first, or check --target-bucket") from None
+        raise s3.explain(exc, f"check the target bucket {bucket}") from exc
+
+
 def run_pool(items: list[Item], work: Any) -> None:
     """Run `work(item)` for every item, WORKERS at a time; the first error stops the rest."""
     pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="restore")
@@ -310,6 +323,7 @@ def main(argv: list[str]) -> int:
             source = f"s3://{args.bucket}/{backup.label()}"
         items = items_of(path, prefix, args.only)
         target = s3.external_client(max_pool_connections=WORKERS + 4)
+        check_target(target, target_bucket)
         log(f"comparing {len(items)} members of {source} with s3://{target_bucket}/{prefix}")
 
         def plan(item: Item) -> None:

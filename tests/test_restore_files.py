@@ -209,3 +209,8 @@ def test_signals_remove_temporary_files(run, s3server, bucket, tmp_path, sig, co
     assert proc.returncode == code, stderr
     assert list(tmp.iterdir()) == []
     assert snapshot(client, target) == {}
+
+
+def test_missing_target_bucket_fails_early(run, backed_up):
+    _, done = restore(run, "--latest", "--target-bucket", "no-such-target-bucket", "--dry-run")
+    assert done.returncode == 1 and "does not exist" in done.stderr
