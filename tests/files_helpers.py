@@ -143,6 +143,9 @@ class CuttableProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self._cut:
+                client.close()
+                return
             upstream = socket.create_connection(self.target)
             with self._lock:
                 self._sockets += [client, upstream]
@@ -170,10 +173,11 @@ class CuttableProxy:
         with self._lock:
             for sock in self._sockets:
                 try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                    sock.close()  # linger 0: the peer sees a reset
+                    # shutdown() wakes the proxy threads blocked in recv(); close() alone would not.
+                    sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                sock.close()
 
 
 @dataclass
