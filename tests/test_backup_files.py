@@ -309,7 +309,9 @@ def test_memory_stays_bounded_and_flat(run, s3server, bucket, capsys):
     (_, small_size, small_rss, _), (_, big_size, big_rss, _) = figures
     assert big_size >= 1024 * MIB
     assert big_rss < 200 * MIB
-    assert big_rss < small_rss + 16 * MIB  # does not grow with the bucket's size
+    # Doubling the data adds no buffers: what differs is allocator noise (glibc arenas of the
+    # fetch and upload threads), measured at 5-16 MiB, far from the 512 MiB added.
+    assert big_rss < small_rss + 32 * MIB
 
 
 @pytest.mark.slow
