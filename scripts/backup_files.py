@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Back up the app's bucket: list → objects streamed into one ZIP → AES Crypt → streamed upload → manifest."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from backupkit import cli, config, crypto, s3
+from backupkit.archive import ArchiveWriter, EncryptingSink
+from backupkit.manifest import backup_key, build_manifest, write_manifest
+from backupkit.objects import PREFETCH_WORKERS, archive_objects, list_objects
+from backupkit.progress import Progress, human_bytes, log
+from backupkit.upload import StreamingUpload
+
+DESCRIPTION = """\
+Copy every object of the app's bucket (under --source-prefix) into one ZIP (member = object key,
+stored, ZIP64 where needed, date = LastModified, comment = JSON of ContentType and metadata),
+encrypt it with AES Crypt v2 (pyAesCrypt) and stream it to
+s3://BUCKET/ENVIRONMENT/files/YYYY-MM-DD--HH-MM-SS.zip.encrypted, then write its manifest.
+
+Nothing touches the disk and memory stays bounded whatever the bucket's size. Objects deleted
+between the listing and their download are skipped and named in the manifest; any other error
+aborts the upload, writes no manifest and exits 1. The writer needs only s3:PutObject on the
+external bucket, and list/get on the source bucket.
+"""
+
+EPILOG = """\
+environment:
+  EXTERNAL_BACKUP_ENCRYPTION_KEY  the passphrase (required; never put it on a command line)
+  SOURCE_BUCKET, SOURCE_PREFIX    the app's bucket and an optional key prefix
+  SOURCE_AWS_PROFILE, or SOURCE_AWS_ACCESS_KEY_ID / SOURCE_AWS_SECRET_ACCESS_KEY /
+  SOURCE_AWS_SESSION_TOKEN / SOURCE_AWS_ENDPOINT_URL / SOURCE_AWS_REGION
+                                  the app bucket's credentials, when they differ from the
+                                  external bucket's (default: the same AWS_* chain)
+  BACKUP_BUCKET, BACKUP_ENVIRONMENT, AWS_* (credentials, region, AWS_ENDPOINT_URL)
+
+example:
+  export EXTERNAL_BACKUP_ENCRYPTION_KEY=… SOURCE_AWS_PROFILE=app
+  scripts/backup_files.py --environment production --source-bucket acme-app-uploads --bucket acme-external-backups
+"""
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.parser("backup_files.py", DESCRIPTION, EPILOG)
+    cli.add_target_args(p)
+    p.add_argument("--source-bucket", default=os.environ.get("SOURCE_BUCKET"),
+                   help="the app's bucket to back up (env SOURCE_BUCKET)")
+    p.add_argument("--source-prefix", default=os.environ.get("SOURCE_PREFIX", ""),
+                   help="back up only keys starting with this (env SOURCE_PREFIX; default: everything)")
+    p.add_argument("--source-profile", default=None,
+                   help="AWS profile for the source bucket (env SOURCE_AWS_PROFILE)")
+    cli.add_output_args(p)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    environment = config.environment_name(args.environment)
+    bucket = config.bucket_name(args.bucket)
+    source_bucket = config.bucket_name(args.source_bucket, "source bucket", "set SOURCE_BUCKET or pass --source-bucket")
+    prefix = args.source_prefix or ""
+    passphrase = config.passphrases()[0]
+
+    client = s3.external_client()
+    source = s3.source_client(args.source_profile, max_pool_connections=PREFETCH_WORKERS + 4)
+    started = config.utcnow()
+    began = time.monotonic()
+    key = backup_key(environment, "files", started)
+
+    listing = list_objects(source, source_bucket, prefix)
+    log(f"backing up {len(listing.objects)} objects ({human_bytes(listing.total_bytes)}) of "
+        f"s3://{source_bucket}/{prefix} to s3://{bucket}/{key}")
+    progress = Progress("archived", total_bytes=listing.total_bytes, total_objects=len(listing.objects))
+    with StreamingUpload(client, bucket, key) as upload:
+        with EncryptingSink(passphrase, upload.write) as sink:
+            writer = ArchiveWriter(sink)
+            result = archive_objects(source, source_bucket, listing.objects, writer, progress.update)
+            writer.close()
+            sink.close()  # raises unless the encryption ended cleanly
+        version_id = upload.complete()
+    progress.done()
+    for skipped in result.skipped:
+        log(f"warning: s3://{source_bucket}/{skipped} was deleted after the listing; not in this backup")
+
+    manifest = build_manifest(
+        kind="files",
+        environment=environment,
+        key=key,
+        version_id=version_id,
+        started_at=started,
+        completed_at=config.utcnow(),
+        encryption=crypto.AESCRYPT_FORMAT,
+        key_id=crypto.key_id(passphrase),
+        encrypted_size=upload.size,
+        encrypted_sha256=upload.sha256.hexdigest(),
+        plaintext_size=sink.plaintext.size,
+        plaintext_sha256=sink.plaintext.hexdigest(),
+        source={"bucket": source_bucket, "prefix": prefix, "object_count": result.object_count,
+                "total_bytes": result.total_bytes, "skipped": result.skipped},
+    )
+    write_manifest(client, bucket, manifest)
+    seconds = time.monotonic() - began
+    rate = result.total_bytes / seconds / 1024 / 1024 if seconds else 0
+    cli.step_summary(
+        f"### Files backup: {environment}\n\n| key | version | objects | bytes | encrypted | skipped | time |\n"
+        f"|---|---|---|---|---|---|---|\n| `{key}` | `{version_id}` | {result.object_count} | "
+        f"{human_bytes(result.total_bytes)} | {human_bytes(upload.size)} | {len(result.skipped)} | {seconds:.0f} s |"
+    )
+    cli.print_result(
+        manifest,
+        args.json,
+        f"backed up {result.object_count} objects ({human_bytes(result.total_bytes)}) of s3://{source_bucket}/{prefix} "
+        f"to s3://{bucket}/{key} (version {version_id}): {human_bytes(upload.size)} encrypted, "
+        f"{len(result.skipped)} skipped, in {seconds:.1f} s ({rate:.1f} MiB/s)",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,164 @@
+"""Reading the app's (source) bucket for the files backup: the listing, and objects fetched in
+listing order by a small prefetch pool whose memory is bounded whatever the objects' sizes.
+
+Objects up to WHOLE_OBJECT_LIMIT are fetched ahead, whole, by PREFETCH_WORKERS threads while at
+most PREFETCH_BYTES of them wait to be written; a larger object is streamed in CHUNK pieces
+when its turn comes. An object that vanished after the listing (NoSuchKey) is reported as
+skipped; any other error ends the run.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .archive import ArchiveWriter, encode_attributes
+from .errors import BackupError
+from .pipeline import CHUNK
+from .s3 import error_code, explain, s3_errors
+
+PREFETCH_WORKERS = 8  # GETs in flight: hides per-request latency for buckets of small files
+PREFETCH_BYTES = 16 * 1024 * 1024  # bytes fetched ahead and not yet written, at most
+WHOLE_OBJECT_LIMIT = 4 * 1024 * 1024  # larger objects are streamed in turn, never held whole
+PREFETCH_AHEAD = 256  # objects queued ahead (their futures), however small
+VANISHED = ("NoSuchKey", "NoSuchVersion", "404")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceObject:
+    key: str
+    size: int
+    last_modified: datetime
+
+
+@dataclass
+class Listing:
+    objects: list[SourceObject]
+    total_bytes: int
+
+
+def list_objects(client: Any, bucket: str, prefix: str = "") -> Listing:
+    """Every object under prefix, following pagination (1,000 keys a page)."""
+    objects: list[SourceObject] = []
+    total = 0
+    with s3_errors(f"list the source bucket s3://{bucket}/{prefix}"):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                objects.append(SourceObject(item["Key"], item["Size"], item["LastModified"]))
+                total += item["Size"]
+    return Listing(objects, total)
+
+
+@dataclass
+class Fetched:
+    """One object ready to be written: its bytes whole (`data`) or as a response to stream."""
+
+    source: SourceObject
+    head: dict[str, Any] = field(default_factory=dict)
+    data: bytes | None = None
+    vanished: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.data) if self.data is not None else int(self.head["ContentLength"])
+
+    def chunks(self) -> Iterator[bytes]:
+        if self.data is not None:
+            if self.data:
+                yield self.data
+            return
+        body = self.head["Body"]
+        try:
+            yield from body.iter_chunks(CHUNK)
+        finally:
+            body.close()
+
+
+def _get(client: Any, bucket: str, obj: SourceObject, whole: bool) -> Fetched:
+    try:
+        response = client.get_object(Bucket=bucket, Key=obj.key)
+    except Exception as exc:
+        if error_code(exc) in VANISHED:
+            return Fetched(obj, vanished=True)
+        raise explain(exc, f"download s3://{bucket}/{obj.key}") from exc
+    fetched = Fetched(obj, head=response)
+    if whole and response["ContentLength"] <= WHOLE_OBJECT_LIMIT:
+        try:
+            fetched.data = response["Body"].read()
+        except Exception as exc:
+            raise explain(exc, f"download s3://{bucket}/{obj.key}") from exc
+        finally:
+            response["Body"].close()
+    return fetched
+
+
+def fetch_in_order(client: Any, bucket: str, objects: Iterable[SourceObject], *,
+                   workers: int = PREFETCH_WORKERS, budget: int = PREFETCH_BYTES) -> Iterator[Fetched]:
+    """The objects, fetched, in the order given. Memory: at most `budget` bytes of small objects
+    fetched ahead, plus one CHUNK of the large object being streamed."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
+    window: collections.deque[tuple[SourceObject, Future | None]] = collections.deque()
+    pending = iter(objects)
+    nxt: SourceObject | None = next(pending, None)
+    reserved = 0
+    try:
+        while window or nxt is not None:
+            # Queue fetches ahead while the byte budget allows (the head is always allowed).
+            while nxt is not None and len(window) < PREFETCH_AHEAD:
+                if nxt.size <= WHOLE_OBJECT_LIMIT:
+                    if window and reserved + nxt.size > budget:
+                        break
+                    reserved += nxt.size
+                    window.append((nxt, pool.submit(_get, client, bucket, nxt, True)))
+                else:
+                    window.append((nxt, None))  # streamed when its turn comes
+                nxt = next(pending, None)
+            obj, future = window.popleft()
+            if future is None:
+                yield _get(client, bucket, obj, whole=False)
+            else:
+                fetched = future.result()
+                reserved -= obj.size
+                yield fetched
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class ArchiveResult:
+    object_count: int
+    total_bytes: int
+    skipped: list[str]
+
+
+def archive_objects(client: Any, bucket: str, objects: Iterable[SourceObject], writer: ArchiveWriter,
+                    progress: Callable[..., None] | None = None, **fetch_options: int) -> ArchiveResult:
+    """Write every object into `writer`, in order; vanished objects are skipped and named.
+    `progress(nbytes=…, objects=…)` is called as bytes and objects are done."""
+    skipped: list[str] = []
+
+    def advance(nbytes: int) -> None:
+        if progress is not None:
+            progress(nbytes=nbytes)
+
+    for fetched in fetch_in_order(client, bucket, objects, **fetch_options):
+        key = fetched.source.key
+        if fetched.vanished:
+            skipped.append(key)
+            if progress is not None:
+                progress(objects=1)
+            continue
+        try:
+            writer.add(key, fetched.size, fetched.head.get("LastModified") or fetched.source.last_modified,
+                       encode_attributes(fetched.head), fetched.chunks(), advance)
+        except BackupError:
+            raise
+        except Exception as exc:
+            raise explain(exc, f"download s3://{bucket}/{key}") from exc
+        if progress is not None:
+            progress(objects=1)
+    return ArchiveResult(writer.members, writer.bytes, skipped)

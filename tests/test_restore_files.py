@@ -1,0 +1,216 @@
+"""restore_files.py: only a backup that decrypted and verified is uploaded, faithfully, and only what differs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import zipfile
+
+import pytest
+
+from tests.conftest import OLD_PASSPHRASE, PASSPHRASE, error_lines
+from tests.files_helpers import MIB, Obj, download, expected_snapshot, fill, new_bucket, snapshot
+
+SAMPLE = {
+    "docs/a.txt": Obj(b"alpha\n", "text/plain", {"author": "ann"}),
+    "docs/b.txt": Obj(b"bravo\n", "text/plain"),
+    "img/c.png": Obj(os.urandom(5000), "image/png", {"w": "10", "h": "20"}),
+    "img/d é.png": Obj(os.urandom(100), "image/png"),
+    "zero": Obj(b""),
+}
+
+
+@pytest.fixture
+def backed_up(run, s3server, bucket):
+    """A source bucket with SAMPLE, backed up once; returns (source bucket, manifest)."""
+    source = new_bucket(s3server)
+    fill(s3server.client(), source, SAMPLE)
+    done = run("backup_files.py", "--source-bucket", source, "--json", check=True)
+    return source, json.loads(done.stdout)
+
+
+def restore(run, *args: str, **kwargs):
+    done = run("restore_files.py", "--json", *args, **kwargs)
+    return (json.loads(done.stdout) if done.returncode == 0 else None), done
+
+
+def test_restore_into_another_bucket_and_prefix(run, s3server, backed_up):
+    client = s3server.client()
+    target = new_bucket(s3server, "restored")
+    result, done = restore(run, "--key", os.path.basename(backed_up[1]["key"]), "--target-bucket", target,
+                           "--target-prefix", "restored/")
+    assert done.returncode == 0, done.stderr
+    assert (result["new"], result["uploaded"]) == (5, 5)
+    assert snapshot(client, target) == expected_snapshot(SAMPLE, "restored/")
+
+
+def test_identical_objects_are_skipped_and_changed_ones_replaced(run, s3server, backed_up):
+    client = s3server.client()
+    target = new_bucket(s3server, "restored")
+    restore(run, "--latest", "--target-bucket", target, check=True)
+    client.put_object(Bucket=target, Key="docs/a.txt", Body=b"edited by someone\n", ContentType="text/plain",
+                      Metadata={"author": "ann"})
+    client.put_object(Bucket=target, Key="docs/b.txt", Body=b"bravo\n", ContentType="text/html")  # same bytes, other type
+    client.delete_object(Bucket=target, Key="zero")
+    result, done = restore(run, "--latest", "--target-bucket", target)
+    assert done.returncode == 0, done.stderr
+    assert (result["new"], result["changed"], result["identical"], result["uploaded"]) == (1, 2, 2, 3)
+    assert snapshot(client, target) == expected_snapshot(SAMPLE)
+
+
+def test_identical_multipart_object_is_recognised(run, s3server, bucket):
+    client = s3server.client()
+    source = new_bucket(s3server)
+    body = os.urandom(12 * MIB)
+    fill(client, source, {"big": Obj(body, "application/x-big")})
+    run("backup_files.py", "--source-bucket", source, check=True)
+    target = new_bucket(s3server, "restored")
+    # What an app's multipart uploader leaves: an ETag of MD5s of 5 MiB parts.
+    upload = client.create_multipart_upload(Bucket=target, Key="big", ContentType="application/x-big")
+    parts = []
+    for number, start in enumerate(range(0, len(body), 5 * MIB), 1):
+        answer = client.upload_part(Bucket=target, Key="big", UploadId=upload["UploadId"], PartNumber=number,
+                                    Body=body[start:start + 5 * MIB])
+        parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+    client.complete_multipart_upload(Bucket=target, Key="big", UploadId=upload["UploadId"], MultipartUpload={"Parts": parts})
+    result, done = restore(run, "--latest", "--target-bucket", target)
+    assert done.returncode == 0, done.stderr
+    assert (result["identical"], result["uploaded"]) == (1, 0)
+
+
+def test_dry_run_plans_and_uploads_nothing(run, s3server, backed_up):
+    client = s3server.client()
+    target = new_bucket(s3server, "restored")
+    client.put_object(Bucket=target, Key="docs/a.txt", Body=b"alpha\n", ContentType="text/plain", Metadata={"author": "ann"})
+    client.put_object(Bucket=target, Key="docs/b.txt", Body=b"old")
+    before = snapshot(client, target)
+    result, done = restore(run, "--latest", "--target-bucket", target, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    plan = {item["key"]: item["action"] for item in result["plan"]}
+    assert plan == {"docs/a.txt": "identical", "docs/b.txt": "changed", "img/c.png": "new", "img/d é.png": "new", "zero": "new"}
+    assert result["uploaded"] == 0
+    assert snapshot(client, target) == before
+    human = run("restore_files.py", "--latest", "--target-bucket", target, "--dry-run", check=True).stdout
+    assert "new       img/c.png" in human and "uploaded nothing" in human
+
+
+def test_only_restores_matching_keys(run, s3server, backed_up):
+    client = s3server.client()
+    target = new_bucket(s3server, "restored")
+    result, done = restore(run, "--latest", "--target-bucket", target, "--only", "img/*")
+    assert done.returncode == 0, done.stderr
+    assert result["members"] == 2
+    assert sorted(snapshot(client, target)) == ["img/c.png", "img/d é.png"]
+
+
+def test_wrong_passphrase_uploads_nothing(run, s3server, backed_up):
+    client = s3server.client()
+    target = new_bucket(s3server, "restored")
+    _, done = restore(run, "--latest", "--target-bucket", target, env={"EXTERNAL_BACKUP_ENCRYPTION_KEY": "not-the-passphrase"})
+    assert done.returncode == 1
+    assert "key_id" in done.stderr and len(error_lines(done.stderr)) == 1
+    assert snapshot(client, target) == {}
+
+
+def test_previous_passphrase_is_picked_by_key_id(run, s3server, backed_up):
+    target = new_bucket(s3server, "restored")
+    _, done = restore(run, "--latest", "--target-bucket", target,
+                      env={"EXTERNAL_BACKUP_ENCRYPTION_KEY": OLD_PASSPHRASE, "EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS": PASSPHRASE})
+    assert done.returncode == 0, done.stderr
+    assert len(snapshot(s3server.client(), target)) == 5
+
+
+@pytest.mark.parametrize("with_manifest", [False, True])
+def test_flipped_byte_uploads_nothing(run, s3server, bucket, backed_up, tmp_path, with_manifest):
+    client = s3server.client()
+    manifest = backed_up[1]
+    path = download(client, bucket, manifest["key"], tmp_path / "files.zip.encrypted")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    if with_manifest:
+        (tmp_path / "files.zip.encrypted.manifest.json").write_text(json.dumps(manifest))
+    target = new_bucket(s3server, "restored")
+    _, done = restore(run, "--file", str(path), "--target-bucket", target, env={"TMPDIR": str(tmp_path)})
+    assert done.returncode == 1
+    assert ("SHA-256" if with_manifest else "HMAC") in done.stderr
+    assert snapshot(client, target) == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["files.zip.encrypted"] + (["files.zip.encrypted.manifest.json"] if with_manifest else []))
+
+
+def test_file_encrypted_with_manifest_or_plain_zip(run, s3server, bucket, backed_up, tmp_path):
+    client = s3server.client()
+    manifest = backed_up[1]
+    path = download(client, bucket, manifest["key"], tmp_path / "files.zip.encrypted")
+    (tmp_path / "files.zip.encrypted.manifest.json").write_text(json.dumps(manifest))
+    target = new_bucket(s3server, "restored")
+    restore(run, "--file", str(path), "--target-bucket", target, check=True)
+    assert snapshot(client, target) == expected_snapshot(SAMPLE)
+
+    # An already decrypted ZIP (made with the stock CLI) restores too, without a passphrase.
+    import subprocess
+
+    subprocess.run([str(run.cwd / ".venv/bin/pyAesCrypt"), "-d", "-p", PASSPHRASE, str(path), "-o", str(tmp_path / "plain.zip")],
+                   check=True, capture_output=True)
+    other = new_bucket(s3server, "restored")
+    restore(run, "--file", str(tmp_path / "plain.zip"), "--target-bucket", other, check=True,
+            env={"EXTERNAL_BACKUP_ENCRYPTION_KEY": None})
+    assert snapshot(client, other) == expected_snapshot(SAMPLE)
+
+    # A damaged plain ZIP is refused before anything is uploaded.
+    data = bytearray((tmp_path / "plain.zip").read_bytes())
+    with zipfile.ZipFile(tmp_path / "plain.zip") as archive:
+        info = archive.getinfo("img/c.png")
+    data[info.header_offset + 200] ^= 0xFF
+    (tmp_path / "bad.zip").write_bytes(bytes(data))
+    third = new_bucket(s3server, "restored")
+    _, done = restore(run, "--file", str(tmp_path / "bad.zip"), "--target-bucket", third)
+    assert done.returncode == 1 and "CRC" in done.stderr
+    assert snapshot(client, third) == {}
+
+
+def test_latest_skips_an_incomplete_newer_backup(run, s3server, bucket, backed_up):
+    client = s3server.client()
+    client.put_object(Bucket=bucket, Key="production/files/2099-01-01--00-00-00.zip.encrypted", Body=b"AES\x02 broken")
+    target = new_bucket(s3server, "restored")
+    result, done = restore(run, "--latest", "--target-bucket", target)
+    assert done.returncode == 0, done.stderr
+    assert result["key"] == backed_up[1]["key"]
+    assert "2099-01-01--00-00-00" in result["skipped"][0] and "no manifest" in result["skipped"][0]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signals_remove_temporary_files(run, s3server, bucket, tmp_path, sig, code):
+    client = s3server.client()
+    source = new_bucket(s3server)
+    fill(client, source, {"large": Obj(os.urandom(150 * MIB))})
+    run("backup_files.py", "--source-bucket", source, check=True)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    target = new_bucket(s3server, "restored")
+    proc = run.popen("restore_files.py", "--latest", "--target-bucket", target, env={"TMPDIR": str(tmp)})
+    deadline = time.monotonic() + 60
+    seen: list[str] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        seen = [p.name for p in tmp.glob("restore-files-*/*")]
+        if "backup.zip" in seen:  # decrypting: plaintext on disk
+            break
+        time.sleep(0.005)
+    assert "backup.zip" in seen, "the restore never reached decryption"
+    for directory in tmp.iterdir():
+        assert directory.stat().st_mode & 0o777 == 0o700
+        for child in directory.iterdir():
+            assert child.stat().st_mode & 0o777 == 0o600
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert list(tmp.iterdir()) == []
+    assert snapshot(client, target) == {}
+
+
+def test_missing_target_bucket_fails_early(run, backed_up):
+    _, done = restore(run, "--latest", "--target-bucket", "no-such-target-bucket", "--dry-run")
+    assert done.returncode == 1 and "does not exist" in done.stderr
