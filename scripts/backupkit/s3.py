@@ -15,18 +15,33 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from .errors import BackupError
+from .errors import BackupError, UsageError
 
 MAX_ATTEMPTS = 5  # botocore standard retry mode: 1 try + 4 retries with backoff, per request
+# Seconds; overridable (BACKUP_S3_CONNECT_TIMEOUT / BACKUP_S3_READ_TIMEOUT) for slow links and
+# for tests that make an endpoint stall.
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 60
+
+
+def _seconds(variable: str, default: float) -> float:
+    value = os.environ.get(variable)
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0
+    if not seconds > 0:
+        raise UsageError(f"invalid {variable} {value!r}: use a positive number of seconds")
+    return seconds
 
 
 def _config(max_pool_connections: int = 16) -> Config:
     return Config(
         retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
-        connect_timeout=CONNECT_TIMEOUT,
-        read_timeout=READ_TIMEOUT,
+        connect_timeout=_seconds("BACKUP_S3_CONNECT_TIMEOUT", CONNECT_TIMEOUT),
+        read_timeout=_seconds("BACKUP_S3_READ_TIMEOUT", READ_TIMEOUT),
         max_pool_connections=max_pool_connections,
         # Object Lock buckets reject writes without a checksum: always send one.
         request_checksum_calculation="when_supported",
