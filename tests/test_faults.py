@@ -1,0 +1,310 @@
+"""Faults, as they happen at 3 a.m.: a flaky or vanished S3 endpoint, a dying pg_dump, a missing
+openssl, a cancelled job, corrupt or wrongly-keyed backups, a restore that fails half-way, bad
+input. Every run either succeeds with byte-identical data or exits non-zero with one `error:` line,
+no completed object, no manifest, nothing committed and no process left behind.
+
+S3 faults come from tests/faultproxy.py (a seeded proxy in front of moto, via AWS_ENDPOINT_URL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dev.harness import table_fingerprint
+from tests.conftest import PASSPHRASE, error_lines, versions
+from tests.faultproxy import FaultProxy
+from tests.procwatch import ProcWatch
+
+BIG_DB = "bigdata"
+MARKER = "plaintext-marker-7f3a9c"
+BOUND = 120  # seconds: any failure must end within this
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def big_db(pg):
+    """A database whose dump (~40 MB) spans several 8 MiB parts; each row carries MARKER."""
+    pg.create_database(BIG_DB)
+    pg.psql(
+        "CREATE TABLE big (id int PRIMARY KEY, payload text NOT NULL);"
+        f"INSERT INTO big SELECT i, '{MARKER} ' || repeat(md5(i::text), 7) FROM generate_series(1, 160000) AS i;",
+        BIG_DB,
+    )
+    return BIG_DB
+
+
+@pytest.fixture
+def proxy(s3server):
+    with FaultProxy(s3server.endpoint, seed=20261129) as p:
+        yield p
+
+
+@pytest.fixture
+def via(proxy):
+    """Environment that sends the scripts' S3 traffic through the proxy."""
+    return {"AWS_ENDPOINT_URL": proxy.endpoint}
+
+
+@pytest.fixture
+def target(pg):
+    """A restore target that already holds data (a `keep_me` table): a failed restore with
+    --replace must leave it exactly as it was."""
+    name = f"target_{os.getpid()}_{time.monotonic_ns()}"
+    pg.create_database(name)
+    pg.psql("CREATE TABLE keep_me (id int PRIMARY KEY, note text); INSERT INTO keep_me VALUES (1, 'before the restore');", name)
+    yield name
+    pg.drop_database(name)
+
+
+def unchanged(pg, database: str) -> None:
+    """The target is as the `target` fixture left it: keep_me intact, nothing from the backup."""
+    tables = pg.psql("SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE schemaname = 'public'", database)
+    assert tables == "keep_me"
+    assert pg.psql("SELECT note FROM keep_me", database) == "before the restore"
+
+
+def one_error(done, *words: str) -> str:
+    """Exactly one `error:` line, no traceback; the line names the problem."""
+    stderr = done.stderr
+    assert "Traceback" not in stderr, stderr
+    lines = error_lines(stderr)
+    assert len(lines) == 1, stderr
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+def nothing_stored(s3server, bucket: str) -> None:
+    """No object version at all: no completed backup, no manifest."""
+    assert [v["Key"] for v in versions(s3server.client(), bucket)] == []
+
+
+def no_uploads_left(s3server, bucket: str) -> None:
+    assert s3server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def backup(run, pg, database: str, **env: str) -> dict:
+    done = run("backup_database.py", "--json", env={"DATABASE_URL": pg.url(database), **env}, check=True)
+    return json.loads(done.stdout)
+
+
+def timed(run, *args, **kwargs):
+    began = time.monotonic()
+    done = run(*args, timeout=BOUND + 60, **kwargs)
+    return done, time.monotonic() - began
+
+
+def test_readme_states_the_retry_policy():
+    from scripts.backupkit import s3
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert s3.MAX_ATTEMPTS == 5
+    assert "standard retry mode, 5 attempts per request" in readme
+    assert "BACKUP_S3_READ_TIMEOUT" in readme
+
+
+# -- transient S3 faults: the backup completes and restores byte-identical ------------------------
+def test_backup_and_restore_survive_transient_s3_faults(run, pg, big_db, proxy, via, s3server, bucket, scratch_db):
+    proxy.add("CreateMultipartUpload", fault="500", limit=1)
+    proxy.add("UploadPart", fault="503", rate=0.2, per_request=2)
+    proxy.add("UploadPart", fault="reset", after=2, limit=2, per_request=1)
+    proxy.add("UploadPart", fault="stall", after=4, limit=1, per_request=1, seconds=20)
+    proxy.add("CompleteMultipartUpload", fault="503", limit=1)
+    proxy.add("PutObject", fault="500", limit=1)  # the manifest
+    manifest = backup(run, pg, big_db, **via, BACKUP_S3_READ_TIMEOUT="2")
+
+    injected = proxy.faults()
+    assert injected["503"] >= 2 and injected["500"] == 2 and injected["reset"] == 2 and injected["stall"] == 1, injected
+    assert proxy.count("UploadPart", "forwarded 200") >= 5  # several parts: a real multipart upload
+    stored = s3server.client().get_object(Bucket=bucket, Key=manifest["key"], VersionId=manifest["version_id"])["Body"].read()
+    assert len(stored) == manifest["encrypted_size"] > 5 * 8 * 1024 * 1024 - 8 * 1024 * 1024
+    assert hashlib.sha256(stored).hexdigest() == manifest["encrypted_sha256"]
+    assert len(versions(s3server.client(), bucket)) == 2  # the backup and its manifest, once each
+
+    proxy.clear()
+    proxy.add("ListObjectVersions", fault="500", limit=1)
+    proxy.add("GetObject", fault="503", rate=0.5, per_request=1)
+    proxy.add("GetObject", fault="reset", limit=1)
+    run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), env=via, check=True)
+    assert proxy.faults()["503"] >= 1
+    assert table_fingerprint(pg, scratch_db, "big") == table_fingerprint(pg, big_db, "big")
+
+
+# -- permanent S3 faults: exit 1, quickly, one error line, nothing completed ----------------------
+PERMANENT = [
+    pytest.param(["UploadPart"], "503", {}, ("SlowDown",), True, id="upload-part-always-503"),
+    pytest.param(["CompleteMultipartUpload"], "500", {}, ("complete the multipart upload", "InternalError"), True,
+                 id="complete-always-fails"),
+    pytest.param(["UploadPart"], "stall", {"BACKUP_S3_READ_TIMEOUT": "1"}, ("timed out",), True, id="upload-part-stalls"),
+    pytest.param(["*"], "403-key", {}, ("access key",), False, id="wrong-credentials"),
+    pytest.param(["*"], "403-signature", {}, ("secret key",), False, id="wrong-secret-key"),
+]
+
+
+@pytest.mark.parametrize(("operations", "fault", "env", "words", "abortable"), PERMANENT)
+def test_backup_fails_cleanly_on_permanent_s3_fault(run, pg, big_db, proxy, via, s3server, bucket,
+                                                     operations, fault, env, words, abortable):
+    proxy.add(*operations, fault=fault, seconds=15)
+    done, elapsed = timed(run, "backup_database.py", env={"DATABASE_URL": pg.url(big_db), **via, **env})
+    assert done.returncode == 1, done.stderr
+    assert elapsed < BOUND
+    one_error(done, *words)
+    nothing_stored(s3server, bucket)
+    if abortable:
+        no_uploads_left(s3server, bucket)  # the failed upload was aborted, not left for the lifecycle rule
+
+
+def test_backup_fails_cleanly_when_the_endpoint_goes_away_mid_upload(run, pg, big_db, proxy, via, s3server, bucket):
+    proxy.add("UploadPart", fault="down", after=1)
+    done, elapsed = timed(run, "backup_database.py", env={"DATABASE_URL": pg.url(big_db), **via})
+    assert done.returncode == 1
+    assert elapsed < BOUND
+    one_error(done, "cannot reach the S3 endpoint", "5 attempts")
+    assert "could not abort" in done.stderr  # said, with what happens to the leftover parts
+    nothing_stored(s3server, bucket)
+
+
+def test_backup_into_a_missing_bucket(run, pg, sample_db, s3server):
+    done, elapsed = timed(run, "backup_database.py", env={"DATABASE_URL": pg.url(sample_db), "BACKUP_BUCKET": "no-such-bucket-here"})
+    assert done.returncode == 1 and elapsed < BOUND
+    one_error(done, "does not exist", "no-such-bucket-here")
+    assert "no-such-bucket-here" not in [b["Name"] for b in s3server.client().list_buckets()["Buckets"]]
+
+
+@pytest.mark.parametrize("script, args", [
+    pytest.param("list_backups.py", [], id="list_backups"),
+    pytest.param("restore_database.py", ["--latest", "--target-database-url", "postgresql://u@127.0.0.1:1/x"], id="restore_database"),
+])
+def test_readers_fail_cleanly_when_s3_keeps_failing(run, proxy, via, pg, script, args):
+    proxy.add("*", fault="500")
+    url_env = {"TARGET_DATABASE_URL": None}
+    if script == "restore_database.py":
+        args = ["--latest", "--target-database-url", pg.url("postgres")]
+        url_env = {}
+    done, elapsed = timed(run, script, *args, env={**via, **url_env})
+    assert done.returncode == 1 and elapsed < BOUND
+    one_error(done, "InternalError")
+
+
+# -- process faults during a backup ---------------------------------------------------------------
+def start_backup(run, pg, database: str, env: dict) -> tuple[subprocess.Popen, ProcWatch]:
+    proc = run.popen("backup_database.py", env={"DATABASE_URL": pg.url(database), **env})
+    return proc, ProcWatch(proc.pid).start()
+
+
+def finish(proc: subprocess.Popen, watch: ProcWatch, timeout: float = BOUND) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    watch.stop()
+    time.sleep(0.2)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def assert_no_orphans(watch: ProcWatch) -> None:
+    deadline = time.monotonic() + 10
+    while watch.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert watch.alive() == []
+    assert {s.name for s in watch.seen} >= {"pg_dump", "openssl"}
+
+
+def test_pg_dump_killed_mid_dump(run, pg, big_db, proxy, via, s3server, bucket, tmp_path):
+    # Holding CreateMultipartUpload stalls the pipe, so pg_dump is caught mid-COPY.
+    proxy.add("CreateMultipartUpload", fault="delay", seconds=3)
+    proc, watch = start_backup(run, pg, big_db, {**via, "TMPDIR": str(tmp_path)})
+    assert proxy.seen("CreateMultipartUpload").wait(60)
+    dump = watch.wait_for("pg_dump")
+    assert dump is not None
+    dump.send_signal(signal.SIGKILL)
+    done = finish(proc, watch)
+    assert done.returncode == 1
+    one_error(done, "pg_dump failed", "killed by signal 9")
+    nothing_stored(s3server, bucket)
+    no_uploads_left(s3server, bucket)
+    assert_no_orphans(watch)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pg_dump_backend_terminated_mid_dump(run, pg, big_db, proxy, via, s3server, bucket):
+    proxy.add("CreateMultipartUpload", fault="delay", seconds=3)
+    proc, watch = start_backup(run, pg, big_db, via)
+    assert proxy.seen("CreateMultipartUpload").wait(60)
+    killed = pg.psql(f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                     f"WHERE application_name = 'pg_dump' AND datname = '{big_db}'")
+    assert killed == "1"
+    done = finish(proc, watch)
+    assert done.returncode == 1
+    one_error(done, "pg_dump failed")
+    nothing_stored(s3server, bucket)
+    assert_no_orphans(watch)
+
+
+@pytest.mark.parametrize("sig, code, word", [
+    pytest.param(signal.SIGTERM, 143, "SIGTERM", id="SIGTERM"),
+    pytest.param(signal.SIGINT, 130, "SIGINT", id="SIGINT"),
+])
+def test_backup_signalled_mid_upload(run, pg, big_db, proxy, via, s3server, bucket, tmp_path, sig, code, word):
+    proxy.add("UploadPart", fault="delay", seconds=1)
+    proc, watch = start_backup(run, pg, big_db, {**via, "TMPDIR": str(tmp_path)})
+    assert proxy.seen("UploadPart").wait(60)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    done = finish(proc, watch)
+    assert done.returncode == code, done.stderr
+    one_error(done, word, "nothing was completed")
+    nothing_stored(s3server, bucket)
+    no_uploads_left(s3server, bucket)
+    assert_no_orphans(watch)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- openssl missing ------------------------------------------------------------------------------
+@pytest.fixture
+def no_openssl_path(tmp_path):
+    """A PATH with neither openssl nor the PostgreSQL clients (those come by absolute path)."""
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    return str(empty)
+
+
+def test_backup_without_openssl(run, pg, sample_db, s3server, bucket, no_openssl_path):
+    proc, watch = start_backup(run, pg, sample_db, {"PATH": no_openssl_path})
+    done = finish(proc, watch)
+    assert done.returncode == 1
+    one_error(done, "openssl", "not found")
+    nothing_stored(s3server, bucket)
+    deadline = time.monotonic() + 10
+    while watch.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert watch.alive() == []
+
+
+def test_restore_and_decrypt_without_openssl(run, pg, sample_db, scratch_db, s3server, bucket, no_openssl_path, tmp_path):
+    manifest = backup(run, pg, sample_db)
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), env={"PATH": no_openssl_path})
+    assert done.returncode == 1
+    one_error(done, "openssl", "not found")
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+
+    encrypted = download(s3server, bucket, manifest, tmp_path / "backup.sql.encrypted")
+    done = run("./decrypt.py", "-i", str(encrypted), "-o", str(tmp_path / "out.sql"), env={"PATH": no_openssl_path})
+    assert done.returncode == 1
+    one_error(done, "openssl", "not found")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup.sql.encrypted", "empty-bin"]
+
+
+def download(s3server, bucket: str, manifest: dict, path: Path, with_manifest: bool = False) -> Path:
+    body = s3server.client().get_object(Bucket=bucket, Key=manifest["key"], VersionId=manifest["version_id"])["Body"].read()
+    path.write_bytes(body)
+    if with_manifest:
+        Path(f"{path}.manifest.json").write_text(json.dumps(manifest))
+    return path
