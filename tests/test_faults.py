@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -308,3 +307,194 @@ def download(s3server, bucket: str, manifest: dict, path: Path, with_manifest: b
     if with_manifest:
         Path(f"{path}.manifest.json").write_text(json.dumps(manifest))
     return path
+
+
+# -- restore faults: corrupt, truncated, wrongly keyed → nothing committed ------------------------
+OPENSSL = ["openssl", "enc", "-aes-256-cbc", "-pbkdf2", "-md", "sha256", "-iter", "10000", "-pass", "env:P"]
+
+
+def openssl(data: bytes, passphrase: str, decrypt: bool = False) -> bytes:
+    argv = [*OPENSSL[:2], "-d", *OPENSSL[2:]] if decrypt else OPENSSL
+    return subprocess.run(argv, input=data, capture_output=True, check=True, env={**os.environ, "P": passphrase}).stdout
+
+
+def flip_middle_byte(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0x40]) + data[middle + 1:]
+
+
+def cut_at_statement_boundary(data: bytes, passphrase: str) -> bytes:
+    """A valid encryption of the dump cut right after a complete COPY block: psql alone would
+    commit it happily, only the missing trailer tells."""
+    plaintext = openssl(data, passphrase, decrypt=True)
+    end = plaintext.rindex(b"\n\\.\n") + 4
+    assert b"database dump complete" not in plaintext[:end]
+    return openssl(plaintext[:end], passphrase)
+
+
+BROKEN_FILES = [
+    # (id, make(data) -> bytes, manifest beside the file? (None: untouched, "match": hashes of the
+    #  broken bytes, as if the manifest had been written for them), passphrase, words)
+    pytest.param(flip_middle_byte, "match", PASSPHRASE, ("plaintext SHA-256",), id="corrupt-byte-manifest-agrees-on-ciphertext"),
+    pytest.param(flip_middle_byte, "original", PASSPHRASE, ("SHA-256", "corrupted"), id="corrupt-byte-with-manifest"),
+    pytest.param(lambda d: d[: len(d) // 2 // 16 * 16], None, PASSPHRASE, (), id="truncated-no-manifest"),
+    pytest.param(lambda d: d[: len(d) - 1000], "original", PASSPHRASE, ("truncated",), id="truncated-with-manifest"),
+    pytest.param(lambda d: cut_at_statement_boundary(d, PASSPHRASE), None, PASSPHRASE, ("trailer",),
+                 id="cut-at-statement-boundary-reencrypted"),
+    pytest.param(lambda d: d, None, "the-wrong-passphrase-123", ("wrong passphrase",), id="wrong-passphrase-no-manifest"),
+    pytest.param(lambda d: d, "original", "the-wrong-passphrase-123", ("key_id",), id="wrong-passphrase-with-manifest"),
+]
+
+
+@pytest.mark.parametrize(("make", "manifest_mode", "passphrase", "words"), BROKEN_FILES)
+def test_restore_of_a_broken_file_commits_nothing(run, pg, sample_db, s3server, bucket, target, tmp_path,
+                                                   make, manifest_mode, passphrase, words):
+    manifest = backup(run, pg, sample_db)
+    original = download(s3server, bucket, manifest, tmp_path / "original")
+    broken = make(original.read_bytes())
+    path = tmp_path / "backup.sql.encrypted"
+    path.write_bytes(broken)
+    if manifest_mode == "match":
+        manifest = {**manifest, "encrypted_size": len(broken), "encrypted_sha256": hashlib.sha256(broken).hexdigest()}
+    if manifest_mode:
+        Path(f"{path}.manifest.json").write_text(json.dumps(manifest))
+    done = run("restore_database.py", "--file", str(path), "--replace", "--target-database-url", pg.url(target),
+               env={"EXTERNAL_BACKUP_ENCRYPTION_KEY": passphrase})
+    assert done.returncode == 1, done.stderr
+    one_error(done, *words)
+    unchanged(pg, target)
+
+
+def test_restore_of_a_corrupt_version_in_the_bucket(run, pg, sample_db, s3server, bucket, target):
+    """A newer version whose bytes do not match its manifest: --key refuses it, --latest skips it."""
+    good = backup(run, pg, sample_db)
+    client = s3server.client()
+    body = client.get_object(Bucket=bucket, Key=good["key"], VersionId=good["version_id"])["Body"].read()
+    bad_version = client.put_object(Bucket=bucket, Key=good["key"], Body=flip_middle_byte(body))["VersionId"]
+    client.put_object(Bucket=bucket, Key=good["key"] + ".manifest.json", Body=json.dumps({**good, "version_id": bad_version}).encode())
+
+    done = run("restore_database.py", "--key", good["key"], "--version-id", bad_version, "--replace",
+               "--target-database-url", pg.url(target))
+    assert done.returncode == 1
+    one_error(done, "SHA-256")
+    unchanged(pg, target)
+
+    done = run("restore_database.py", "--latest", "--replace", "--target-database-url", pg.url(target), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["version_id"] == good["version_id"]
+    assert any(bad_version in reason for reason in result["skipped"])
+    assert table_fingerprint(pg, target, "applications") == table_fingerprint(pg, sample_db, "applications")
+
+
+# -- restore failing or killed half-way through psql ----------------------------------------------
+GATE_LOCK = 4242
+
+
+def install_gate(pg, database: str, action: str) -> None:
+    """An event trigger in the target that acts when the restore reaches its first ADD CONSTRAINT:
+    by then psql has created every table and loaded every row inside its transaction."""
+    pg.psql(
+        "CREATE FUNCTION halfway_gate() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF current_query() ILIKE '%ADD CONSTRAINT%' THEN {action} END IF; END $$;"
+        "CREATE EVENT TRIGGER halfway_gate ON ddl_command_end EXECUTE FUNCTION halfway_gate();",
+        database,
+    )
+
+
+def test_restore_failing_half_way_through_psql_leaves_the_target_as_it_was(run, pg, sample_db, target):
+    backup(run, pg, sample_db)
+    install_gate(pg, target, "RAISE EXCEPTION 'injected conflict half-way through the restore';")
+    done = run("restore_database.py", "--latest", "--replace", "--target-database-url", pg.url(target))
+    assert done.returncode == 1
+    one_error(done, "rolled back", "injected conflict")
+    unchanged(pg, target)
+
+
+class HeldLock:
+    """An advisory lock (they are per database) held by a separate session until release()."""
+
+    def __init__(self, pg, database: str, key: int):
+        self.pg = pg
+        self.proc = subprocess.Popen(
+            [str(pg.bin / "psql"), "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port), "-U", pg.user, "-d", database],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**pg.env(), "PGAPPNAME": "gate-holder"},
+        )
+        self.proc.stdin.write(f"SELECT pg_advisory_lock({key});\n")
+        self.proc.stdin.flush()
+        wait_until(lambda: pg.psql(f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = {key} AND granted") == "1",
+                   what="the advisory lock")
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("\\q\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+def wait_until(condition, timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("victim", ["psql", "restore_database.py"])
+def test_restore_killed_half_way_commits_nothing(run, pg, sample_db, target, victim):
+    """SIGKILL to psql, or to the restore itself (psql then dies with it, PR_SET_PDEATHSIG, instead
+    of reading EOF on its input and committing)."""
+    backup(run, pg, sample_db)
+    install_gate(pg, target, f"PERFORM pg_advisory_xact_lock({GATE_LOCK});")
+    gate = HeldLock(pg, target, GATE_LOCK)
+    try:
+        proc = run.popen("restore_database.py", "--latest", "--replace", "--target-database-url", pg.url(target))
+        watch = ProcWatch(proc.pid).start()
+        wait_until(lambda: proc.poll() is not None or pg.psql(
+            f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{target}' AND wait_event = 'advisory'") == "1",
+            what="psql blocked half-way")
+        assert proc.poll() is None, proc.stderr.read()
+        restore_psql = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                            if p.name() == "psql" and "--single-transaction" in p.cmdline())
+        if victim == "psql":
+            restore_psql.kill()
+        else:
+            proc.kill()
+            restore_psql.wait(timeout=10)  # died with its parent
+        stdout, stderr = proc.communicate(timeout=BOUND)
+        watch.stop()
+    finally:
+        gate.release()
+    if victim == "psql":
+        assert proc.returncode == 1
+        one_error(subprocess.CompletedProcess(proc.args, 1, stdout, stderr), "rolled back", "psql failed", "signal 9")
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    wait_until(lambda: pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{target}' "
+                               "AND application_name <> 'gate-holder' AND pid <> pg_backend_pid()") == "0",
+               what="the restore's backend to end")
+    unchanged(pg, target)
+    assert watch.alive() == []
+
+
+# -- concurrency -----------------------------------------------------------------------------------
+def test_two_backups_in_the_same_second_both_survive(run, pg, sample_db, s3server, bucket, scratch_db):
+    env = {"DATABASE_URL": pg.url(sample_db), "EXTERNAL_BACKUPS_NOW": "2026-11-29T10:00:00Z"}
+    procs = [run.popen("backup_database.py", "--json", env=env) for _ in range(2)]
+    results = [p.communicate(timeout=BOUND) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    manifests = [json.loads(out) for out, _ in results]
+    assert manifests[0]["key"] == manifests[1]["key"] == "production/database/2026-11-29--10-00-00.sql.encrypted"
+    assert manifests[0]["version_id"] != manifests[1]["version_id"]
+
+    listed = json.loads(run("list_backups.py", "--json", check=True).stdout)
+    assert sorted(b["version_id"] for b in listed if b["complete"]) == sorted(m["version_id"] for m in manifests)
+
+    second = pg.create_database(f"{scratch_db}_b")
+    try:
+        for manifest, database in zip(manifests, [scratch_db, f"{scratch_db}_b"]):
+            run("restore_database.py", "--key", manifest["key"], "--version-id", manifest["version_id"],
+                "--target-database-url", pg.url(database), check=True)
+            assert table_fingerprint(pg, database, "applications") == table_fingerprint(pg, sample_db, "applications")
+    finally:
+        del second
+        pg.drop_database(f"{scratch_db}_b")
