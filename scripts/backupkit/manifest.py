@@ -61,7 +61,7 @@ def parse_iso(text: str) -> datetime:
 
 
 def key_time(key: str) -> datetime | None:
-    match = KEY_RE.match(key)
+    match = KEY_RE.fullmatch(key)
     if not match:
         return None
     return datetime.strptime(match.group("ts"), TIMESTAMP_FORMAT).replace(tzinfo=UTC)
@@ -226,7 +226,7 @@ def catalogue(
             vid = None if vid in (None, "null") else vid
             if key.endswith(MANIFEST_SUFFIX):
                 manifest_versions.append((key[: -len(MANIFEST_SUFFIX)], vid, kind))
-            elif KEY_RE.match(key):
+            elif KEY_RE.fullmatch(key):
                 backups.append(Backup(key, kind, vid, version["LastModified"], version["Size"]))
 
     def fetch(item: tuple[str, str | None, str]) -> tuple[str, dict[str, Any] | None, str | None]:
