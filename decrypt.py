@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import typing
 
 OPENSSL_ARGS = ["-aes-256-cbc", "-pbkdf2", "-md", "sha256", "-iter", "10000"]
 KEY_ID_SALT = b"external-backups key id"
@@ -39,6 +40,15 @@ examples:
 
 class Failure(Exception):
     pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Usage errors as one `error:` line (after the usage) and exit 2, like the other scripts."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def key_id(passphrase: str) -> str:
@@ -160,7 +170,7 @@ def decrypt(infile: str, outfile: str, passphrases: list[str], manifest: dict | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="decrypt.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
