@@ -498,3 +498,153 @@ def test_two_backups_in_the_same_second_both_survive(run, pg, sample_db, s3serve
     finally:
         del second
         pg.drop_database(f"{scratch_db}_b")
+
+
+# -- bad input: a usage error (2) or an operational one (1) that names the problem, never a traceback
+# The least each script needs on top of what the `run` fixture sets (bucket, environment, passphrase).
+VALID_ARGS = {
+    "backup_database.py": [],
+    "restore_database.py": ["--latest", "--target-database-url", "postgresql://postgres@127.0.0.1:1/nowhere"],
+    "list_backups.py": [],
+}
+SCRIPTS_WITH_TARGET = list(VALID_ARGS)
+BAD_ENVIRONMENTS = ["prod/uction", "..", "../etc", "Production", "-prod", "prod_1", "a" * 64, " prod", "prod\n"]
+BAD_BUCKETS = ["Bad_Bucket", "ab", "bucket..name", "-bucket", "192.168.1.1", "s3://bucket", "bucket/prefix", "bucket-name\n"]
+
+
+def bad_run(run, script: str, *args: str, env: dict | None = None):
+    return run(script, *args, env=env, input="", timeout=120)
+
+
+def usage_error(done, code: int, *words: str) -> None:
+    assert done.returncode == code, (done.returncode, done.stderr)
+    one_error(done, *words)
+
+
+@pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
+@pytest.mark.parametrize("name", BAD_ENVIRONMENTS)
+def test_bad_environment_name(run, script, name):
+    usage_error(bad_run(run, script, *VALID_ARGS[script], env={"BACKUP_ENVIRONMENT": name}), 2, "invalid environment")
+    usage_error(bad_run(run, script, *VALID_ARGS[script], f"--environment={name}"), 2, "invalid environment")
+
+
+@pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
+@pytest.mark.parametrize("name", BAD_BUCKETS)
+def test_bad_bucket_name(run, script, name):
+    usage_error(bad_run(run, script, *VALID_ARGS[script], env={"BACKUP_BUCKET": name}), 2, "invalid bucket")
+
+
+@pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
+@pytest.mark.parametrize(("variable", "words"), [
+    ("BACKUP_ENVIRONMENT", ("no environment", "BACKUP_ENVIRONMENT")),
+    ("BACKUP_BUCKET", ("no bucket", "BACKUP_BUCKET")),
+])
+def test_missing_variable(run, script, variable, words):
+    usage_error(bad_run(run, script, *VALID_ARGS[script], env={variable: None}), 2, *words)
+
+
+@pytest.mark.parametrize(("script", "variable", "value"), [
+    ("backup_database.py", "EXTERNAL_BACKUPS_NOW", "yesterday"),
+    ("list_backups.py", "EXTERNAL_BACKUPS_NOW", "2026-13-45"),
+    *[(script, "BACKUP_S3_READ_TIMEOUT", "soon") for script in SCRIPTS_WITH_TARGET],
+    *[(script, "BACKUP_S3_CONNECT_TIMEOUT", "-1") for script in SCRIPTS_WITH_TARGET],
+])
+def test_malformed_variable(run, pg, sample_db, script, variable, value):
+    # A reachable database, so the variable is the only thing wrong.
+    live = {"DATABASE_URL": pg.url(sample_db), "TARGET_DATABASE_URL": pg.url("postgres")}
+    args = ["--latest"] if script == "restore_database.py" else []
+    usage_error(bad_run(run, script, *args, env={**live, variable: value}), 2, variable)
+
+
+@pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
+def test_unknown_flag(run, script):
+    usage_error(bad_run(run, script, *VALID_ARGS[script], "--frobnicate"), 2, "frobnicate")
+
+
+BAD_URLS = ["not a url", "mysql://user:pw@db/app", "postgresql://", "app"]
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_database_url_that_is_not_a_url(run, url):
+    usage_error(bad_run(run, "backup_database.py", env={"DATABASE_URL": url}), 2, "DATABASE_URL")
+    usage_error(bad_run(run, "backup_database.py", "--database-url", url), 2, "DATABASE_URL")
+    usage_error(bad_run(run, "restore_database.py", "--latest", "--target-database-url", url), 2, "TARGET_DATABASE_URL")
+    usage_error(bad_run(run, "restore_database.py", "--latest", env={"TARGET_DATABASE_URL": url}), 2, "TARGET_DATABASE_URL")
+
+
+@pytest.mark.parametrize(("script", "args", "env", "code", "words"), [
+    pytest.param("backup_database.py", [], {"EXTERNAL_BACKUP_ENCRYPTION_KEY": None}, 2, ("passphrase", "EXTERNAL_BACKUP_ENCRYPTION_KEY"),
+                 id="backup-no-passphrase"),
+    pytest.param("backup_database.py", [], {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/app"}, 1, ("cannot query the database",),
+                 id="backup-database-unreachable"),
+    pytest.param("backup_database.py", [], {"PG_DUMP": "/nonexistent/pg_dump"}, 1, ("/nonexistent/pg_dump", "not found"),
+                 id="backup-pg_dump-missing"),
+    pytest.param("restore_database.py", [], {}, 2, ("one of the arguments",), id="restore-no-source"),
+    pytest.param("restore_database.py", ["--latest"], {"TARGET_DATABASE_URL": None}, 2, ("no target database",), id="restore-no-target"),
+    pytest.param("restore_database.py", ["--latest", "--version-id", "v1", "--target-database-url", "postgresql://u@h/d"], {}, 2,
+                 ("--version-id",), id="restore-version-without-key"),
+    pytest.param("restore_database.py", ["--latest", "--target-database-url", "postgresql://u@h/d"],
+                 {"EXTERNAL_BACKUP_ENCRYPTION_KEY": None}, 2, ("passphrase",), id="restore-no-passphrase"),
+    pytest.param("list_backups.py", ["--max-age", "soon"], {}, 2, ("invalid duration", "soon"), id="list-max-age-word"),
+    pytest.param("list_backups.py", ["--max-age", "0h"], {}, 2, ("invalid duration",), id="list-max-age-zero"),
+    pytest.param("list_backups.py", ["--max-age", "2 hours"], {}, 2, ("invalid duration",), id="list-max-age-spelled"),
+    pytest.param("list_backups.py", ["--max-age", "-1h"], {}, 2, ("--max-age",), id="list-max-age-negative"),
+    pytest.param("list_backups.py", ["--kind", "logs"], {}, 2, ("--kind", "logs"), id="list-bad-kind"),
+    pytest.param("list_backups.py", ["--max-age", "1h"], {}, 1, ("no complete backup",), id="list-max-age-nothing-there"),
+])
+def test_bad_input(run, script, args, env, code, words):
+    usage_error(bad_run(run, script, *args, env=env), code, *words)
+
+
+@pytest.fixture
+def not_backups(tmp_path):
+    (tmp_path / "empty.sql.encrypted").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("this is not a backup\n" * 10)
+    (tmp_path / "a-directory").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize(("name", "restore_words", "decrypt_words"), [
+    ("does-not-exist.sql.encrypted", ("no such file",), ("no such file",)),
+    ("a-directory", ("no such file",), ("no such file",)),
+    ("empty.sql.encrypted", ("empty",), ("empty",)),
+    ("notes.txt", ("not an encrypted database backup",), ("not an encrypted backup",)),
+])
+def test_file_that_is_not_a_backup(run, pg, not_backups, name, restore_words, decrypt_words):
+    path = str(not_backups / name)
+    done = bad_run(run, "restore_database.py", "--file", path, "--target-database-url", pg.url("postgres"))
+    usage_error(done, 2, *restore_words)
+    done = bad_run(run, "./decrypt.py", "-i", path, "-o", str(not_backups / "out"))
+    usage_error(done, 1, *decrypt_words)
+    assert not (not_backups / "out").exists()
+
+
+@pytest.mark.parametrize(("args", "env", "code", "words"), [
+    pytest.param([], {}, 2, ("required",), id="no-arguments"),
+    pytest.param(["-i", "x"], {}, 2, ("required",), id="no-output"),
+    pytest.param(["-i", "SELF", "-o", "OUT", "--bogus"], {}, 2, ("--bogus",), id="unknown-flag"),
+    pytest.param(["-i", "SELF", "-o", "SELF"], {}, 1, ("differ",), id="same-input-and-output"),
+    pytest.param(["-i", "SELF", "-o", "/nonexistent/dir/out"], {}, 1, ("No such file",), id="output-directory-missing"),
+    pytest.param(["-i", "SELF", "-o", "OUT"], {"EXTERNAL_BACKUP_ENCRYPTION_KEY": None}, 1, ("no passphrase",), id="no-passphrase"),
+])
+def test_decrypt_bad_input(run, tmp_path, args, env, code, words):
+    encrypted = tmp_path / "backup.sql.encrypted"
+    encrypted.write_bytes(openssl(b"SELECT 1;\n", PASSPHRASE))
+    args = [{"SELF": str(encrypted), "OUT": str(tmp_path / "out.sql")}.get(a, a) for a in args]
+    usage_error(bad_run(run, "./decrypt.py", *args, env=env), code, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup.sql.encrypted"]
+
+
+@pytest.mark.parametrize("passphrase_source", ["env", "flag"])
+def test_decrypt_wrong_passphrase_or_truncated_leaves_nothing(run, tmp_path, passphrase_source):
+    good = openssl(b"SELECT 1;\n" * 1000, PASSPHRASE)
+    for name, data, passphrase in [("wrong-key", good, "not-the-passphrase"), ("truncated", good[: len(good) // 2 // 16 * 16 + 16 * 3], PASSPHRASE),
+                                   ("cut-mid-block", good[:-5], PASSPHRASE)]:
+        path = tmp_path / f"{name}.sql.encrypted"
+        path.write_bytes(data)
+        args = ["--password", passphrase] if passphrase_source == "flag" else []
+        env = {"EXTERNAL_BACKUP_ENCRYPTION_KEY": None if passphrase_source == "flag" else passphrase}
+        done = bad_run(run, "./decrypt.py", "-i", str(path), "-o", str(tmp_path / "out.sql"), *args, env=env)
+        assert done.returncode == 1, (name, done.stderr)
+        one_error(done, "cannot decrypt")
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".encrypted")) == [], name
