@@ -21,6 +21,11 @@ import typing
 OPENSSL_ARGS = ["-aes-256-cbc", "-pbkdf2", "-md", "sha256", "-iter", "10000"]
 KEY_ID_SALT = b"external-backups key id"
 BUFFER = 1024 * 1024
+# Never handed to openssl (it reads the passphrase from a pipe); same list as backupkit.config.
+SECRET_VARIABLES = (
+    "EXTERNAL_BACKUP_ENCRYPTION_KEY", "EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS", "DATABASE_URL", "TARGET_DATABASE_URL",
+    "PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "SOURCE_AWS_SECRET_ACCESS_KEY", "SOURCE_AWS_SESSION_TOKEN",
+)
 
 EPILOG = """\
 The passphrase comes from EXTERNAL_BACKUP_ENCRYPTION_KEY (and EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS,
@@ -82,7 +87,7 @@ def decrypt_openssl(infile: str, outfile: str, passphrase: str) -> None:
     read_end, write_end = os.pipe()
     os.write(write_end, passphrase.encode() + b"\n")
     os.close(write_end)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXTERNAL_BACKUP_ENCRYPTION_KEY")}
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
     try:
         done = subprocess.run(
             ["openssl", "enc", "-d", *OPENSSL_ARGS, "-in", infile, "-out", outfile, "-pass", f"fd:{read_end}"],
