@@ -51,7 +51,9 @@ def first_good(backups: list[Backup], attempt: Callable[[Backup], T], *, latest:
             reason = f"skipped {backup.label()}: {exc}"
             log(reason)
             skipped.append(reason)
-    raise BackupError(f"no backup verifies ({len(skipped)} tried); see the reasons above")
+    # The newest one's reason in the error line itself: often the only one anybody reads.
+    newest = skipped[0].removeprefix("skipped ") if skipped else "nothing to try"
+    raise BackupError(f"no backup verifies ({len(skipped)} tried; the others' reasons are above): {newest}")
 
 
 def check_against_manifest(tally: Tally, manifest: dict[str, Any], what: str) -> None:
