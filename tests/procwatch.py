@@ -75,6 +75,8 @@ class ProcWatch:
                 name = proc.name()
             except psutil.Error:
                 continue
+            if not cmdline:  # exiting (a zombie): /proc shows neither argv nor environment
+                continue
             self.pids.add(proc.pid)
             self._procs.setdefault(proc.pid, proc)
             self.seen.add(Seen(proc.pid, name, cmdline, environ))
@@ -121,7 +123,7 @@ class SpyBin:
     def __init__(self, directory: Path, real: dict[str, str]):
         self.dir = directory / "bin"
         self.log = directory / "log"
-        self.dir.mkdir(mode=0o700)
+        self.dir.mkdir(mode=0o700, parents=True)
         self.log.mkdir(mode=0o700)
         for name, target in real.items():
             wrapper = self.dir / name
