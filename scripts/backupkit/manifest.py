@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BackupError, VerificationError
-from .s3 import error_code, s3_errors
+from .s3 import error_code, read_body, s3_errors
 
 KINDS = ("database", "files")
 SUFFIX = {"database": ".sql.encrypted", "files": ".zip.encrypted"}
@@ -146,8 +146,8 @@ def parse_manifest(body: bytes, key: str | None = None) -> dict[str, Any]:
 
 def read_manifest(client: Any, bucket: str, key: str, version_id: str | None = None) -> dict[str, Any]:
     extra = {"VersionId": version_id} if version_id else {}
-    with s3_errors(f"read the manifest s3://{bucket}/{manifest_key(key)}"):
-        body = client.get_object(Bucket=bucket, Key=manifest_key(key), **extra)["Body"].read()
+    body = read_body(f"read the manifest s3://{bucket}/{manifest_key(key)}",
+                     lambda: client.get_object(Bucket=bucket, Key=manifest_key(key), **extra), lambda b: b.read())
     return parse_manifest(body, key)
 
 

@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import boto3
 import botocore.exceptions
 from botocore.config import Config
 
 from .errors import BackupError, UsageError
+
+T = TypeVar("T")
+# A response body that breaks off after its headers arrived: botocore's retries have ended by
+# then, so reading a body is retried here (the whole GET again).
+BODY_ERRORS = (
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.ReadTimeoutError,
+)
 
 MAX_ATTEMPTS = 5  # botocore standard retry mode: 1 try + 4 retries with backoff, per request
 # Seconds; overridable (BACKUP_S3_CONNECT_TIMEOUT / BACKUP_S3_READ_TIMEOUT) for slow links and
@@ -121,3 +133,19 @@ def s3_errors(action: str) -> Iterator[None]:
         yield
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         raise explain(exc, action) from exc
+
+
+def read_body(action: str, get: Callable[[], Any], consume: Callable[[Any], T]) -> T:
+    """`consume(get()["Body"])`, with the GET repeated (up to MAX_ATTEMPTS) when the body breaks off."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        with s3_errors(action):
+            body = get()["Body"]  # botocore retries the request itself
+        try:
+            return consume(body)
+        except BODY_ERRORS as exc:
+            if attempt == MAX_ATTEMPTS:
+                raise BackupError(f"could not {action}: the download broke off {MAX_ATTEMPTS} times ({exc})") from exc
+            print(f"warning: {action}: the download broke off ({type(exc).__name__}); trying again "
+                  f"({attempt + 1}/{MAX_ATTEMPTS})", file=sys.stderr, flush=True)
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 8))
+    raise AssertionError("unreachable")
