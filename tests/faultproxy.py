@@ -2,7 +2,8 @@
 
 Scripts reach it through AWS_ENDPOINT_URL. Rules pick requests by S3 operation (UploadPart,
 CompleteMultipartUpload, GetObject, …) and answer a seeded, bounded fraction of them with an S3
-error, a connection reset, a stall past the client's read timeout, or take the whole endpoint down.
+error, a connection reset (mid-request or mid-answer), a stall past the client's read timeout
+(before or after the answer's headers), or take the whole endpoint down.
 Faults are injected before the request reaches the real server, so S3 never saw a failed request.
 """
 
@@ -25,7 +26,7 @@ ERRORS = {
     "403-key": (403, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records."),
     "403-signature": (403, "SignatureDoesNotMatch", "The request signature we calculated does not match the signature you provided."),
 }
-FAULTS = (*ERRORS, "reset", "cut", "stall", "delay", "down")
+FAULTS = (*ERRORS, "reset", "cut", "stall", "stall-body", "delay", "down")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "upgrade", "te"}
 
 
@@ -258,15 +259,18 @@ class FaultProxy:
             self._record(op, "delay")
             self.stopping.wait(rule.seconds)
         status, headers, payload = self._forward(handler, body)
-        if fault == "cut":
-            # Headers and half the body, then the connection breaks (a download cut short).
-            self._record(op, "cut")
+        if fault in ("cut", "stall-body"):
+            # Headers and half the body, then the connection breaks (a download cut short), or
+            # first stalls past the client's read timeout.
+            self._record(op, fault)
             handler.send_response(status)
             for name, value in headers:
                 handler.send_header(name, value)
             handler.end_headers()
             handler.wfile.write(payload[: len(payload) // 2])
             handler.wfile.flush()
+            if fault == "stall-body":
+                self.stopping.wait(rule.seconds)
             handler._reset()
             return
         self._record(op, f"forwarded {status}")

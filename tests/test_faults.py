@@ -648,3 +648,43 @@ def test_decrypt_wrong_passphrase_or_truncated_leaves_nothing(run, tmp_path, pas
         assert done.returncode == 1, (name, done.stderr)
         one_error(done, "cannot decrypt")
         assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".encrypted")) == [], name
+
+
+def test_manifest_write_failing_leaves_an_incomplete_backup_that_readers_skip(run, pg, sample_db, proxy, via, s3server, bucket, scratch_db):
+    earlier = backup(run, pg, sample_db, EXTERNAL_BACKUPS_NOW="2026-11-29T09:00:00Z")
+    proxy.add("PutObject", fault="500", after=1)  # the object goes up, its manifest never does
+    done, elapsed = timed(run, "backup_database.py", env={"DATABASE_URL": pg.url(sample_db), "EXTERNAL_BACKUPS_NOW": "2026-11-29T10:00:00Z", **via})
+    assert done.returncode == 1 and elapsed < BOUND
+    one_error(done, "manifest", "incomplete")
+    listed = json.loads(run("list_backups.py", "--json", check=True).stdout)
+    assert [(b["key"].rsplit("/", 1)[1], b["complete"]) for b in listed] == [
+        ("2026-11-29--10-00-00.sql.encrypted", False), ("2026-11-29--09-00-00.sql.encrypted", True)]
+    done = run("restore_database.py", "--latest", "--json", "--target-database-url", pg.url(scratch_db), check=True)
+    assert json.loads(done.stdout)["version_id"] == earlier["version_id"]
+    assert "10-00-00" in " ".join(json.loads(done.stdout)["skipped"])
+
+
+@pytest.mark.parametrize("fault", ["cut", "stall-body"])
+def test_restore_survives_downloads_breaking_off(run, pg, big_db, proxy, via, s3server, bucket, target, tmp_path, fault):
+    """A body cut short or stalled after its headers came (botocore does not retry those): the
+    manifest's GET and the backup's GET are each hit once; both are fetched again."""
+    backup(run, pg, big_db)
+    proxy.add("GetObject", fault=fault, per_request=1, seconds=10)
+    done, elapsed = timed(run, "restore_database.py", "--latest", "--replace", "--target-database-url", pg.url(target),
+                          env={**via, "TMPDIR": str(tmp_path), "BACKUP_S3_READ_TIMEOUT": "2"})
+    assert done.returncode == 0, done.stderr
+    assert proxy.faults()[fault] == 2
+    assert done.stderr.count("broke off") == 2
+    assert table_fingerprint(pg, target, "big") == table_fingerprint(pg, big_db, "big")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_restore_fails_cleanly_when_downloads_keep_breaking_off(run, pg, sample_db, proxy, via, target, tmp_path):
+    backup(run, pg, sample_db)
+    proxy.add("GetObject", fault="cut", after=1)  # the manifest reads fine, the backup never does
+    done, elapsed = timed(run, "restore_database.py", "--latest", "--replace", "--target-database-url", pg.url(target),
+                          env={**via, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 1 and elapsed < BOUND
+    one_error(done, "broke off 5 times")
+    unchanged(pg, target)
+    assert list(tmp_path.iterdir()) == []
