@@ -439,15 +439,16 @@ def wait_until(condition, timeout: float = 60, what: str = "condition") -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("victim", ["psql", "restore_database.py"])
-def test_restore_killed_half_way_commits_nothing(run, pg, sample_db, target, victim):
-    """SIGKILL to psql, or to the restore itself (psql then dies with it, PR_SET_PDEATHSIG, instead
-    of reading EOF on its input and committing)."""
+@pytest.mark.parametrize("victim", ["SIGKILL psql", "SIGKILL restore", "SIGTERM restore", "SIGINT restore"])
+def test_restore_killed_half_way_commits_nothing(run, pg, sample_db, target, tmp_path, victim):
+    """psql killed, or the restore itself killed (psql then dies with it, PR_SET_PDEATHSIG, instead
+    of reading EOF on its input and committing) or stopped by a signal, while psql is half-way."""
     backup(run, pg, sample_db)
     install_gate(pg, target, f"PERFORM pg_advisory_xact_lock({GATE_LOCK});")
     gate = HeldLock(pg, target, GATE_LOCK)
     try:
-        proc = run.popen("restore_database.py", "--latest", "--replace", "--target-database-url", pg.url(target))
+        proc = run.popen("restore_database.py", "--latest", "--replace", "--target-database-url", pg.url(target),
+                         env={"TMPDIR": str(tmp_path)})
         watch = ProcWatch(proc.pid).start()
         wait_until(lambda: proc.poll() is not None or pg.psql(
             f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{target}' AND wait_event = 'advisory'") == "1",
@@ -455,20 +456,28 @@ def test_restore_killed_half_way_commits_nothing(run, pg, sample_db, target, vic
         assert proc.poll() is None, proc.stderr.read()
         restore_psql = next(p for p in psutil.Process(proc.pid).children(recursive=True)
                             if p.name() == "psql" and "--single-transaction" in p.cmdline())
-        if victim == "psql":
-            restore_psql.kill()
-        else:
-            proc.kill()
+        {
+            "SIGKILL psql": restore_psql.kill,
+            "SIGKILL restore": proc.kill,
+            "SIGTERM restore": proc.terminate,
+            "SIGINT restore": lambda: proc.send_signal(signal.SIGINT),
+        }[victim]()
+        if victim == "SIGKILL restore":
             restore_psql.wait(timeout=10)  # died with its parent
         stdout, stderr = proc.communicate(timeout=BOUND)
         watch.stop()
     finally:
         gate.release()
-    if victim == "psql":
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    if victim == "SIGKILL psql":
         assert proc.returncode == 1
-        one_error(subprocess.CompletedProcess(proc.args, 1, stdout, stderr), "rolled back", "psql failed", "signal 9")
-    else:
+        one_error(done, "rolled back", "psql failed", "signal 9")
+    elif victim == "SIGKILL restore":
         assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == {"SIGTERM restore": 143, "SIGINT restore": 130}[victim]
+        one_error(done, victim.split()[0])
+        assert list(tmp_path.iterdir()) == []  # the download directory went with it
     wait_until(lambda: pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{target}' "
                                "AND application_name <> 'gate-holder' AND pid <> pg_backend_pid()") == "0",
                what="the restore's backend to end")
