@@ -16,10 +16,16 @@ import os
 import subprocess
 import sys
 import tempfile
+import typing
 
 OPENSSL_ARGS = ["-aes-256-cbc", "-pbkdf2", "-md", "sha256", "-iter", "10000"]
 KEY_ID_SALT = b"external-backups key id"
 BUFFER = 1024 * 1024
+# Never handed to openssl (it reads the passphrase from a pipe); same list as backupkit.config.
+SECRET_VARIABLES = (
+    "EXTERNAL_BACKUP_ENCRYPTION_KEY", "EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS", "DATABASE_URL", "TARGET_DATABASE_URL",
+    "PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "SOURCE_AWS_SECRET_ACCESS_KEY", "SOURCE_AWS_SESSION_TOKEN",
+)
 
 EPILOG = """\
 The passphrase comes from EXTERNAL_BACKUP_ENCRYPTION_KEY (and EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS,
@@ -39,6 +45,15 @@ examples:
 
 class Failure(Exception):
     pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Usage errors as one `error:` line (after the usage) and exit 2, like the other scripts."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def key_id(passphrase: str) -> str:
@@ -72,7 +87,7 @@ def decrypt_openssl(infile: str, outfile: str, passphrase: str) -> None:
     read_end, write_end = os.pipe()
     os.write(write_end, passphrase.encode() + b"\n")
     os.close(write_end)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXTERNAL_BACKUP_ENCRYPTION_KEY")}
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
     try:
         done = subprocess.run(
             ["openssl", "enc", "-d", *OPENSSL_ARGS, "-in", infile, "-out", outfile, "-pass", f"fd:{read_end}"],
@@ -175,7 +190,7 @@ def decrypt(infile: str, outfile: str, passphrases: list[str], manifest: dict | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="decrypt.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -41,7 +41,7 @@ NOW_VAR = "EXTERNAL_BACKUPS_NOW"
 def environment_name(value: str | None) -> str:
     if not value:
         raise UsageError("no environment given: set BACKUP_ENVIRONMENT or pass --environment")
-    if not ENVIRONMENT_RE.match(value):
+    if not ENVIRONMENT_RE.fullmatch(value):  # not match(): `$` also matches before a final newline
         raise UsageError(
             f"invalid environment name {value!r}: use 1-63 lowercase letters, digits and '-', "
             "starting with a letter or digit (e.g. production)"
@@ -53,7 +53,7 @@ def bucket_name(value: str | None, what: str = "bucket", hint: str = "set BACKUP
     if not value:
         raise UsageError(f"no {what} given: {hint}")
     problem = None
-    if not BUCKET_RE.match(value):
+    if not BUCKET_RE.fullmatch(value):
         problem = "use 3-63 lowercase letters, digits, '.' and '-', starting and ending with a letter or digit"
     elif ".." in value or ".-" in value or "-." in value:
         problem = "dots may not be next to each other or to a hyphen"

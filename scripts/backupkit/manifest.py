@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BackupError, VerificationError
-from .s3 import error_code, s3_errors
+from .s3 import error_code, read_body, s3_errors
 
 KINDS = ("database", "files")
 SUFFIX = {"database": ".sql.encrypted", "files": ".zip.encrypted"}
@@ -61,7 +61,7 @@ def parse_iso(text: str) -> datetime:
 
 
 def key_time(key: str) -> datetime | None:
-    match = KEY_RE.match(key)
+    match = KEY_RE.fullmatch(key)
     if not match:
         return None
     return datetime.strptime(match.group("ts"), TIMESTAMP_FORMAT).replace(tzinfo=UTC)
@@ -146,8 +146,8 @@ def parse_manifest(body: bytes, key: str | None = None) -> dict[str, Any]:
 
 def read_manifest(client: Any, bucket: str, key: str, version_id: str | None = None) -> dict[str, Any]:
     extra = {"VersionId": version_id} if version_id else {}
-    with s3_errors(f"read the manifest s3://{bucket}/{manifest_key(key)}"):
-        body = client.get_object(Bucket=bucket, Key=manifest_key(key), **extra)["Body"].read()
+    body = read_body(f"read the manifest s3://{bucket}/{manifest_key(key)}",
+                     lambda: client.get_object(Bucket=bucket, Key=manifest_key(key), **extra), lambda b: b.read())
     return parse_manifest(body, key)
 
 
@@ -226,7 +226,7 @@ def catalogue(
             vid = None if vid in (None, "null") else vid
             if key.endswith(MANIFEST_SUFFIX):
                 manifest_versions.append((key[: -len(MANIFEST_SUFFIX)], vid, kind))
-            elif KEY_RE.match(key):
+            elif KEY_RE.fullmatch(key):
                 backups.append(Backup(key, kind, vid, version["LastModified"], version["Size"]))
 
     def fetch(item: tuple[str, str | None, str]) -> tuple[str, dict[str, Any] | None, str | None]:

@@ -7,7 +7,7 @@ import re
 import shutil
 import subprocess
 
-from .config import DatabaseTarget
+from .config import DatabaseTarget, child_env
 from .errors import BackupError
 
 TRAILER = b"-- PostgreSQL database dump complete"
@@ -33,7 +33,8 @@ def client_binary(name: str, explicit: str | None = None, beside: str | None = N
 def client_version(binary: str) -> tuple[int, str]:
     """(major, 'x.y') of a client program, from `--version`."""
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True, timeout=30).stdout
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True, timeout=30,
+                             env=child_env(), stdin=subprocess.DEVNULL).stdout
     except FileNotFoundError:
         raise BackupError(f"{binary}: command not found: install the PostgreSQL client (e.g. postgresql-client-15)") from None
     except subprocess.CalledProcessError as exc:

@@ -11,7 +11,7 @@ from .errors import BackupError, VerificationError
 from .manifest import Backup, catalogue, find_backup
 from .pipeline import Tally, copy
 from .progress import Progress, log
-from .s3 import s3_errors
+from .s3 import read_body
 
 T = TypeVar("T")
 
@@ -51,7 +51,9 @@ def first_good(backups: list[Backup], attempt: Callable[[Backup], T], *, latest:
             reason = f"skipped {backup.label()}: {exc}"
             log(reason)
             skipped.append(reason)
-    raise BackupError(f"no backup verifies ({len(skipped)} tried); see the reasons above")
+    # The newest one's reason in the error line itself: often the only one anybody reads.
+    newest = skipped[0].removeprefix("skipped ") if skipped else "nothing to try"
+    raise BackupError(f"no backup verifies ({len(skipped)} tried; the others' reasons are above): {newest}")
 
 
 def check_against_manifest(tally: Tally, manifest: dict[str, Any], what: str) -> None:
@@ -65,12 +67,17 @@ def check_against_manifest(tally: Tally, manifest: dict[str, Any], what: str) ->
 def download(client: Any, bucket: str, backup: Backup, path: str) -> None:
     """Stream one backup version to `path` (0600) and check it against its manifest."""
     extra = {"VersionId": backup.version_id} if backup.version_id else {}
-    tally = Tally()
-    progress = Progress(f"downloaded {backup.key}", total_bytes=backup.size)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out, s3_errors(f"download s3://{bucket}/{backup.key}"):
-        body = client.get_object(Bucket=bucket, Key=backup.key, **extra)["Body"]
-        copy(body, out.write, tally, progress.update)
-    progress.done()
+
+    def save(body: Any) -> Tally:
+        tally = Tally()  # from scratch on every attempt
+        progress = Progress(f"downloaded {backup.key}", total_bytes=backup.size)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            copy(body, out.write, tally, progress.update)
+        progress.done()
+        return tally
+
+    tally = read_body(f"download s3://{bucket}/{backup.key}",
+                      lambda: client.get_object(Bucket=bucket, Key=backup.key, **extra), save)
     if backup.manifest is not None:
         check_against_manifest(tally, backup.manifest, "the downloaded object")

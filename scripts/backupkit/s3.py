@@ -9,24 +9,51 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from .errors import BackupError
+from .errors import BackupError, UsageError
+
+T = TypeVar("T")
+# A response body that breaks off after its headers arrived: botocore's retries have ended by
+# then, so reading a body is retried here (the whole GET again).
+BODY_ERRORS = (
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.ReadTimeoutError,
+)
 
 MAX_ATTEMPTS = 5  # botocore standard retry mode: 1 try + 4 retries with backoff, per request
+# Seconds; overridable (BACKUP_S3_CONNECT_TIMEOUT / BACKUP_S3_READ_TIMEOUT) for slow links and
+# for tests that make an endpoint stall.
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 60
+
+
+def _seconds(variable: str, default: float) -> float:
+    value = os.environ.get(variable)
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0
+    if not seconds > 0:
+        raise UsageError(f"invalid {variable} {value!r}: use a positive number of seconds")
+    return seconds
 
 
 def _config(max_pool_connections: int = 16) -> Config:
     return Config(
         retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
-        connect_timeout=CONNECT_TIMEOUT,
-        read_timeout=READ_TIMEOUT,
+        connect_timeout=_seconds("BACKUP_S3_CONNECT_TIMEOUT", CONNECT_TIMEOUT),
+        read_timeout=_seconds("BACKUP_S3_READ_TIMEOUT", READ_TIMEOUT),
         max_pool_connections=max_pool_connections,
         # Object Lock buckets reject writes without a checksum: always send one.
         request_checksum_calculation="when_supported",
@@ -106,3 +133,19 @@ def s3_errors(action: str) -> Iterator[None]:
         yield
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         raise explain(exc, action) from exc
+
+
+def read_body(action: str, get: Callable[[], Any], consume: Callable[[Any], T]) -> T:
+    """`consume(get()["Body"])`, with the GET repeated (up to MAX_ATTEMPTS) when the body breaks off."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        with s3_errors(action):
+            body = get()["Body"]  # botocore retries the request itself
+        try:
+            return consume(body)
+        except BODY_ERRORS as exc:
+            if attempt == MAX_ATTEMPTS:
+                raise BackupError(f"could not {action}: the download broke off {MAX_ATTEMPTS} times ({exc})") from exc
+            print(f"warning: {action}: the download broke off ({type(exc).__name__}); trying again "
+                  f"({attempt + 1}/{MAX_ATTEMPTS})", file=sys.stderr, flush=True)
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 8))
+    raise AssertionError("unreachable")

@@ -1,0 +1,699 @@
+"""Faults, as they happen at 3 a.m.: a flaky or vanished S3 endpoint, a dying pg_dump, a missing
+openssl, a cancelled job, corrupt or wrongly-keyed backups, a restore that fails half-way, bad
+input. Every run either succeeds with byte-identical data or exits non-zero with one `error:` line,
+no completed object, no manifest, nothing committed and no process left behind.
+
+S3 faults come from tests/faultproxy.py (a seeded proxy in front of moto, via AWS_ENDPOINT_URL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dev.harness import table_fingerprint
+from tests.conftest import PASSPHRASE, error_lines, versions
+from tests.faultproxy import FaultProxy
+from tests.procwatch import ProcWatch
+
+BIG_DB = "bigdata"
+MARKER = "plaintext-marker-7f3a9c"
+BOUND = 120  # seconds: any failure must end within this
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def big_db(pg):
+    """A database whose dump (~40 MB) spans several 8 MiB parts; each row carries MARKER."""
+    pg.create_database(BIG_DB)
+    pg.psql(
+        "CREATE TABLE big (id int PRIMARY KEY, payload text NOT NULL);"
+        f"INSERT INTO big SELECT i, '{MARKER} ' || repeat(md5(i::text), 7) FROM generate_series(1, 160000) AS i;",
+        BIG_DB,
+    )
+    return BIG_DB
+
+
+@pytest.fixture
+def proxy(s3server):
+    with FaultProxy(s3server.endpoint, seed=20261129) as p:
+        yield p
+
+
+@pytest.fixture
+def via(proxy):
+    """Environment that sends the scripts' S3 traffic through the proxy."""
+    return {"AWS_ENDPOINT_URL": proxy.endpoint}
+
+
+@pytest.fixture
+def target(pg):
+    """A restore target that already holds data (a `keep_me` table): a failed restore with
+    --replace must leave it exactly as it was."""
+    name = f"target_{os.getpid()}_{time.monotonic_ns()}"
+    pg.create_database(name)
+    pg.psql("CREATE TABLE keep_me (id int PRIMARY KEY, note text); INSERT INTO keep_me VALUES (1, 'before the restore');", name)
+    yield name
+    pg.drop_database(name)
+
+
+def unchanged(pg, database: str) -> None:
+    """The target is as the `target` fixture left it: keep_me intact, nothing from the backup."""
+    tables = pg.psql("SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE schemaname = 'public'", database)
+    assert tables == "keep_me"
+    assert pg.psql("SELECT note FROM keep_me", database) == "before the restore"
+
+
+def one_error(done, *words: str) -> str:
+    """Exactly one `error:` line, no traceback; the line names the problem."""
+    stderr = done.stderr
+    assert "Traceback" not in stderr, stderr
+    lines = error_lines(stderr)
+    assert len(lines) == 1, stderr
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+def nothing_stored(s3server, bucket: str) -> None:
+    """No object version at all: no completed backup, no manifest."""
+    assert [v["Key"] for v in versions(s3server.client(), bucket)] == []
+
+
+def no_uploads_left(s3server, bucket: str) -> None:
+    assert s3server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def backup(run, pg, database: str, **env: str) -> dict:
+    done = run("backup_database.py", "--json", env={"DATABASE_URL": pg.url(database), **env}, check=True)
+    return json.loads(done.stdout)
+
+
+def timed(run, *args, **kwargs):
+    began = time.monotonic()
+    done = run(*args, timeout=BOUND + 60, **kwargs)
+    return done, time.monotonic() - began
+
+
+def test_readme_states_the_retry_policy():
+    from scripts.backupkit import s3
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert s3.MAX_ATTEMPTS == 5
+    assert "standard retry mode, 5 attempts per request" in readme
+    assert "BACKUP_S3_READ_TIMEOUT" in readme
+
+
+# -- transient S3 faults: the backup completes and restores byte-identical ------------------------
+def test_backup_and_restore_survive_transient_s3_faults(run, pg, big_db, proxy, via, s3server, bucket, scratch_db):
+    proxy.add("CreateMultipartUpload", fault="500", limit=1)
+    proxy.add("UploadPart", fault="503", rate=0.2, per_request=2)
+    proxy.add("UploadPart", fault="reset", after=2, limit=2, per_request=1)
+    proxy.add("UploadPart", fault="stall", after=4, limit=1, per_request=1, seconds=20)
+    proxy.add("CompleteMultipartUpload", fault="503", limit=1)
+    proxy.add("PutObject", fault="500", limit=1)  # the manifest
+    manifest = backup(run, pg, big_db, **via, BACKUP_S3_READ_TIMEOUT="2")
+
+    injected = proxy.faults()
+    assert injected["503"] >= 2 and injected["500"] == 2 and injected["reset"] == 2 and injected["stall"] == 1, injected
+    assert proxy.count("UploadPart", "forwarded 200") >= 5  # several parts: a real multipart upload
+    stored = s3server.client().get_object(Bucket=bucket, Key=manifest["key"], VersionId=manifest["version_id"])["Body"].read()
+    assert len(stored) == manifest["encrypted_size"] > 5 * 8 * 1024 * 1024 - 8 * 1024 * 1024
+    assert hashlib.sha256(stored).hexdigest() == manifest["encrypted_sha256"]
+    assert len(versions(s3server.client(), bucket)) == 2  # the backup and its manifest, once each
+
+    proxy.clear()
+    proxy.add("ListObjectVersions", fault="500", limit=1)
+    proxy.add("GetObject", fault="503", rate=0.5, per_request=1)
+    proxy.add("GetObject", fault="reset", limit=1)
+    run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), env=via, check=True)
+    assert proxy.faults()["503"] >= 1
+    assert table_fingerprint(pg, scratch_db, "big") == table_fingerprint(pg, big_db, "big")
+
+
+# -- permanent S3 faults: exit 1, quickly, one error line, nothing completed ----------------------
+PERMANENT = [
+    pytest.param(["UploadPart"], "503", {}, ("SlowDown",), True, id="upload-part-always-503"),
+    pytest.param(["CompleteMultipartUpload"], "500", {}, ("complete the multipart upload", "InternalError"), True,
+                 id="complete-always-fails"),
+    pytest.param(["UploadPart"], "stall", {"BACKUP_S3_READ_TIMEOUT": "1"}, ("timed out",), True, id="upload-part-stalls"),
+    pytest.param(["*"], "403-key", {}, ("access key",), False, id="wrong-credentials"),
+    pytest.param(["*"], "403-signature", {}, ("secret key",), False, id="wrong-secret-key"),
+]
+
+
+@pytest.mark.parametrize(("operations", "fault", "env", "words", "abortable"), PERMANENT)
+def test_backup_fails_cleanly_on_permanent_s3_fault(run, pg, big_db, proxy, via, s3server, bucket,
+                                                     operations, fault, env, words, abortable):
+    proxy.add(*operations, fault=fault, seconds=15)
+    done, elapsed = timed(run, "backup_database.py", env={"DATABASE_URL": pg.url(big_db), **via, **env})
+    assert done.returncode == 1, done.stderr
+    assert elapsed < BOUND
+    one_error(done, *words)
+    nothing_stored(s3server, bucket)
+    if abortable:
+        no_uploads_left(s3server, bucket)  # the failed upload was aborted, not left for the lifecycle rule
+
+
+def test_backup_fails_cleanly_when_the_endpoint_goes_away_mid_upload(run, pg, big_db, proxy, via, s3server, bucket):
+    proxy.add("UploadPart", fault="down", after=1)
+    done, elapsed = timed(run, "backup_database.py", env={"DATABASE_URL": pg.url(big_db), **via})
+    assert done.returncode == 1
+    assert elapsed < BOUND
+    one_error(done, "cannot reach the S3 endpoint", "5 attempts")
+    assert "could not abort" in done.stderr  # said, with what happens to the leftover parts
+    nothing_stored(s3server, bucket)
+
+
+def test_backup_into_a_missing_bucket(run, pg, sample_db, s3server):
+    done, elapsed = timed(run, "backup_database.py", env={"DATABASE_URL": pg.url(sample_db), "BACKUP_BUCKET": "no-such-bucket-here"})
+    assert done.returncode == 1 and elapsed < BOUND
+    one_error(done, "does not exist", "no-such-bucket-here")
+    assert "no-such-bucket-here" not in [b["Name"] for b in s3server.client().list_buckets()["Buckets"]]
+
+
+@pytest.mark.parametrize("script, args", [
+    pytest.param("list_backups.py", [], id="list_backups"),
+    pytest.param("restore_database.py", ["--latest", "--target-database-url", "postgresql://u@127.0.0.1:1/x"], id="restore_database"),
+])
+def test_readers_fail_cleanly_when_s3_keeps_failing(run, proxy, via, pg, script, args):
+    proxy.add("*", fault="500")
+    url_env = {"TARGET_DATABASE_URL": None}
+    if script == "restore_database.py":
+        args = ["--latest", "--target-database-url", pg.url("postgres")]
+        url_env = {}
+    done, elapsed = timed(run, script, *args, env={**via, **url_env})
+    assert done.returncode == 1 and elapsed < BOUND
+    one_error(done, "InternalError")
+
+
+# -- process faults during a backup ---------------------------------------------------------------
+def start_backup(run, pg, database: str, env: dict) -> tuple[subprocess.Popen, ProcWatch]:
+    proc = run.popen("backup_database.py", env={"DATABASE_URL": pg.url(database), **env})
+    return proc, ProcWatch(proc.pid).start()
+
+
+def finish(proc: subprocess.Popen, watch: ProcWatch, timeout: float = BOUND) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    watch.stop()
+    time.sleep(0.2)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def assert_no_orphans(watch: ProcWatch) -> None:
+    deadline = time.monotonic() + 10
+    while watch.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert watch.alive() == []
+    assert {s.name for s in watch.seen} >= {"pg_dump", "openssl"}
+
+
+def test_pg_dump_killed_mid_dump(run, pg, big_db, proxy, via, s3server, bucket, tmp_path):
+    # Holding CreateMultipartUpload stalls the pipe, so pg_dump is caught mid-COPY.
+    proxy.add("CreateMultipartUpload", fault="delay", seconds=3)
+    proc, watch = start_backup(run, pg, big_db, {**via, "TMPDIR": str(tmp_path)})
+    assert proxy.seen("CreateMultipartUpload").wait(60)
+    dump = watch.wait_for("pg_dump")
+    assert dump is not None
+    dump.send_signal(signal.SIGKILL)
+    done = finish(proc, watch)
+    assert done.returncode == 1
+    one_error(done, "pg_dump failed", "killed by signal 9")
+    nothing_stored(s3server, bucket)
+    no_uploads_left(s3server, bucket)
+    assert_no_orphans(watch)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pg_dump_backend_terminated_mid_dump(run, pg, big_db, proxy, via, s3server, bucket):
+    proxy.add("CreateMultipartUpload", fault="delay", seconds=3)
+    proc, watch = start_backup(run, pg, big_db, via)
+    assert proxy.seen("CreateMultipartUpload").wait(60)
+    killed = pg.psql(f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                     f"WHERE application_name = 'pg_dump' AND datname = '{big_db}'")
+    assert killed == "1"
+    done = finish(proc, watch)
+    assert done.returncode == 1
+    one_error(done, "pg_dump failed")
+    nothing_stored(s3server, bucket)
+    assert_no_orphans(watch)
+
+
+@pytest.mark.parametrize("sig, code, word", [
+    pytest.param(signal.SIGTERM, 143, "SIGTERM", id="SIGTERM"),
+    pytest.param(signal.SIGINT, 130, "SIGINT", id="SIGINT"),
+])
+def test_backup_signalled_mid_upload(run, pg, big_db, proxy, via, s3server, bucket, tmp_path, sig, code, word):
+    proxy.add("UploadPart", fault="delay", seconds=1)
+    proc, watch = start_backup(run, pg, big_db, {**via, "TMPDIR": str(tmp_path)})
+    assert proxy.seen("UploadPart").wait(60)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    done = finish(proc, watch)
+    assert done.returncode == code, done.stderr
+    one_error(done, word, "nothing was completed")
+    nothing_stored(s3server, bucket)
+    no_uploads_left(s3server, bucket)
+    assert_no_orphans(watch)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- openssl missing ------------------------------------------------------------------------------
+@pytest.fixture
+def no_openssl_path(tmp_path):
+    """A PATH with neither openssl nor the PostgreSQL clients (those come by absolute path)."""
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    return str(empty)
+
+
+def test_backup_without_openssl(run, pg, sample_db, s3server, bucket, no_openssl_path):
+    proc, watch = start_backup(run, pg, sample_db, {"PATH": no_openssl_path})
+    done = finish(proc, watch)
+    assert done.returncode == 1
+    one_error(done, "openssl", "not found")
+    nothing_stored(s3server, bucket)
+    deadline = time.monotonic() + 10
+    while watch.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert watch.alive() == []
+
+
+def test_restore_and_decrypt_without_openssl(run, pg, sample_db, scratch_db, s3server, bucket, no_openssl_path, tmp_path):
+    manifest = backup(run, pg, sample_db)
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), env={"PATH": no_openssl_path})
+    assert done.returncode == 1
+    one_error(done, "openssl", "not found")
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+
+    encrypted = download(s3server, bucket, manifest, tmp_path / "backup.sql.encrypted")
+    done = run("./decrypt.py", "-i", str(encrypted), "-o", str(tmp_path / "out.sql"), env={"PATH": no_openssl_path})
+    assert done.returncode == 1
+    one_error(done, "openssl", "not found")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup.sql.encrypted", "empty-bin"]
+
+
+def download(s3server, bucket: str, manifest: dict, path: Path, with_manifest: bool = False) -> Path:
+    body = s3server.client().get_object(Bucket=bucket, Key=manifest["key"], VersionId=manifest["version_id"])["Body"].read()
+    path.write_bytes(body)
+    if with_manifest:
+        Path(f"{path}.manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+# -- restore faults: corrupt, truncated, wrongly keyed → nothing committed ------------------------
+OPENSSL = ["openssl", "enc", "-aes-256-cbc", "-pbkdf2", "-md", "sha256", "-iter", "10000", "-pass", "env:P"]
+
+
+def openssl(data: bytes, passphrase: str, decrypt: bool = False) -> bytes:
+    argv = [*OPENSSL[:2], "-d", *OPENSSL[2:]] if decrypt else OPENSSL
+    return subprocess.run(argv, input=data, capture_output=True, check=True, env={**os.environ, "P": passphrase}).stdout
+
+
+def flip_middle_byte(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0x40]) + data[middle + 1:]
+
+
+def cut_at_statement_boundary(data: bytes, passphrase: str) -> bytes:
+    """A valid encryption of the dump cut right after a complete COPY block: psql alone would
+    commit it happily, only the missing trailer tells."""
+    plaintext = openssl(data, passphrase, decrypt=True)
+    end = plaintext.rindex(b"\n\\.\n") + 4
+    assert b"database dump complete" not in plaintext[:end]
+    return openssl(plaintext[:end], passphrase)
+
+
+BROKEN_FILES = [
+    # (id, make(data) -> bytes, manifest beside the file? (None: untouched, "match": hashes of the
+    #  broken bytes, as if the manifest had been written for them), passphrase, words)
+    pytest.param(flip_middle_byte, "match", PASSPHRASE, ("plaintext SHA-256",), id="corrupt-byte-manifest-agrees-on-ciphertext"),
+    pytest.param(flip_middle_byte, "original", PASSPHRASE, ("SHA-256", "corrupted"), id="corrupt-byte-with-manifest"),
+    pytest.param(lambda d: d[: len(d) // 2 // 16 * 16], None, PASSPHRASE, (), id="truncated-no-manifest"),
+    pytest.param(lambda d: d[: len(d) - 1000], "original", PASSPHRASE, ("truncated",), id="truncated-with-manifest"),
+    pytest.param(lambda d: cut_at_statement_boundary(d, PASSPHRASE), None, PASSPHRASE, ("trailer",),
+                 id="cut-at-statement-boundary-reencrypted"),
+    pytest.param(lambda d: d, None, "the-wrong-passphrase-123", ("wrong passphrase",), id="wrong-passphrase-no-manifest"),
+    pytest.param(lambda d: d, "original", "the-wrong-passphrase-123", ("key_id",), id="wrong-passphrase-with-manifest"),
+]
+
+
+@pytest.mark.parametrize(("make", "manifest_mode", "passphrase", "words"), BROKEN_FILES)
+def test_restore_of_a_broken_file_commits_nothing(run, pg, sample_db, s3server, bucket, target, tmp_path,
+                                                   make, manifest_mode, passphrase, words):
+    manifest = backup(run, pg, sample_db)
+    original = download(s3server, bucket, manifest, tmp_path / "original")
+    broken = make(original.read_bytes())
+    path = tmp_path / "backup.sql.encrypted"
+    path.write_bytes(broken)
+    if manifest_mode == "match":
+        manifest = {**manifest, "encrypted_size": len(broken), "encrypted_sha256": hashlib.sha256(broken).hexdigest()}
+    if manifest_mode:
+        Path(f"{path}.manifest.json").write_text(json.dumps(manifest))
+    done = run("restore_database.py", "--file", str(path), "--replace", "--target-database-url", pg.url(target),
+               env={"EXTERNAL_BACKUP_ENCRYPTION_KEY": passphrase})
+    assert done.returncode == 1, done.stderr
+    one_error(done, *words)
+    unchanged(pg, target)
+
+
+def test_restore_of_a_corrupt_version_in_the_bucket(run, pg, sample_db, s3server, bucket, target):
+    """A newer version whose bytes do not match its manifest: --key refuses it, --latest skips it."""
+    good = backup(run, pg, sample_db)
+    client = s3server.client()
+    body = client.get_object(Bucket=bucket, Key=good["key"], VersionId=good["version_id"])["Body"].read()
+    bad_version = client.put_object(Bucket=bucket, Key=good["key"], Body=flip_middle_byte(body))["VersionId"]
+    client.put_object(Bucket=bucket, Key=good["key"] + ".manifest.json", Body=json.dumps({**good, "version_id": bad_version}).encode())
+
+    done = run("restore_database.py", "--key", good["key"], "--version-id", bad_version, "--replace",
+               "--target-database-url", pg.url(target))
+    assert done.returncode == 1
+    one_error(done, "SHA-256")
+    unchanged(pg, target)
+
+    done = run("restore_database.py", "--latest", "--replace", "--target-database-url", pg.url(target), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["version_id"] == good["version_id"]
+    assert any(bad_version in reason for reason in result["skipped"])
+    assert table_fingerprint(pg, target, "applications") == table_fingerprint(pg, sample_db, "applications")
+
+
+# -- restore failing or killed half-way through psql ----------------------------------------------
+GATE_LOCK = 4242
+
+
+def install_gate(pg, database: str, action: str) -> None:
+    """An event trigger in the target that acts when the restore reaches its first ADD CONSTRAINT:
+    by then psql has created every table and loaded every row inside its transaction."""
+    pg.psql(
+        "CREATE FUNCTION halfway_gate() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF current_query() ILIKE '%ADD CONSTRAINT%' THEN {action} END IF; END $$;"
+        "CREATE EVENT TRIGGER halfway_gate ON ddl_command_end EXECUTE FUNCTION halfway_gate();",
+        database,
+    )
+
+
+def test_restore_failing_half_way_through_psql_leaves_the_target_as_it_was(run, pg, sample_db, target):
+    backup(run, pg, sample_db)
+    install_gate(pg, target, "RAISE EXCEPTION 'injected conflict half-way through the restore';")
+    done = run("restore_database.py", "--latest", "--replace", "--target-database-url", pg.url(target))
+    assert done.returncode == 1
+    one_error(done, "rolled back", "injected conflict")
+    unchanged(pg, target)
+
+
+class HeldLock:
+    """An advisory lock (they are per database) held by a separate session until release()."""
+
+    def __init__(self, pg, database: str, key: int):
+        self.pg = pg
+        self.proc = subprocess.Popen(
+            [str(pg.bin / "psql"), "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port), "-U", pg.user, "-d", database],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**pg.env(), "PGAPPNAME": "gate-holder"},
+        )
+        self.proc.stdin.write(f"SELECT pg_advisory_lock({key});\n")
+        self.proc.stdin.flush()
+        wait_until(lambda: pg.psql(f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = {key} AND granted") == "1",
+                   what="the advisory lock")
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("\\q\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+def wait_until(condition, timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("victim", ["SIGKILL psql", "SIGKILL restore", "SIGTERM restore", "SIGINT restore"])
+def test_restore_killed_half_way_commits_nothing(run, pg, sample_db, target, tmp_path, victim):
+    """psql killed, or the restore itself killed (psql then dies with it, PR_SET_PDEATHSIG, instead
+    of reading EOF on its input and committing) or stopped by a signal, while psql is half-way."""
+    backup(run, pg, sample_db)
+    install_gate(pg, target, f"PERFORM pg_advisory_xact_lock({GATE_LOCK});")
+    gate = HeldLock(pg, target, GATE_LOCK)
+    try:
+        proc = run.popen("restore_database.py", "--latest", "--replace", "--target-database-url", pg.url(target),
+                         env={"TMPDIR": str(tmp_path)})
+        watch = ProcWatch(proc.pid).start()
+        wait_until(lambda: proc.poll() is not None or pg.psql(
+            f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{target}' AND wait_event = 'advisory'") == "1",
+            what="psql blocked half-way")
+        assert proc.poll() is None, proc.stderr.read()
+        restore_psql = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                            if p.name() == "psql" and "--single-transaction" in p.cmdline())
+        {
+            "SIGKILL psql": restore_psql.kill,
+            "SIGKILL restore": proc.kill,
+            "SIGTERM restore": proc.terminate,
+            "SIGINT restore": lambda: proc.send_signal(signal.SIGINT),
+        }[victim]()
+        if victim == "SIGKILL restore":
+            restore_psql.wait(timeout=10)  # died with its parent
+        stdout, stderr = proc.communicate(timeout=BOUND)
+        watch.stop()
+    finally:
+        gate.release()
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    if victim == "SIGKILL psql":
+        assert proc.returncode == 1
+        one_error(done, "rolled back", "psql failed", "signal 9")
+    elif victim == "SIGKILL restore":
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == {"SIGTERM restore": 143, "SIGINT restore": 130}[victim]
+        one_error(done, victim.split()[0])
+        assert list(tmp_path.iterdir()) == []  # the download directory went with it
+    wait_until(lambda: pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{target}' "
+                               "AND application_name <> 'gate-holder' AND pid <> pg_backend_pid()") == "0",
+               what="the restore's backend to end")
+    unchanged(pg, target)
+    assert watch.alive() == []
+
+
+# -- concurrency -----------------------------------------------------------------------------------
+def test_two_backups_in_the_same_second_both_survive(run, pg, sample_db, s3server, bucket, scratch_db):
+    env = {"DATABASE_URL": pg.url(sample_db), "EXTERNAL_BACKUPS_NOW": "2026-11-29T10:00:00Z"}
+    procs = [run.popen("backup_database.py", "--json", env=env) for _ in range(2)]
+    results = [p.communicate(timeout=BOUND) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    manifests = [json.loads(out) for out, _ in results]
+    assert manifests[0]["key"] == manifests[1]["key"] == "production/database/2026-11-29--10-00-00.sql.encrypted"
+    assert manifests[0]["version_id"] != manifests[1]["version_id"]
+
+    listed = json.loads(run("list_backups.py", "--json", check=True).stdout)
+    assert sorted(b["version_id"] for b in listed if b["complete"]) == sorted(m["version_id"] for m in manifests)
+
+    second = pg.create_database(f"{scratch_db}_b")
+    try:
+        for manifest, database in zip(manifests, [scratch_db, f"{scratch_db}_b"]):
+            run("restore_database.py", "--key", manifest["key"], "--version-id", manifest["version_id"],
+                "--target-database-url", pg.url(database), check=True)
+            assert table_fingerprint(pg, database, "applications") == table_fingerprint(pg, sample_db, "applications")
+    finally:
+        del second
+        pg.drop_database(f"{scratch_db}_b")
+
+
+# -- bad input: a usage error (2) or an operational one (1) that names the problem, never a traceback
+# The least each script needs on top of what the `run` fixture sets (bucket, environment, passphrase).
+VALID_ARGS = {
+    "backup_database.py": [],
+    "restore_database.py": ["--latest", "--target-database-url", "postgresql://postgres@127.0.0.1:1/nowhere"],
+    "list_backups.py": [],
+}
+SCRIPTS_WITH_TARGET = list(VALID_ARGS)
+BAD_ENVIRONMENTS = ["prod/uction", "..", "../etc", "Production", "-prod", "prod_1", "a" * 64, " prod", "prod\n"]
+BAD_BUCKETS = ["Bad_Bucket", "ab", "bucket..name", "-bucket", "192.168.1.1", "s3://bucket", "bucket/prefix", "bucket-name\n"]
+
+
+def bad_run(run, script: str, *args: str, env: dict | None = None):
+    return run(script, *args, env=env, input="", timeout=120)
+
+
+def usage_error(done, code: int, *words: str) -> None:
+    assert done.returncode == code, (done.returncode, done.stderr)
+    one_error(done, *words)
+
+
+@pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
+@pytest.mark.parametrize("name", BAD_ENVIRONMENTS)
+def test_bad_environment_name(run, script, name):
+    usage_error(bad_run(run, script, *VALID_ARGS[script], env={"BACKUP_ENVIRONMENT": name}), 2, "invalid environment")
+    usage_error(bad_run(run, script, *VALID_ARGS[script], f"--environment={name}"), 2, "invalid environment")
+
+
+@pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
+@pytest.mark.parametrize("name", BAD_BUCKETS)
+def test_bad_bucket_name(run, script, name):
+    usage_error(bad_run(run, script, *VALID_ARGS[script], env={"BACKUP_BUCKET": name}), 2, "invalid bucket")
+
+
+@pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
+@pytest.mark.parametrize(("variable", "words"), [
+    ("BACKUP_ENVIRONMENT", ("no environment", "BACKUP_ENVIRONMENT")),
+    ("BACKUP_BUCKET", ("no bucket", "BACKUP_BUCKET")),
+])
+def test_missing_variable(run, script, variable, words):
+    usage_error(bad_run(run, script, *VALID_ARGS[script], env={variable: None}), 2, *words)
+
+
+@pytest.mark.parametrize(("script", "variable", "value"), [
+    ("backup_database.py", "EXTERNAL_BACKUPS_NOW", "yesterday"),
+    ("list_backups.py", "EXTERNAL_BACKUPS_NOW", "2026-13-45"),
+    *[(script, "BACKUP_S3_READ_TIMEOUT", "soon") for script in SCRIPTS_WITH_TARGET],
+    *[(script, "BACKUP_S3_CONNECT_TIMEOUT", "-1") for script in SCRIPTS_WITH_TARGET],
+])
+def test_malformed_variable(run, pg, sample_db, script, variable, value):
+    # A reachable database, so the variable is the only thing wrong.
+    live = {"DATABASE_URL": pg.url(sample_db), "TARGET_DATABASE_URL": pg.url("postgres")}
+    args = ["--latest"] if script == "restore_database.py" else []
+    usage_error(bad_run(run, script, *args, env={**live, variable: value}), 2, variable)
+
+
+@pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
+def test_unknown_flag(run, script):
+    usage_error(bad_run(run, script, *VALID_ARGS[script], "--frobnicate"), 2, "frobnicate")
+
+
+BAD_URLS = ["not a url", "mysql://user:pw@db/app", "postgresql://", "app"]
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_database_url_that_is_not_a_url(run, url):
+    usage_error(bad_run(run, "backup_database.py", env={"DATABASE_URL": url}), 2, "DATABASE_URL")
+    usage_error(bad_run(run, "backup_database.py", "--database-url", url), 2, "DATABASE_URL")
+    usage_error(bad_run(run, "restore_database.py", "--latest", "--target-database-url", url), 2, "TARGET_DATABASE_URL")
+    usage_error(bad_run(run, "restore_database.py", "--latest", env={"TARGET_DATABASE_URL": url}), 2, "TARGET_DATABASE_URL")
+
+
+@pytest.mark.parametrize(("script", "args", "env", "code", "words"), [
+    pytest.param("backup_database.py", [], {"EXTERNAL_BACKUP_ENCRYPTION_KEY": None}, 2, ("passphrase", "EXTERNAL_BACKUP_ENCRYPTION_KEY"),
+                 id="backup-no-passphrase"),
+    pytest.param("backup_database.py", [], {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/app"}, 1, ("cannot query the database",),
+                 id="backup-database-unreachable"),
+    pytest.param("backup_database.py", [], {"PG_DUMP": "/nonexistent/pg_dump"}, 1, ("/nonexistent/pg_dump", "not found"),
+                 id="backup-pg_dump-missing"),
+    pytest.param("restore_database.py", [], {}, 2, ("one of the arguments",), id="restore-no-source"),
+    pytest.param("restore_database.py", ["--latest"], {"TARGET_DATABASE_URL": None}, 2, ("no target database",), id="restore-no-target"),
+    pytest.param("restore_database.py", ["--latest", "--version-id", "v1", "--target-database-url", "postgresql://u@h/d"], {}, 2,
+                 ("--version-id",), id="restore-version-without-key"),
+    pytest.param("restore_database.py", ["--latest", "--target-database-url", "postgresql://u@h/d"],
+                 {"EXTERNAL_BACKUP_ENCRYPTION_KEY": None}, 2, ("passphrase",), id="restore-no-passphrase"),
+    pytest.param("list_backups.py", ["--max-age", "soon"], {}, 2, ("invalid duration", "soon"), id="list-max-age-word"),
+    pytest.param("list_backups.py", ["--max-age", "0h"], {}, 2, ("invalid duration",), id="list-max-age-zero"),
+    pytest.param("list_backups.py", ["--max-age", "2 hours"], {}, 2, ("invalid duration",), id="list-max-age-spelled"),
+    pytest.param("list_backups.py", ["--max-age", "-1h"], {}, 2, ("--max-age",), id="list-max-age-negative"),
+    pytest.param("list_backups.py", ["--kind", "logs"], {}, 2, ("--kind", "logs"), id="list-bad-kind"),
+    pytest.param("list_backups.py", ["--max-age", "1h"], {}, 1, ("no complete backup",), id="list-max-age-nothing-there"),
+])
+def test_bad_input(run, script, args, env, code, words):
+    usage_error(bad_run(run, script, *args, env=env), code, *words)
+
+
+@pytest.fixture
+def not_backups(tmp_path):
+    (tmp_path / "empty.sql.encrypted").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("this is not a backup\n" * 10)
+    (tmp_path / "a-directory").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize(("name", "restore_words", "decrypt_words"), [
+    ("does-not-exist.sql.encrypted", ("no such file",), ("no such file",)),
+    ("a-directory", ("no such file",), ("no such file",)),
+    ("empty.sql.encrypted", ("empty",), ("empty",)),
+    ("notes.txt", ("not an encrypted database backup",), ("not an encrypted backup",)),
+])
+def test_file_that_is_not_a_backup(run, pg, not_backups, name, restore_words, decrypt_words):
+    path = str(not_backups / name)
+    done = bad_run(run, "restore_database.py", "--file", path, "--target-database-url", pg.url("postgres"))
+    usage_error(done, 2, *restore_words)
+    done = bad_run(run, "./decrypt.py", "-i", path, "-o", str(not_backups / "out"))
+    usage_error(done, 1, *decrypt_words)
+    assert not (not_backups / "out").exists()
+
+
+@pytest.mark.parametrize(("args", "env", "code", "words"), [
+    pytest.param([], {}, 2, ("required",), id="no-arguments"),
+    pytest.param(["-i", "x"], {}, 2, ("required",), id="no-output"),
+    pytest.param(["-i", "SELF", "-o", "OUT", "--bogus"], {}, 2, ("--bogus",), id="unknown-flag"),
+    pytest.param(["-i", "SELF", "-o", "SELF"], {}, 1, ("differ",), id="same-input-and-output"),
+    pytest.param(["-i", "SELF", "-o", "/nonexistent/dir/out"], {}, 1, ("No such file",), id="output-directory-missing"),
+    pytest.param(["-i", "SELF", "-o", "OUT"], {"EXTERNAL_BACKUP_ENCRYPTION_KEY": None}, 1, ("no passphrase",), id="no-passphrase"),
+])
+def test_decrypt_bad_input(run, tmp_path, args, env, code, words):
+    encrypted = tmp_path / "backup.sql.encrypted"
+    encrypted.write_bytes(openssl(b"SELECT 1;\n", PASSPHRASE))
+    args = [{"SELF": str(encrypted), "OUT": str(tmp_path / "out.sql")}.get(a, a) for a in args]
+    usage_error(bad_run(run, "./decrypt.py", *args, env=env), code, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup.sql.encrypted"]
+
+
+@pytest.mark.parametrize("passphrase_source", ["env", "flag"])
+def test_decrypt_wrong_passphrase_or_truncated_leaves_nothing(run, tmp_path, passphrase_source):
+    good = openssl(b"SELECT 1;\n" * 1000, PASSPHRASE)
+    for name, data, passphrase in [("wrong-key", good, "not-the-passphrase"), ("truncated", good[: len(good) // 2 // 16 * 16 + 16 * 3], PASSPHRASE),
+                                   ("cut-mid-block", good[:-5], PASSPHRASE)]:
+        path = tmp_path / f"{name}.sql.encrypted"
+        path.write_bytes(data)
+        args = ["--password", passphrase] if passphrase_source == "flag" else []
+        env = {"EXTERNAL_BACKUP_ENCRYPTION_KEY": None if passphrase_source == "flag" else passphrase}
+        done = bad_run(run, "./decrypt.py", "-i", str(path), "-o", str(tmp_path / "out.sql"), *args, env=env)
+        assert done.returncode == 1, (name, done.stderr)
+        one_error(done, "cannot decrypt")
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".encrypted")) == [], name
+
+
+def test_manifest_write_failing_leaves_an_incomplete_backup_that_readers_skip(run, pg, sample_db, proxy, via, s3server, bucket, scratch_db):
+    earlier = backup(run, pg, sample_db, EXTERNAL_BACKUPS_NOW="2026-11-29T09:00:00Z")
+    proxy.add("PutObject", fault="500", after=1)  # the object goes up, its manifest never does
+    done, elapsed = timed(run, "backup_database.py", env={"DATABASE_URL": pg.url(sample_db), "EXTERNAL_BACKUPS_NOW": "2026-11-29T10:00:00Z", **via})
+    assert done.returncode == 1 and elapsed < BOUND
+    one_error(done, "manifest", "incomplete")
+    listed = json.loads(run("list_backups.py", "--json", check=True).stdout)
+    assert [(b["key"].rsplit("/", 1)[1], b["complete"]) for b in listed] == [
+        ("2026-11-29--10-00-00.sql.encrypted", False), ("2026-11-29--09-00-00.sql.encrypted", True)]
+    done = run("restore_database.py", "--latest", "--json", "--target-database-url", pg.url(scratch_db), check=True)
+    assert json.loads(done.stdout)["version_id"] == earlier["version_id"]
+    assert "10-00-00" in " ".join(json.loads(done.stdout)["skipped"])
+
+
+@pytest.mark.parametrize("fault", ["cut", "stall-body"])
+def test_restore_survives_downloads_breaking_off(run, pg, big_db, proxy, via, s3server, bucket, target, tmp_path, fault):
+    """A body cut short or stalled after its headers came (botocore does not retry those): the
+    manifest's GET and the backup's GET are each hit once; both are fetched again."""
+    backup(run, pg, big_db)
+    proxy.add("GetObject", fault=fault, per_request=1, seconds=10)
+    done, elapsed = timed(run, "restore_database.py", "--latest", "--replace", "--target-database-url", pg.url(target),
+                          env={**via, "TMPDIR": str(tmp_path), "BACKUP_S3_READ_TIMEOUT": "2"})
+    assert done.returncode == 0, done.stderr
+    assert proxy.faults()[fault] == 2
+    assert done.stderr.count("broke off") == 2
+    assert table_fingerprint(pg, target, "big") == table_fingerprint(pg, big_db, "big")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_restore_fails_cleanly_when_downloads_keep_breaking_off(run, pg, sample_db, proxy, via, target, tmp_path):
+    backup(run, pg, sample_db)
+    proxy.add("GetObject", fault="cut", after=1)  # the manifest reads fine, the backup never does
+    done, elapsed = timed(run, "restore_database.py", "--latest", "--replace", "--target-database-url", pg.url(target),
+                          env={**via, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 1 and elapsed < BOUND
+    one_error(done, "broke off 5 times")
+    unchanged(pg, target)
+    assert list(tmp_path.iterdir()) == []
