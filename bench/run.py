@@ -275,6 +275,33 @@ def restore_contenders(pg: PostgresCluster, moto: MotoProcess, bucket: str, work
     ]
 
 
+def profile(argv: list[str], env: dict[str, str], work: Path, top: int = 12) -> list[str]:
+    """Run one command under py-spy (sampling, non-blocking) and tabulate where its Python threads
+    spent their non-idle samples, by innermost frame (its function and file, lines merged)."""
+    spy = BIN / "py-spy"
+    if not spy.exists():
+        return ["py-spy is not installed in the venv (pip install -r requirements-dev.txt): no profile.", ""]
+    raw = work / "profile.txt"
+    raw.unlink(missing_ok=True)
+    subprocess.run([str(spy), "record", "--nonblocking", "--rate", "200", "--format", "raw", "-o", str(raw), "--", *argv],
+                   env=env, cwd=REPO, capture_output=True, check=False)
+    if not raw.exists():
+        return ["py-spy produced no profile (ptrace not permitted?).", ""]
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        leaf = re.sub(r":\d+\)$", ")", stack.split(";")[-1].strip())
+        leaves[leaf] = leaves.get(leaf, 0) + int(count)
+        total += int(count)
+    rows = ["| innermost frame | share of samples |", "|---|---:|"]
+    for leaf, count in sorted(leaves.items(), key=lambda kv: -kv[1])[:top]:
+        rows.append(f"| `{leaf}` | {count / total:.0%} |")
+    return [f"{total} non-idle samples at 200 Hz over all threads (py-spy record --nonblocking).", "", *rows, ""]
+
+
 # -- the files part ----------------------------------------------------------------------------------
 def fill_bucket(client, bucket: str, total_mib: int, count: int) -> None:
     client.create_bucket(Bucket=bucket)
@@ -420,6 +447,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--blob-mib", type=int, help="MiB of bytea in bench_blobs (default: 50 quick, 170 full)")
     p.add_argument("--buckets", help="source buckets as MIB:COUNT,... (default: 128:256,256:512 quick, 1024:2048,2048:4096 full)")
     p.add_argument("--files-script", type=Path, help="backup_files.py to run as 'ours' (default: scripts/backup_files.py, when present)")
+    p.add_argument("--profile", action="store_true", help="also run ours once under py-spy and tabulate its profile")
     p.add_argument("--note", default="", help="a line for RESULTS.md, e.g. what else was running")
     p.add_argument("--label", help="section of RESULTS.md to write (default: quick or full)")
     args = p.parse_args(argv)
@@ -466,6 +494,11 @@ def main(argv: list[str]) -> int:
             db = database_contenders(pg, moto, bucket, work)
             alternate(db, size.reps, cleanup=lambda: (empty_bucket(client, bucket), _clear(work)))
             out += ["### Database backup", "", *table(db), ""]
+            if args.profile:
+                print("profiling ours", file=sys.stderr)
+                argv_, env_, _ = db[0].command(0)
+                out += ["#### Profile of ours (one extra run)", "", *profile(argv_, env_, work)]
+                empty_bucket(client, bucket)
             ours, three, pipe = db[0], db[1], db[2]
             if ours.ok_runs():
                 r3 = ours.median("seconds") / pipe.median("seconds") if pipe.ok_runs() else None
@@ -488,6 +521,11 @@ def main(argv: list[str]) -> int:
                 pg.drop_database(f"restore_ours_{rep}")
                 pg.drop_database(f"restore_psql_{rep}")
             out += ["### Restore (same dump, fresh database each run)", "", *table(rs), ""]
+            if args.profile:
+                print("profiling ours", file=sys.stderr)
+                argv_, env_, _ = rs[0].command(size.reps)
+                out += ["#### Profile of ours (one extra run)", "", *profile(argv_, env_, work)]
+                pg.drop_database(f"restore_ours_{size.reps}")
             if rs[0].ok_runs() and rs[1].ok_runs():
                 r = rs[0].median("seconds") / rs[1].median("seconds")
                 targets.append(f"| restore: wall ≤ 1.15 × psql -f | {r:.2f} × | {verdict(r <= 1.15)} |")
@@ -505,6 +543,10 @@ def main(argv: list[str]) -> int:
                 empty_bucket(client, source)
                 client.delete_bucket(Bucket=source)
                 out += [f"### Files backup: {total_mib} MiB in {count} objects", "", *table(fc), ""]
+                if args.profile and files_script:
+                    argv_, env_, _ = fc[0].command(0)
+                    out += ["#### Profile of ours (one extra run)", "", *profile(argv_, env_, work)]
+                    empty_bucket(client, bucket)
                 if files_script and fc[0].ok_runs():
                     ours, sync = fc[0], fc[-1]
                     rss = ours.peak("tree_kib") / 1024
