@@ -13,6 +13,7 @@ import io
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -72,6 +73,7 @@ def _self_write_bytes() -> int:
 @dataclass
 class Run:
     seconds: float
+    cpu: float
     tree_kib: int
     process_kib: int
     written: int
@@ -82,15 +84,18 @@ class Run:
 
 def measure(argv: list[str], env: dict[str, str], plaintext_paths: list[Path] = ()) -> Run:
     before = _self_write_bytes()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     with TreeMemory(proc.pid) as memory:
         _, stderr = proc.communicate()
     seconds = time.monotonic() - began
     written = _self_write_bytes() - before
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # every reaped descendant's, like write_bytes
+    cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
     plaintext = sum(_tree_size(p) for p in plaintext_paths)
     error = "" if proc.returncode == 0 else f"exit {proc.returncode}: {stderr.decode(errors='replace')[-600:]}"
-    return Run(seconds, memory.peak_tree_kib, memory.peak_process_kib, written, plaintext, proc.returncode == 0, error)
+    return Run(seconds, cpu, memory.peak_tree_kib, memory.peak_process_kib, written, plaintext, proc.returncode == 0, error)
 
 
 def _tree_size(path: Path) -> int:
@@ -127,7 +132,7 @@ def alternate(contenders: list[Contender], reps: int, cleanup=None) -> None:
             run = measure(argv, env, plaintext_paths)
             contender.runs.append(run)
             state = "ok" if run.ok else "FAILED " + run.error
-            print(f"  {contender.name:<34} rep {rep + 1}: {run.seconds:6.1f} s, tree {run.tree_kib / 1024:6.0f} MiB, "
+            print(f"  {contender.name:<34} rep {rep + 1}: {run.seconds:6.1f} s, cpu {run.cpu:6.1f} s, tree {run.tree_kib / 1024:6.0f} MiB, "
                   f"wrote {run.written / MIB:7.1f} MiB  {state}", file=sys.stderr, flush=True)
             if cleanup:
                 cleanup()
@@ -207,7 +212,7 @@ def pg_dump_cmd(pg: PostgresCluster, database: str) -> str:
 OPENSSL_ENC = "openssl enc -aes-256-cbc -pbkdf2 -md sha256 -iter 10000 -pass env:BENCH_KEY"
 
 
-def database_contenders(pg: PostgresCluster, moto: MotoProcess, bucket: str, work: Path) -> list[Contender]:
+def database_contenders(pg: PostgresCluster, moto: MotoProcess, bucket: str, work: Path, compare: Path | None = None) -> list[Contender]:
     base = {**os.environ, **moto.env(), "PYTHONDONTWRITEBYTECODE": "1"}
     shell_env = {**base, "PGPASSWORD": pg.password, "BENCH_KEY": PASSPHRASE}
     dump = pg_dump_cmd(pg, "benchsrc")
@@ -216,6 +221,10 @@ def database_contenders(pg: PostgresCluster, moto: MotoProcess, bucket: str, wor
     def ours(rep):
         env = {**base, "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, "DATABASE_URL": pg.url("benchsrc")}
         return [PY, "scripts/backup_database.py", "--environment", "bench", "--bucket", bucket, "--pg-dump", str(pg.bin / "pg_dump")], env, []
+
+    def ours_at(rep):
+        argv, env, paths = ours(rep)
+        return [PY, str(compare / "scripts" / "backup_database.py"), *argv[2:]], env, paths
 
     def three_step(rep):
         plain, enc = work / "dump.sql", work / "dump.sql.enc"
@@ -232,13 +241,14 @@ def database_contenders(pg: PostgresCluster, moto: MotoProcess, bucket: str, wor
 
     return [
         Contender("ours: backup_database.py", "pg_dump → openssl → streamed multipart; completes only if all exited 0", ours),
+        *([Contender(f"ours at {compare}", "the same script from another checkout (--compare-scripts)", ours_at)] if compare else []),
         Contender("three-step: pg_dump -f, openssl, aws s3 cp", "writes the plaintext dump (and the ciphertext) to disk", three_step),
         Contender("one-line pipe: pg_dump | openssl | aws s3 cp -", "UNSAFE: completes the object even when pg_dump fails", one_line),
         Contender("floor: pg_dump > /dev/null", "no encryption, no upload", floor),
     ]
 
 
-def restore_contenders(pg: PostgresCluster, moto: MotoProcess, bucket: str, work: Path) -> list[Contender]:
+def restore_contenders(pg: PostgresCluster, moto: MotoProcess, bucket: str, work: Path, compare: Path | None = None) -> list[Contender]:
     """Both restore the same dump into a fresh database: ours from our encrypted backup (with its
     manifest) on local disk, psql from the plain SQL file on local disk."""
     client = moto.client()
@@ -263,6 +273,10 @@ def restore_contenders(pg: PostgresCluster, moto: MotoProcess, bucket: str, work
         return [PY, "scripts/restore_database.py", "--file", str(encrypted), "--target-database-url", pg.url(target),
                 "--psql", str(pg.bin / "psql")], env, []
 
+    def ours_at(rep):
+        argv, env_, paths = ours(rep)
+        return [PY, str(compare / "scripts" / "restore_database.py"), *argv[2:]], env_, paths
+
     def psql_file(rep):
         target = f"restore_psql_{rep}"
         pg.create_database(target)
@@ -271,6 +285,7 @@ def restore_contenders(pg: PostgresCluster, moto: MotoProcess, bucket: str, work
 
     return [
         Contender("ours: restore_database.py --file", "checks manifest, openssl -d → psql --single-transaction, holds back the tail", ours),
+        *([Contender(f"ours at {compare}", "the same script from another checkout (--compare-scripts)", ours_at)] if compare else []),
         Contender("psql -f plain.sql", "plaintext dump on disk, no verification", psql_file),
     ]
 
@@ -407,15 +422,16 @@ def _mib(kib_or_bytes: float | None, unit: int) -> str:
 
 def table(contenders: list[Contender]) -> list[str]:
     ours = contenders[0] if contenders and contenders[0].name.startswith("ours") else None
-    rows = ["| contender | median wall (s) | runs (s) | peak tree RSS (MiB) | peak process (MiB) | disk writes, tree (MiB) "
+    rows = ["| contender | median wall (s) | runs (s) | median CPU, tree (s) | peak tree RSS (MiB) | peak process (MiB) | disk writes, tree (MiB) "
             "| plaintext on disk (MiB) | wall ÷ ours | RSS ÷ ours | note |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c in contenders:
         wall, tree = c.median("seconds"), c.peak("tree_kib")
         runs = ", ".join(f"{r.seconds:.1f}" if r.ok else "FAILED" for r in c.runs)
         ratio = lambda mine, theirs: "-" if not (mine and theirs) else f"{mine / theirs:.2f}"  # noqa: E731
         name, note = c.name.replace("|", "\\|"), c.note.replace("|", "\\|")
-        rows.append(f"| {name} | {'-' if wall is None else f'{wall:.1f}'} | {runs} | {_mib(tree, 1024)} | "
+        cpu = c.median("cpu")
+        rows.append(f"| {name} | {'-' if wall is None else f'{wall:.1f}'} | {runs} | {'-' if cpu is None else f'{cpu:.1f}'} | {_mib(tree, 1024)} | "
                     f"{_mib(c.peak('process_kib'), 1024)} | {_mib(c.median('written'), MIB)} | {_mib(c.peak('plaintext'), MIB)} | "
                     f"{ratio(wall, ours and ours.median('seconds'))} | {ratio(tree, ours and ours.peak('tree_kib'))} | {note} |")
     return rows
@@ -448,6 +464,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--buckets", help="source buckets as MIB:COUNT,... (default: 128:256,256:512 quick, 1024:2048,2048:4096 full)")
     p.add_argument("--files-script", type=Path, help="backup_files.py to run as 'ours' (default: scripts/backup_files.py, when present)")
     p.add_argument("--profile", action="store_true", help="also run ours once under py-spy and tabulate its profile")
+    p.add_argument("--compare-scripts", type=Path, help="a checkout whose scripts/ also run as a contender, e.g. before a fix")
     p.add_argument("--note", default="", help="a line for RESULTS.md, e.g. what else was running")
     p.add_argument("--label", help="section of RESULTS.md to write (default: quick or full)")
     args = p.parse_args(argv)
@@ -491,7 +508,7 @@ def main(argv: list[str]) -> int:
                        f"plain dump {dump_bytes / MIB:,.0f} MiB. {size.reps} repetitions, contenders alternating.\n")
         if "db" in parts:
             print("database backup:", file=sys.stderr)
-            db = database_contenders(pg, moto, bucket, work)
+            db = database_contenders(pg, moto, bucket, work, args.compare_scripts)
             alternate(db, size.reps, cleanup=lambda: (empty_bucket(client, bucket), _clear(work)))
             out += ["### Database backup", "", *table(db), ""]
             if args.profile:
@@ -499,7 +516,7 @@ def main(argv: list[str]) -> int:
                 argv_, env_, _ = db[0].command(0)
                 out += ["#### Profile of ours (one extra run)", "", *profile(argv_, env_, work)]
                 empty_bucket(client, bucket)
-            ours, three, pipe = db[0], db[1], db[2]
+            ours, three, pipe = db[0], db[-3], db[-2]
             if ours.ok_runs():
                 r3 = ours.median("seconds") / pipe.median("seconds") if pipe.ok_runs() else None
                 r2 = ours.median("seconds") / three.median("seconds") if three.ok_runs() else None
@@ -515,7 +532,7 @@ def main(argv: list[str]) -> int:
                 ]
         if "restore" in parts:
             print("restore:", file=sys.stderr)
-            rs = restore_contenders(pg, moto, bucket, work)
+            rs = restore_contenders(pg, moto, bucket, work, args.compare_scripts)
             alternate(rs, size.reps)
             for rep in range(size.reps):
                 pg.drop_database(f"restore_ours_{rep}")
@@ -526,8 +543,8 @@ def main(argv: list[str]) -> int:
                 argv_, env_, _ = rs[0].command(size.reps)
                 out += ["#### Profile of ours (one extra run)", "", *profile(argv_, env_, work)]
                 pg.drop_database(f"restore_ours_{size.reps}")
-            if rs[0].ok_runs() and rs[1].ok_runs():
-                r = rs[0].median("seconds") / rs[1].median("seconds")
+            if rs[0].ok_runs() and rs[-1].ok_runs():
+                r = rs[0].median("seconds") / rs[-1].median("seconds")
                 targets.append(f"| restore: wall ≤ 1.15 × psql -f | {r:.2f} × | {verdict(r <= 1.15)} |")
             _clear(work)
         if "files" in parts:
