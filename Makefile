@@ -32,5 +32,10 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m dev.demo
 
+## bench: our backups and restore against the approaches they replace → bench/RESULTS.md
+##        (full size ≈ 25 min; `make bench BENCH_ARGS=--quick` takes a few minutes)
+bench: $(STAMP)
+	$(PY) -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

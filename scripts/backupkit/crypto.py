@@ -19,6 +19,9 @@ OPENSSL_FORMAT = "openssl-aes-256-cbc-pbkdf2"
 AESCRYPT_FORMAT = "aescrypt-v2"
 # openssl's own defaults for -pbkdf2 (3.x), spelled out so an older openssl cannot differ.
 OPENSSL_CIPHER_ARGS = ["-aes-256-cbc", "-pbkdf2", "-md", "sha256", "-iter", "10000"]
+# openssl enc reads and writes 8 KiB at a time by default: every 8 KiB is then a pipe wakeup
+# and a Python read on our side. The buffer size does not change the output.
+OPENSSL_BUFSIZE = 1024 * 1024
 # AES Crypt buffer: a multiple of the AES block; 1 MiB keeps Python overhead per byte low.
 AESCRYPT_BUFFER = 1024 * 1024
 KEY_ID_SALT = b"external-backups key id"
@@ -73,7 +76,7 @@ def passphrase_pipe(passphrase: str) -> int:
 
 
 def openssl_args(fd: int, decrypt: bool = False) -> list[str]:
-    return ["openssl", "enc", *(["-d"] if decrypt else []), *OPENSSL_CIPHER_ARGS, "-pass", f"fd:{fd}"]
+    return ["openssl", "enc", *(["-d"] if decrypt else []), *OPENSSL_CIPHER_ARGS, "-bufsize", str(OPENSSL_BUFSIZE), "-pass", f"fd:{fd}"]
 
 
 class FullReader:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import fcntl
 import hashlib
 import os
 import signal
@@ -20,6 +21,9 @@ from typing import IO, Any
 from .errors import BackupError
 
 CHUNK = 256 * 1024  # bytes per read between stages: Python's per-call cost is negligible at this size
+# Pipes between stages: Linux's default 64 KiB makes every stage wake up and every Python read
+# return at most 64 KiB; 1 MiB (the default pipe-max-size) cuts the switches and reads 16-fold.
+PIPE_SIZE = 1024 * 1024
 STDERR_TAIL = 64 * 1024  # keep this much of a stage's stderr for its error message
 
 
@@ -149,6 +153,9 @@ class Pipeline:
         finally:
             for fd in pass_fds:
                 os.close(fd)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                _enlarge(pipe)
         stage = Stage(name, argv, proc)
         self.stages.append(stage)
         return stage
@@ -206,6 +213,13 @@ class Pipeline:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
             self.terminate()
+
+
+def _enlarge(pipe: IO[bytes]) -> None:
+    try:
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # over the user's pipe quota or pipe-max-size: the default size still works
 
 
 def copy(src: IO[bytes], write: Callable[[bytes], Any], tally: Tally | None = None,
