@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: test test-slow test-all lint demo bench clean
+.PHONY: test test-slow test-huge test-all lint demo bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ test: $(STAMP) lint
 
 ## test-slow: the large-data tests (memory bounds on hundreds of MB); CI runs them too
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow and not huge" $(PYTEST_ARGS)
+
+## test-huge: the 65,600-object ZIP64 end-to-end backup (over 10 minutes against moto)
+test-huge: $(STAMP)
+	$(PY) -m pytest -m huge $(PYTEST_ARGS)
 
 test-all: test test-slow
 

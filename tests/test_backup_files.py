@@ -315,6 +315,7 @@ def test_memory_stays_bounded_and_flat(run, s3server, bucket, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.huge
 def test_zip64_archive_of_more_than_65535_objects(run, s3server, bucket, tmp_path):
     client = s3server.client()
     source = new_bucket(s3server)
