@@ -611,6 +611,7 @@ def test_database_url_that_is_not_a_url(run, url):
     usage_error(bad_run(run, "backup_database.py", "--database-url", url), 2, "DATABASE_URL")
     usage_error(bad_run(run, "restore_database.py", "--latest", "--target-database-url", url), 2, "TARGET_DATABASE_URL")
     usage_error(bad_run(run, "restore_database.py", "--latest", env={"TARGET_DATABASE_URL": url}), 2, "TARGET_DATABASE_URL")
+    assert "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE" in run.calls[-1].stderr  # not garbled by redaction
 
 
 @pytest.mark.parametrize(("script", "args", "env", "code", "words"), [
