@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -731,3 +732,31 @@ def test_restore_fails_cleanly_when_downloads_keep_breaking_off(run, pg, sample_
     one_error(done, "broke off 5 times")
     unchanged(pg, target)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_decrypt_stopped_mid_way_leaves_nothing(run, tmp_path, sig, code):
+    """The partial plaintext (a hidden temp file beside OUT) goes, and so does openssl."""
+    slow = tmp_path / "bin"
+    slow.mkdir()
+    real = shutil.which("openssl")
+    # One process that takes its time, then becomes openssl (a shell would leave `sleep` behind).
+    (slow / "openssl").write_text(f"#!/usr/bin/python3\nimport os, sys, time\ntime.sleep(20)\nos.execv({real!r}, [{real!r}, *sys.argv[1:]])\n")
+    (slow / "openssl").chmod(0o755)
+    encrypted = tmp_path / "backup.sql.encrypted"
+    encrypted.write_bytes(openssl(b"SELECT 1;\n" * 1000, PASSPHRASE))
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run.popen("./decrypt.py", "-i", str(encrypted), "-o", str(out / "db.sql"),
+                     env={"PATH": f"{slow}:{os.environ['PATH']}"})
+    watch = ProcWatch(proc.pid).start()
+    wait_until(lambda: list(out.iterdir()) and any("openssl" in " ".join(s.cmdline) for s in watch.seen), what="decryption under way")
+    proc.send_signal(sig)
+    done = finish(proc, watch, timeout=30)
+    assert done.returncode == code, done.stderr
+    one_error(done)
+    assert list(out.iterdir()) == []
+    deadline = time.monotonic() + 10
+    while watch.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert watch.alive() == []
