@@ -760,3 +760,16 @@ def test_decrypt_stopped_mid_way_leaves_nothing(run, tmp_path, sig, code):
     while watch.alive() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert watch.alive() == []
+
+
+def test_list_backups_survives_transient_faults(run, pg, sample_db, proxy, via):
+    """A listing or manifest read failing once must not make a complete backup look incomplete
+    (that would trip the --max-age alarm, or send a restore to an older backup)."""
+    backup(run, pg, sample_db)
+    proxy.add("ListObjectVersions", fault="503", limit=1)
+    proxy.add("GetObject", fault="cut", limit=1)
+    proxy.add("GetObjectRetention", fault="500", limit=1)
+    done = run("list_backups.py", "--json", "--kind", "database", "--max-age", "1h", env=via)
+    assert done.returncode == 0, done.stderr
+    assert [b["complete"] for b in json.loads(done.stdout)] == [True]
+    assert proxy.faults() == {"503": 1, "cut": 1, "500": 1}
