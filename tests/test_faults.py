@@ -117,6 +117,7 @@ def test_readme_states_the_retry_policy():
 # -- transient S3 faults: the backup completes and restores byte-identical ------------------------
 def test_backup_and_restore_survive_transient_s3_faults(run, pg, big_db, proxy, via, s3server, bucket, scratch_db):
     proxy.add("CreateMultipartUpload", fault="500", limit=1)
+    proxy.add("UploadPart", fault="503", after=1, limit=1)  # at least one, whatever the threads' order
     proxy.add("UploadPart", fault="503", rate=0.2, per_request=2)
     proxy.add("UploadPart", fault="reset", after=2, limit=2, per_request=1)
     proxy.add("UploadPart", fault="stall", after=4, limit=1, per_request=1, seconds=20)
