@@ -13,6 +13,7 @@ import getpass
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,14 @@ examples:
 
 class Failure(Exception):
     pass
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised so the partial output is removed (and openssl killed) on the way out."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -199,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--password", help="passphrase (visible to other users: prefer the environment)")
     parser.add_argument("--manifest", help="manifest to check against (default: INFILE.manifest.json when present)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if not os.path.isfile(args.infile):
             raise Failure(f"{args.infile}: no such file")
@@ -211,8 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     except Failure as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("error: terminated (SIGTERM): nothing was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted (SIGINT): nothing was written", file=sys.stderr)
         return 130
     except OSError as exc:
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -20,7 +21,7 @@ import psutil
 import pytest
 
 from dev.harness import table_fingerprint
-from tests.conftest import PASSPHRASE, error_lines, versions
+from tests.conftest import PASSPHRASE, Runner, base_env, error_lines, versions
 from tests.faultproxy import FaultProxy
 from tests.procwatch import ProcWatch
 
@@ -78,6 +79,7 @@ def one_error(done, *words: str) -> str:
     assert "Traceback" not in stderr, stderr
     lines = error_lines(stderr)
     assert len(lines) == 1, stderr
+    print(lines[0])  # shown with -s: read them as an operator would
     for word in words:
         assert word.lower() in lines[0].lower(), lines[0]
     return lines[0]
@@ -115,6 +117,7 @@ def test_readme_states_the_retry_policy():
 # -- transient S3 faults: the backup completes and restores byte-identical ------------------------
 def test_backup_and_restore_survive_transient_s3_faults(run, pg, big_db, proxy, via, s3server, bucket, scratch_db):
     proxy.add("CreateMultipartUpload", fault="500", limit=1)
+    proxy.add("UploadPart", fault="503", after=1, limit=1)  # at least one, whatever the threads' order
     proxy.add("UploadPart", fault="503", rate=0.2, per_request=2)
     proxy.add("UploadPart", fault="reset", after=2, limit=2, per_request=1)
     proxy.add("UploadPart", fault="stall", after=4, limit=1, per_request=1, seconds=20)
@@ -141,10 +144,11 @@ def test_backup_and_restore_survive_transient_s3_faults(run, pg, big_db, proxy, 
 
 # -- permanent S3 faults: exit 1, quickly, one error line, nothing completed ----------------------
 PERMANENT = [
-    pytest.param(["UploadPart"], "503", {}, ("SlowDown",), True, id="upload-part-always-503"),
+    pytest.param(["UploadPart"], "503", {}, ("SlowDown",), True, id="upload-part-always-503", marks=pytest.mark.slow),
     pytest.param(["CompleteMultipartUpload"], "500", {}, ("complete the multipart upload", "InternalError"), True,
                  id="complete-always-fails"),
-    pytest.param(["UploadPart"], "stall", {"BACKUP_S3_READ_TIMEOUT": "1"}, ("timed out",), True, id="upload-part-stalls"),
+    pytest.param(["UploadPart"], "stall", {"BACKUP_S3_READ_TIMEOUT": "1"}, ("timed out",), True, id="upload-part-stalls",
+                 marks=pytest.mark.slow),
     pytest.param(["*"], "403-key", {}, ("access key",), False, id="wrong-credentials"),
     pytest.param(["*"], "403-signature", {}, ("secret key",), False, id="wrong-secret-key"),
 ]
@@ -346,11 +350,20 @@ BROKEN_FILES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def sample_backup(s3server, pg, sample_db, tmp_path_factory):
+    """One backup of the sample database, as a local file and its manifest (made once: restoring
+    with --file needs no bucket)."""
+    bucket = s3server.create_bucket(f"ext-backups-files-{os.getpid()}")
+    env = {**base_env(), **s3server.env(), "BACKUP_BUCKET": bucket, "BACKUP_ENVIRONMENT": "production",
+           "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, "PG_DUMP": str(pg.bin / "pg_dump")}
+    manifest = backup(Runner(env), pg, sample_db)
+    return download(s3server, bucket, manifest, tmp_path_factory.mktemp("sample-backup") / "backup.sql.encrypted"), manifest
+
+
 @pytest.mark.parametrize(("make", "manifest_mode", "passphrase", "words"), BROKEN_FILES)
-def test_restore_of_a_broken_file_commits_nothing(run, pg, sample_db, s3server, bucket, target, tmp_path,
-                                                   make, manifest_mode, passphrase, words):
-    manifest = backup(run, pg, sample_db)
-    original = download(s3server, bucket, manifest, tmp_path / "original")
+def test_restore_of_a_broken_file_commits_nothing(run, pg, sample_backup, target, tmp_path, make, manifest_mode, passphrase, words):
+    original, manifest = sample_backup
     broken = make(original.read_bytes())
     path = tmp_path / "backup.sql.encrypted"
     path.write_bytes(broken)
@@ -530,17 +543,38 @@ def usage_error(done, code: int, *words: str) -> None:
     one_error(done, *words)
 
 
-@pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
 @pytest.mark.parametrize("name", BAD_ENVIRONMENTS)
-def test_bad_environment_name(run, script, name):
-    usage_error(bad_run(run, script, *VALID_ARGS[script], env={"BACKUP_ENVIRONMENT": name}), 2, "invalid environment")
-    usage_error(bad_run(run, script, *VALID_ARGS[script], f"--environment={name}"), 2, "invalid environment")
+def test_bad_environment_names_are_refused(name):
+    """The whole list against the validator; each script's wiring is checked below."""
+    from scripts.backupkit import config, errors
+
+    with pytest.raises(errors.UsageError, match="invalid environment"):
+        config.environment_name(name)
+
+
+@pytest.mark.parametrize("name", BAD_BUCKETS)
+def test_bad_bucket_names_are_refused(name):
+    from scripts.backupkit import config, errors
+
+    with pytest.raises(errors.UsageError, match="invalid bucket"):
+        config.bucket_name(name)
 
 
 @pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
-@pytest.mark.parametrize("name", BAD_BUCKETS)
-def test_bad_bucket_name(run, script, name):
-    usage_error(bad_run(run, script, *VALID_ARGS[script], env={"BACKUP_BUCKET": name}), 2, "invalid bucket")
+@pytest.mark.parametrize(("name", "how"), [("prod/uction", "env"), ("..", "flag"), ("Production", "env"), ("-prod", "flag"),
+                                           ("prod\n", "env")])
+def test_bad_environment_name(run, script, name, how):
+    args = [f"--environment={name}"] if how == "flag" else []
+    env = {"BACKUP_ENVIRONMENT": name} if how == "env" else {}
+    usage_error(bad_run(run, script, *VALID_ARGS[script], *args, env=env), 2, "invalid environment")
+
+
+@pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
+@pytest.mark.parametrize(("name", "how"), [("Bad_Bucket", "env"), ("s3://bucket", "flag")])
+def test_bad_bucket_name(run, script, name, how):
+    args = [f"--bucket={name}"] if how == "flag" else []
+    env = {"BACKUP_BUCKET": name} if how == "env" else {}
+    usage_error(bad_run(run, script, *VALID_ARGS[script], *args, env=env), 2, "invalid bucket")
 
 
 @pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
@@ -579,6 +613,7 @@ def test_database_url_that_is_not_a_url(run, url):
     usage_error(bad_run(run, "backup_database.py", "--database-url", url), 2, "DATABASE_URL")
     usage_error(bad_run(run, "restore_database.py", "--latest", "--target-database-url", url), 2, "TARGET_DATABASE_URL")
     usage_error(bad_run(run, "restore_database.py", "--latest", env={"TARGET_DATABASE_URL": url}), 2, "TARGET_DATABASE_URL")
+    assert "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE" in run.calls[-1].stderr  # not garbled by redaction
 
 
 @pytest.mark.parametrize(("script", "args", "env", "code", "words"), [
@@ -673,7 +708,7 @@ def test_manifest_write_failing_leaves_an_incomplete_backup_that_readers_skip(ru
     assert "10-00-00" in " ".join(json.loads(done.stdout)["skipped"])
 
 
-@pytest.mark.parametrize("fault", ["cut", "stall-body"])
+@pytest.mark.parametrize("fault", ["cut", pytest.param("stall-body", marks=pytest.mark.slow)])
 def test_restore_survives_downloads_breaking_off(run, pg, big_db, proxy, via, s3server, bucket, target, tmp_path, fault):
     """A body cut short or stalled after its headers came (botocore does not retry those): the
     manifest's GET and the backup's GET are each hit once; both are fetched again."""
@@ -688,6 +723,7 @@ def test_restore_survives_downloads_breaking_off(run, pg, big_db, proxy, via, s3
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # ~10 s of back-off
 def test_restore_fails_cleanly_when_downloads_keep_breaking_off(run, pg, sample_db, proxy, via, target, tmp_path):
     backup(run, pg, sample_db)
     proxy.add("GetObject", fault="cut", after=1)  # the manifest reads fine, the backup never does
@@ -697,3 +733,44 @@ def test_restore_fails_cleanly_when_downloads_keep_breaking_off(run, pg, sample_
     one_error(done, "broke off 5 times")
     unchanged(pg, target)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_decrypt_stopped_mid_way_leaves_nothing(run, tmp_path, sig, code):
+    """The partial plaintext (a hidden temp file beside OUT) goes, and so does openssl."""
+    slow = tmp_path / "bin"
+    slow.mkdir()
+    real = shutil.which("openssl")
+    # One process that takes its time, then becomes openssl (a shell would leave `sleep` behind).
+    (slow / "openssl").write_text(f"#!/usr/bin/python3\nimport os, sys, time\ntime.sleep(20)\nos.execv({real!r}, [{real!r}, *sys.argv[1:]])\n")
+    (slow / "openssl").chmod(0o755)
+    encrypted = tmp_path / "backup.sql.encrypted"
+    encrypted.write_bytes(openssl(b"SELECT 1;\n" * 1000, PASSPHRASE))
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run.popen("./decrypt.py", "-i", str(encrypted), "-o", str(out / "db.sql"),
+                     env={"PATH": f"{slow}:{os.environ['PATH']}"})
+    watch = ProcWatch(proc.pid).start()
+    wait_until(lambda: list(out.iterdir()) and any("openssl" in " ".join(s.cmdline) for s in watch.seen), what="decryption under way")
+    proc.send_signal(sig)
+    done = finish(proc, watch, timeout=30)
+    assert done.returncode == code, done.stderr
+    one_error(done)
+    assert list(out.iterdir()) == []
+    deadline = time.monotonic() + 10
+    while watch.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert watch.alive() == []
+
+
+def test_list_backups_survives_transient_faults(run, pg, sample_db, proxy, via):
+    """A listing or manifest read failing once must not make a complete backup look incomplete
+    (that would trip the --max-age alarm, or send a restore to an older backup)."""
+    backup(run, pg, sample_db)
+    proxy.add("ListObjectVersions", fault="503", limit=1)
+    proxy.add("GetObject", fault="cut", limit=1)
+    proxy.add("GetObjectRetention", fault="500", limit=1)
+    done = run("list_backups.py", "--json", "--kind", "database", "--max-age", "1h", env=via)
+    assert done.returncode == 0, done.stderr
+    assert [b["complete"] for b in json.loads(done.stdout)] == [True]
+    assert proxy.faults() == {"503": 1, "cut": 1, "500": 1}

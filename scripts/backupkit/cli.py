@@ -11,7 +11,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .config import SECRET_VARS
 from .errors import BackupError, UsageError
@@ -33,11 +33,18 @@ def secrets_in_environment() -> list[str]:
             continue
         if name.endswith("DATABASE_URL"):
             try:
-                password = urlsplit(value).password
+                parts = urlsplit(value)
+                password = parts.password
             except ValueError:
-                password = None
+                parts = password = None
             if password:
                 found += [password, unquote(password)]
+            if parts is not None:
+                found += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == "password"]
+            if parts is not None and "://" in value:
+                # A URL's secret is its password: redacting the whole URL would also blank out
+                # e.g. 'postgresql://' in "expected postgresql://USER:PASSWORD@…".
+                continue
         elif name.endswith("_PREVIOUS"):
             found += [v for v in value.split(",") if v]
         found.append(value)
