@@ -87,4 +87,11 @@ def test_usage_errors(run, tmp_path):
 
 
 def test_decrypt_py_is_standalone():
-    assert "backupkit" not in (REPO / "decrypt.py").read_text()
+    """It imports only the standard library and pyAesCrypt, so it can be copied alone."""
+    import ast
+    import sys
+
+    tree = ast.parse((REPO / "decrypt.py").read_text())
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert modules - {"__future__", "pyAesCrypt"} <= set(sys.stdlib_module_names)
