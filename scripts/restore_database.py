@@ -38,6 +38,7 @@ environment:
 examples:
   scripts/restore_database.py --environment production --latest --target-database-url "$TARGET_DATABASE_URL"
   scripts/restore_database.py --environment production --key 2026-11-29--10-00-00.sql.encrypted --replace
+  scripts/fetch_backup.py --environment production --kind database --latest --out backup.sql.encrypted
   scripts/restore_database.py --file backup.sql.encrypted --target-database-url "$TARGET_DATABASE_URL"
 """
 
@@ -48,7 +49,10 @@ def build_parser() -> cli.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--latest", action="store_true", help="the newest backup that verifies")
     which.add_argument("--key", help="a backup's key (or its file name), as list_backups.py shows it")
-    which.add_argument("--file", help="a local encrypted backup (its FILE.manifest.json is used when present)")
+    which.add_argument("--file", help="a local encrypted backup with FILE.manifest.json beside it (fetch_backup.py saves both)")
+    p.add_argument("--without-manifest", action="store_true",
+                   help="with --file: restore a file that has no manifest. openssl has no integrity check, so "
+                        "corruption inside the file cannot be detected (a cut-off dump still is)")
     p.add_argument("--version-id", help="with --key: one version, when two backups share a second")
     p.add_argument("--target-database-url", default=os.environ.get("TARGET_DATABASE_URL"),
                    help="the database to restore into (env TARGET_DATABASE_URL)")
@@ -72,6 +76,17 @@ def main(argv: list[str]) -> int:
             raise UsageError(f"--file {args.file}: no such file")
         if os.path.getsize(args.file) == 0:
             raise UsageError(f"--file {args.file} is empty: not a backup")
+        with open(args.file, "rb") as handle:
+            if crypto.detect_format(handle.read(8)) != crypto.OPENSSL_FORMAT:
+                raise UsageError(f"{args.file} is not an encrypted database backup (no 'Salted__' header)")
+        if not os.path.exists(args.file + ".manifest.json") and not args.without_manifest:
+            raise UsageError(
+                f"{args.file} has no {os.path.basename(args.file)}.manifest.json beside it: without the manifest, "
+                "corruption inside the file cannot be detected. Fetch it with fetch_backup.py (it saves the "
+                "manifest), or pass --without-manifest to restore it anyway"
+            )
+    elif args.without_manifest:
+        raise UsageError("--without-manifest goes with --file")
     else:
         environment = config.environment_name(args.environment)
         bucket = config.bucket_name(args.bucket)
@@ -126,17 +141,14 @@ def main(argv: list[str]) -> int:
 
 
 def restore_file(path: str, passphrases: list[str], target: config.DatabaseTarget, psql: str) -> tuple[None, Restored]:
-    """A local file: checked against FILE.manifest.json when there is one; otherwise each
-    passphrase is tried in turn (a failed attempt rolls back)."""
+    """A local file: checked against FILE.manifest.json when there is one; otherwise
+    (--without-manifest) each passphrase is tried in turn (a failed attempt rolls back)."""
     manifest = None
     if os.path.exists(path + ".manifest.json"):
         with open(path + ".manifest.json", "rb") as handle:
             manifest = parse_manifest(handle.read())
         check_against_manifest(Tally.of_file(path), manifest, path)
         passphrases = [crypto.pick_passphrase(manifest["key_id"], passphrases)]
-    with open(path, "rb") as handle:
-        if crypto.detect_format(handle.read(8)) != crypto.OPENSSL_FORMAT:
-            raise UsageError(f"{path} is not an encrypted database backup (no 'Salted__' header)")
     problem: VerificationError | None = None
     for passphrase in passphrases:
         try:

@@ -81,10 +81,18 @@ def test_key_and_version_id_select_one_backup(run, pg, sample_db, scratch_db, s3
     assert pg.psql("SELECT count(*) FROM admin_user", scratch_db) == "2"
 
 
-def test_restore_from_local_file(run, pg, sample_db, backed_up, scratch_db, s3server, bucket, tmp_path):
+def test_restore_from_local_file_needs_its_manifest(run, pg, sample_db, backed_up, scratch_db, s3server, bucket, tmp_path):
     path = tmp_path / "backup.sql.encrypted"
     path.write_bytes(s3server.client().get_object(Bucket=bucket, Key=backed_up["key"])["Body"].read())
-    run("restore_database.py", "--file", str(path), "--target-database-url", pg.url(scratch_db), check=True)
+    refused = run("restore_database.py", "--file", str(path), "--target-database-url", pg.url(scratch_db))
+    assert refused.returncode == 2 and "--without-manifest" in refused.stderr
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+
+    run("restore_database.py", "--file", str(path), "--without-manifest", "--target-database-url", pg.url(scratch_db), check=True)
+    assert_same(pg, sample_db, scratch_db)
+
+    (tmp_path / "backup.sql.encrypted.manifest.json").write_text(json.dumps(backed_up))
+    run("restore_database.py", "--file", str(path), "--replace", "--target-database-url", pg.url(scratch_db), check=True)
     assert_same(pg, sample_db, scratch_db)
 
 
@@ -101,7 +109,7 @@ def test_truncated_local_file_commits_nothing(run, pg, backed_up, scratch_db, s3
     body = s3server.client().get_object(Bucket=bucket, Key=backed_up["key"])["Body"].read()
     path = tmp_path / "cut.sql.encrypted"
     path.write_bytes(body[: len(body) // 2])
-    done = run("restore_database.py", "--file", str(path), "--target-database-url", pg.url(scratch_db))
+    done = run("restore_database.py", "--file", str(path), "--without-manifest", "--target-database-url", pg.url(scratch_db))
     assert done.returncode == 1 and len(error_lines(done.stderr)) == 1
     assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
 
@@ -116,7 +124,7 @@ def test_dump_without_trailer_commits_nothing(run, pg, sample_db, scratch_db, tm
     encrypted = tmp_path / "cut.sql.encrypted"
     subprocess.run(["openssl", "enc", "-aes-256-cbc", "-pbkdf2", "-in", str(plain), "-out", str(encrypted),
                     "-pass", "env:KEY"], check=True, env={"KEY": PASSPHRASE, "PATH": "/usr/bin:/bin"})
-    done = run("restore_database.py", "--file", str(encrypted), "--target-database-url", pg.url(scratch_db))
+    done = run("restore_database.py", "--file", str(encrypted), "--without-manifest", "--target-database-url", pg.url(scratch_db))
     assert done.returncode == 1
     assert "trailer is missing" in done.stderr
     assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"

@@ -128,6 +128,6 @@ def run(main: Callable[[list[str]], int], argv: list[str] | None = None) -> NoRe
         fail("interrupted (SIGINT): stopped; nothing was completed by this run", 130, script)
     except Exception as exc:  # noqa: BLE001 - last resort: one line, never a traceback by default
         if "--debug" in argv:
-            traceback.print_exc()
+            print(redact(traceback.format_exc()), file=sys.stderr)
         fail(f"unexpected failure: {type(exc).__name__}: {exc} (run with --debug for a traceback)", 1, script)
     sys.exit(code)
