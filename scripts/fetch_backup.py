@@ -42,10 +42,7 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.parser("fetch_backup.py", DESCRIPTION, EPILOG)
     cli.add_target_args(p)
     p.add_argument("--kind", choices=KINDS, required=True, help="database or files")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--latest", action="store_true", help="the newest complete backup whose download verifies")
-    which.add_argument("--key", help="a backup's key (or its file name), as list_backups.py shows it")
-    p.add_argument("--version-id", help="with --key: one version, when two backups share a second")
+    cli.add_backup_choice(p, "the newest complete backup whose download verifies")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the encrypted backup")
     cli.add_output_args(p)
     return p

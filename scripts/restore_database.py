@@ -46,14 +46,11 @@ examples:
 def build_parser() -> cli.ArgumentParser:
     p = cli.parser("restore_database.py", DESCRIPTION, EPILOG)
     cli.add_target_args(p)
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--latest", action="store_true", help="the newest backup that verifies")
-    which.add_argument("--key", help="a backup's key (or its file name), as list_backups.py shows it")
+    which = cli.add_backup_choice(p)
     which.add_argument("--file", help="a local encrypted backup with FILE.manifest.json beside it (fetch_backup.py saves both)")
     p.add_argument("--without-manifest", action="store_true",
                    help="with --file: restore a file that has no manifest. openssl has no integrity check, so "
                         "corruption inside the file cannot be detected (a cut-off dump still is)")
-    p.add_argument("--version-id", help="with --key: one version, when two backups share a second")
     p.add_argument("--target-database-url", default=os.environ.get("TARGET_DATABASE_URL"),
                    help="the database to restore into (env TARGET_DATABASE_URL)")
     p.add_argument("--replace", action="store_true", help="restore over a database that already has tables")

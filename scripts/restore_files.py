@@ -73,11 +73,8 @@ NEW, CHANGED, IDENTICAL = "new", "changed", "identical"
 def build_parser() -> cli.ArgumentParser:
     p = cli.parser("restore_files.py", DESCRIPTION, EPILOG)
     cli.add_target_args(p)
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--latest", action="store_true", help="the newest backup that verifies")
-    which.add_argument("--key", help="a backup's key (or its file name), as list_backups.py shows it")
+    which = cli.add_backup_choice(p)
     which.add_argument("--file", help="a local backup: encrypted (its FILE.manifest.json is used when present) or an already decrypted ZIP")
-    p.add_argument("--version-id", help="with --key: one version, when two backups share a second")
     p.add_argument("--target-bucket", default=os.environ.get("TARGET_BUCKET"),
                    help="the bucket to restore into (env TARGET_BUCKET)")
     p.add_argument("--target-prefix", default=os.environ.get("TARGET_PREFIX", ""),

@@ -60,12 +60,9 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.parser("verify_backup.py", DESCRIPTION, EPILOG)
     cli.add_target_args(p)
     p.add_argument("--kind", choices=KINDS, required=True, help="database or files")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--latest", action="store_true", help="the newest backup that verifies")
-    which.add_argument("--key", help="a backup's key (or its file name), as list_backups.py shows it")
+    which = cli.add_backup_choice(p)
     which.add_argument("--since", type=duration_arg, metavar="DURATION",
                        help="every backup version started within DURATION, e.g. 1d, 6h")
-    p.add_argument("--version-id", help="with --key: one version, when two backups share a second")
     p.add_argument("--restore-into", metavar="URL",
                    help="also restore each database backup into this empty scratch database, e.g. postgresql://u:p@host/drill")
     p.add_argument("--psql", default=os.environ.get("PSQL"), help="psql binary for --restore-into (env PSQL)")

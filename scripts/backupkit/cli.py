@@ -98,6 +98,15 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                    help="the external backup bucket (env BACKUP_BUCKET)")
 
 
+def add_backup_choice(p: argparse.ArgumentParser, latest_help: str = "the newest backup that verifies") -> argparse._MutuallyExclusiveGroup:
+    """--latest | --key (plus --version-id); the returned group takes a script's other choices."""
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--latest", action="store_true", help=latest_help)
+    which.add_argument("--key", help="a backup's key (or its file name), as list_backups.py shows it")
+    p.add_argument("--version-id", help="with --key: one version, when two backups share a second")
+    return which
+
+
 def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result on stdout as JSON")
     p.add_argument("--debug", action="store_true", help="print a traceback on unexpected errors")
