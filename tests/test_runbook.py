@@ -12,14 +12,10 @@ import pytest
 
 from dev.harness import REPO, create_sample_database, table_fingerprint
 from tests.conftest import PASSPHRASE, base_env
+from tests.docblocks import bash_blocks
 
-BLOCK_RE = re.compile(r"(?:<!-- runbook-test: (?P<marker>[^>]*?) -->\n)?```bash\n(?P<body>.*?)```", re.S)
 SET_BY_TEST = "the test sets these variables itself"
 REAL_AWS = "needs real AWS"
-
-
-def blocks(path):
-    return [(m.group("marker"), m.group("body")) for m in BLOCK_RE.finditer(path.read_text())]
 
 
 def variables_set_by(body: str) -> set[str]:
@@ -27,7 +23,7 @@ def variables_set_by(body: str) -> set[str]:
 
 
 def test_runbook_blocks_are_marked_only_as_allowed():
-    found = blocks(REPO / "runbook.md")
+    found = bash_blocks(REPO / "runbook.md")
     assert len(found) > 15
     assert all(m in (SET_BY_TEST, None) or m.startswith(REAL_AWS) for m, _ in found)
     assert sum(1 for m, _ in found if m == SET_BY_TEST) == 1
@@ -82,7 +78,7 @@ def incident(pg, s3server, tmp_path):
 
 def test_runbook_restores_database_and_files(incident, pg, s3server):
     work, env, has_files = incident
-    found = blocks(work / "runbook.md")
+    found = bash_blocks(work / "runbook.md")
     script = ["set -euo pipefail"]
     skipped = []
     for number, (marker, body) in enumerate(found, 1):
