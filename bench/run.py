@@ -498,6 +498,21 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=sample_load, daemon=True).start()
     out: list[str] = []
     targets: list[str] = []
+    label = args.label or size.name
+
+    def save(final: bool) -> None:
+        # After every part, so a run that is killed keeps what it measured.
+        load_end = os.getloadavg()
+        minutes = (time.monotonic() - began) / 60
+        header = [f"## {label}: {started}, {minutes:.1f} minutes{'' if final else ' (incomplete: still running or stopped)'}", "",
+                  *machine(pg), f"- Load average (1 min): {load_start[0]:.1f} at start, {load_end[0]:.1f} at end, "
+                  f"median {statistics.median(loads) if loads else load_end[0]:.1f} during the run, on {os.cpu_count()} cores: "
+                  "other engineers' tests were running on the same machine, so wall times carry that noise.",
+                  *([f"- Note: {args.note}"] if args.note else []), ""]
+        if targets:
+            header += ["### Targets", "", "| target | measured | verdict |", "|---|---:|---|", *targets, ""]
+        write_section(label, header + out)
+
     try:
         if pg:
             print(f"setting up the database: pgbench -s {size.pgbench_scale} + {size.blob_mib} MiB of bytea", file=sys.stderr)
@@ -530,6 +545,7 @@ def main(argv: list[str]) -> int:
                     f"{ours.median('written') / 1024:,.0f} KiB written by the whole tree "
                     f"| {verdict(ours.peak('plaintext') == 0 and ours.median('written') < MIB)} |",
                 ]
+            save(final=False)
         if "restore" in parts:
             print("restore:", file=sys.stderr)
             rs = restore_contenders(pg, moto, bucket, work, args.compare_scripts)
@@ -547,6 +563,7 @@ def main(argv: list[str]) -> int:
                 r = rs[0].median("seconds") / rs[-1].median("seconds")
                 targets.append(f"| restore: wall ≤ 1.15 × psql -f | {r:.2f} × | {verdict(r <= 1.15)} |")
             _clear(work)
+            save(final=False)
         if "files" in parts:
             if not files_script:
                 out.append("Files backup: scripts/backup_files.py is not in this tree yet; the other contenders ran alone.\n")
@@ -571,6 +588,7 @@ def main(argv: list[str]) -> int:
                     r = ours.median("seconds") / sync.median("seconds") if sync.ok_runs() else None
                     targets += [f"| files {total_mib} MiB: peak tree RSS ≤ 200 MiB | {rss:.0f} MiB | {verdict(rss <= 200)} |",
                                 f"| files {total_mib} MiB: wall ≤ 0.8 × sync+zip+pyAesCrypt | {r:.2f} × | {verdict(r <= 0.8) if r else 'n/a'} |"]
+                save(final=False)
             if len(file_rss) >= 2:
                 grow = file_rss[-1] / file_rss[0]
                 targets.append(f"| files: peak RSS unchanged from {size.buckets[0][0]} to {size.buckets[-1][0]} MiB (≤ 1.1 ×) "
@@ -587,25 +605,14 @@ def main(argv: list[str]) -> int:
                     f"| `openssl speed -evp aes-256-cbc` (16 KiB blocks) | {c['aes'] / mb:,.0f} | |",
                     f"| `openssl speed sha256` (16 KiB blocks) | {c['sha'] / mb:,.0f} | |",
                     f"| limit: AES-CBC then HMAC-SHA256 on one core, 1/(1/aes + 1/sha) | {c['limit'] / mb:,.0f} | 1.00 |", ""]
+        save(final=True)
     finally:
         sampler_stop.set()
         moto.stop()
         if pg:
             pg.stop()
         shutil.rmtree(work, ignore_errors=True)
-
-    load_end = os.getloadavg()
-    minutes = (time.monotonic() - began) / 60
-    label = args.label or size.name
-    header = [f"## {label}: {started}, {minutes:.1f} minutes", "", *machine(pg),
-              f"- Load average (1 min): {load_start[0]:.1f} at start, {load_end[0]:.1f} at end, "
-              f"median {statistics.median(loads) if loads else load_end[0]:.1f} during the run, on {os.cpu_count()} cores: "
-              "other engineers' tests were running on the same machine, so wall times carry that noise.",
-              *([f"- Note: {args.note}"] if args.note else []), ""]
-    if targets:
-        header += ["### Targets", "", "| target | measured | verdict |", "|---|---:|---|", *targets, ""]
-    write_section(label, header + out)
-    print(f"wrote {RESULTS.relative_to(REPO)} ({label}) in {minutes:.1f} minutes", file=sys.stderr)
+    print(f"wrote {RESULTS.relative_to(REPO)} ({label}) in {(time.monotonic() - began) / 60:.1f} minutes", file=sys.stderr)
     return 0
 
 
