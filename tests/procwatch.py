@@ -75,7 +75,9 @@ class ProcWatch:
                 name = proc.name()
             except psutil.Error:
                 continue
-            if not cmdline:  # exiting (a zombie): /proc shows neither argv nor environment
+            if not cmdline or not environ:
+                # Exiting: /proc no longer shows argv or environment (our children always get at
+                # least PATH). The spy wrappers record every child's real environment anyway.
                 continue
             self.pids.add(proc.pid)
             self._procs.setdefault(proc.pid, proc)

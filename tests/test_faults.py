@@ -770,7 +770,7 @@ def test_list_backups_survives_transient_faults(run, pg, sample_db, proxy, via):
     backup(run, pg, sample_db)
     proxy.add("ListObjectVersions", fault="503", limit=1)
     proxy.add("GetObject", fault="cut", limit=1)
-    proxy.add("GetObjectRetention", fault="500", limit=1)
+    proxy.add("HeadObject", fault="500", limit=1)  # the retain-until date
     done = run("list_backups.py", "--json", "--kind", "database", "--max-age", "1h", env=via)
     assert done.returncode == 0, done.stderr
     assert [b["complete"] for b in json.loads(done.stdout)] == [True]
