@@ -507,7 +507,8 @@ def main(argv: list[str]) -> int:
         header = [f"## {label}: {started}, {minutes:.1f} minutes{'' if final else ' (incomplete: still running or stopped)'}", "",
                   *machine(pg), f"- Load average (1 min): {load_start[0]:.1f} at start, {load_end[0]:.1f} at end, "
                   f"median {statistics.median(loads) if loads else load_end[0]:.1f} during the run, on {os.cpu_count()} cores: "
-                  "other engineers' tests were running on the same machine, so wall times carry that noise.",
+                  "the bench's own processes (moto, the contender running) count in it; anything well above 2 "
+                  "means other work shared the machine and wall times carry that noise.",
                   *([f"- Note: {args.note}"] if args.note else []), ""]
         if targets:
             header += ["### Targets", "", "| target | measured | verdict |", "|---|---:|---|", *targets, ""]
