@@ -21,7 +21,9 @@ INITIAL_PART_SIZE = 8 * MIB
 # The part size doubles every PARTS_PER_STEP parts: 10,000 parts then hold 1000 × 8 MiB ×
 # (2^10 - 1) ≈ 7.8 TiB, above S3's 5 TiB object limit, and no part exceeds 4 GiB (limit 5 GiB).
 PARTS_PER_STEP = 1000
-MAX_IN_FLIGHT = 4
+# 3 part buffers (the one being filled included): against 4, the same wall time on a 1 GB dump
+# and 8 MiB less peak memory (bench/RESULTS.md, experiment-3-part-buffers).
+MAX_IN_FLIGHT = 3
 MAX_PARTS = 10_000
 
 
