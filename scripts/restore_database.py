@@ -9,12 +9,11 @@ import tempfile
 
 from backupkit import cli, config, crypto, s3
 from backupkit.errors import BackupError, UsageError, VerificationError
-from backupkit.manifest import Backup, parse_manifest
-from backupkit.pipeline import Tally
+from backupkit.manifest import Backup
 from backupkit.postgres import client_binary, client_version, user_tables
 from backupkit.progress import human_bytes, log
 from backupkit.restore import Restored, restore_stream
-from backupkit.retrieve import candidates, check_against_manifest, download, first_good
+from backupkit.retrieve import candidates, download, first_good, local_manifest
 
 DESCRIPTION = """\
 Restore a database backup into TARGET with
@@ -140,12 +139,7 @@ def main(argv: list[str]) -> int:
 def restore_file(path: str, passphrases: list[str], target: config.DatabaseTarget, psql: str) -> tuple[None, Restored]:
     """A local file: checked against FILE.manifest.json when there is one; otherwise
     (--without-manifest) each passphrase is tried in turn (a failed attempt rolls back)."""
-    manifest = None
-    if os.path.exists(path + ".manifest.json"):
-        with open(path + ".manifest.json", "rb") as handle:
-            manifest = parse_manifest(handle.read())
-        check_against_manifest(Tally.of_file(path), manifest, path)
-        passphrases = [crypto.pick_passphrase(manifest["key_id"], passphrases)]
+    manifest, passphrases = local_manifest(path, passphrases)
     problem: VerificationError | None = None
     for passphrase in passphrases:
         try:

@@ -26,10 +26,10 @@ from backupkit.archive import (
     member_range,
 )
 from backupkit.errors import BackupError, UsageError, VerificationError
-from backupkit.manifest import Backup, parse_manifest
-from backupkit.pipeline import CHUNK, Tally
+from backupkit.manifest import Backup
+from backupkit.pipeline import CHUNK
 from backupkit.progress import Progress, human_bytes, log
-from backupkit.retrieve import candidates, check_against_manifest, download, first_good
+from backupkit.retrieve import candidates, download, first_good, local_manifest
 
 DESCRIPTION = """\
 Restore a files backup into TARGET_BUCKET: the backup is downloaded and checked against its
@@ -117,12 +117,7 @@ def from_file(path: str, workdir: str) -> tuple[str, dict | None]:
     if crypto.detect_format(head) != crypto.AESCRYPT_FORMAT:
         raise UsageError(f"{path} is neither an encrypted files backup (AES Crypt) nor a ZIP")
     passphrases = config.passphrases()
-    manifest = None
-    if os.path.exists(path + ".manifest.json"):
-        with open(path + ".manifest.json", "rb") as handle:
-            manifest = parse_manifest(handle.read())
-        check_against_manifest(Tally.of_file(path), manifest, path)
-        passphrases = [crypto.pick_passphrase(manifest["key_id"], passphrases)]
+    manifest, passphrases = local_manifest(path, passphrases)
     plaintext = os.path.join(workdir, "backup.zip")
     problem: VerificationError | None = None
     for passphrase in passphrases:

@@ -7,8 +7,9 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from .crypto import pick_passphrase
 from .errors import BackupError, VerificationError
-from .manifest import Backup, catalogue, find_backup
+from .manifest import MANIFEST_SUFFIX, Backup, catalogue, find_backup, parse_manifest
 from .pipeline import Tally, copy
 from .progress import Progress, log
 from .s3 import read_body
@@ -81,3 +82,14 @@ def download(client: Any, bucket: str, backup: Backup, path: str) -> None:
                       lambda: client.get_object(Bucket=bucket, Key=backup.key, **extra), save)
     if backup.manifest is not None:
         check_against_manifest(tally, backup.manifest, "the downloaded object")
+
+
+def local_manifest(path: str, passphrases: list[str]) -> tuple[dict[str, Any] | None, list[str]]:
+    """For a local backup file: its FILE.manifest.json (when present) after checking the file
+    against it, and the passphrases to try (only the one whose key_id it names)."""
+    if not os.path.exists(path + MANIFEST_SUFFIX):
+        return None, passphrases
+    with open(path + MANIFEST_SUFFIX, "rb") as handle:
+        manifest = parse_manifest(handle.read())
+    check_against_manifest(Tally.of_file(path), manifest, path)
+    return manifest, [pick_passphrase(manifest["key_id"], passphrases)]
