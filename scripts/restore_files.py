@@ -20,7 +20,6 @@ from backupkit.archive import (
     ZIP_MAGIC,
     FileSection,
     check_archive,
-    check_plaintext,
     decrypt_file,
     member_attributes,
     member_range,
@@ -29,7 +28,7 @@ from backupkit.errors import BackupError, UsageError, VerificationError
 from backupkit.manifest import Backup
 from backupkit.pipeline import CHUNK
 from backupkit.progress import Progress, human_bytes, log
-from backupkit.retrieve import candidates, download, first_good, local_manifest
+from backupkit.retrieve import candidates, check_plaintext, download, first_good, local_manifest
 
 DESCRIPTION = """\
 Restore a files backup into TARGET_BUCKET: the backup is downloaded and checked against its
@@ -103,7 +102,8 @@ def decrypt_verified(encrypted: str, plaintext: str, passphrase: str, manifest: 
     progress = Progress("decrypted", total_bytes=total)
     tally = decrypt_file(encrypted, plaintext, passphrase, lambda n: progress.update(n))
     progress.done()
-    check_plaintext(tally, manifest)
+    if manifest is not None:
+        check_plaintext(tally, manifest, "archive")
 
 
 def from_file(path: str, workdir: str) -> tuple[str, dict | None]:

@@ -234,13 +234,6 @@ def decrypt_file(src: str, dst: str, passphrase: str, progress: Callable[[int], 
     return tally
 
 
-def check_plaintext(tally: Tally, manifest: dict[str, Any] | None) -> None:
-    if manifest is None:
-        return
-    if (tally.size, tally.hexdigest()) != (manifest["plaintext_size"], manifest["plaintext_sha256"]):
-        raise VerificationError("the decrypted archive does not match the manifest's plaintext size and SHA-256: corrupted")
-
-
 @dataclass
 class ArchiveSummary:
     members: int

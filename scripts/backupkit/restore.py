@@ -12,6 +12,7 @@ from . import config, crypto
 from .errors import BackupError, VerificationError
 from .pipeline import Pipeline, Tally, hold_back
 from .postgres import has_trailer
+from .retrieve import check_plaintext
 
 
 @dataclass
@@ -37,8 +38,8 @@ def restore_stream(path: str, passphrase: str, target: config.DatabaseTarget, ps
         held, broken = hold_back(decrypt.stdout, restore.stdin, plaintext)
         if decrypt.wait() != 0:
             raise VerificationError(f"decryption failed, wrong passphrase or corrupted backup ({decrypt.describe_failure()})")
-        if manifest is not None and (plaintext.size, plaintext.hexdigest()) != (manifest["plaintext_size"], manifest["plaintext_sha256"]):
-            raise VerificationError("the decrypted dump does not match the manifest's plaintext SHA-256: corrupted")
+        if manifest is not None:
+            check_plaintext(plaintext, manifest, "dump")
         if not has_trailer(held):
             raise VerificationError("the dump is incomplete: pg_dump's completion trailer is missing")
         if not broken:

@@ -65,6 +65,14 @@ def check_against_manifest(tally: Tally, manifest: dict[str, Any], what: str) ->
         raise VerificationError(f"{what} does not match the manifest's SHA-256: corrupted")
 
 
+def check_plaintext(plaintext: Tally, manifest: dict[str, Any], what: str) -> None:
+    if plaintext.size != manifest["plaintext_size"]:
+        raise VerificationError(
+            f"the decrypted {what} is {plaintext.size} bytes, the manifest says {manifest['plaintext_size']}: corrupted")
+    if plaintext.hexdigest() != manifest["plaintext_sha256"]:
+        raise VerificationError(f"the decrypted {what} does not match the manifest's plaintext SHA-256: corrupted")
+
+
 def download(client: Any, bucket: str, backup: Backup, path: str) -> None:
     """Stream one backup version to `path` (0600) and check it against its manifest."""
     extra = {"VersionId": backup.version_id} if backup.version_id else {}

@@ -9,6 +9,7 @@ from . import config, crypto
 from .errors import VerificationError
 from .pipeline import Pipeline, Tally, copy
 from .postgres import TRAILER_WINDOW, has_trailer
+from .retrieve import check_plaintext
 from .zipcheck import ZipStreamChecker
 
 
@@ -22,14 +23,6 @@ class Tail:
     def write(self, chunk: bytes) -> int:
         self.data = (self.data + chunk[-self.size:])[-self.size:]
         return len(chunk)
-
-
-def check_plaintext(plaintext: Tally, manifest: dict[str, Any], what: str) -> None:
-    if plaintext.size != manifest["plaintext_size"]:
-        raise VerificationError(
-            f"the decrypted {what} is {plaintext.size} bytes, the manifest says {manifest['plaintext_size']}: corrupted")
-    if plaintext.hexdigest() != manifest["plaintext_sha256"]:
-        raise VerificationError(f"the decrypted {what} does not match the manifest's plaintext SHA-256: corrupted")
 
 
 def verify_dump(path: str, passphrase: str, manifest: dict[str, Any]) -> dict[str, Any]:
