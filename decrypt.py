@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Decrypt an external backup: openssl `enc -aes-256-cbc -pbkdf2` (.sql.encrypted) or AES Crypt v2
-(.zip.encrypted), recognised by their magic bytes.
+"""Decrypt an external backup: openssl `enc -aes-256-cbc -pbkdf2` (.sql.encrypted, and
+.sql.zst.encrypted which it also decompresses with zstd) or AES Crypt v2 (.zip.encrypted),
+recognised by their magic bytes.
 
-Standalone on purpose (standard library + pyAesCrypt + the openssl binary): copy this one file
-to any machine during an incident.
+Standalone on purpose (standard library + pyAesCrypt + the openssl and zstd binaries): copy this
+one file to any machine during an incident.
 """
 
 from __future__ import annotations
@@ -13,29 +14,41 @@ import getpass
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import typing
 
+# Copies of the toolkit's constants (scripts/backupkit): tests/test_decrypt.py checks they agree.
 OPENSSL_ARGS = ["-aes-256-cbc", "-pbkdf2", "-md", "sha256", "-iter", "10000"]
 KEY_ID_SALT = b"external-backups key id"
+KEY_ID_ITERATIONS = 600_000
+MAX_MANIFEST_BYTES = 256 * 1024
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+TRAILER = b"-- PostgreSQL database dump complete"
 BUFFER = 1024 * 1024
-# Never handed to openssl (it reads the passphrase from a pipe); same list as backupkit.config.
+# Never handed to openssl or zstd (the passphrase goes through a pipe); same list as backupkit.config.
 SECRET_VARIABLES = (
     "EXTERNAL_BACKUP_ENCRYPTION_KEY", "EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS", "DATABASE_URL", "TARGET_DATABASE_URL",
     "PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "SOURCE_AWS_SECRET_ACCESS_KEY", "SOURCE_AWS_SESSION_TOKEN",
+    "BACKUP_HEARTBEAT_URL",
 )
 
 EPILOG = """\
 The passphrase comes from EXTERNAL_BACKUP_ENCRYPTION_KEY (and EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS,
 comma-separated older ones), else from a prompt without echo. --password works too but puts the
-passphrase in the process list: avoid it on shared machines.
+passphrase in the process list: avoid it on shared machines. A trailing line break is not part of
+a passphrase; one inside it is refused (openssl would read only the first line).
 
-When IN.manifest.json lies beside the input (fetch_backup.py puts it there), the encrypted and
-plaintext SHA-256 are checked against it and the passphrase is chosen by its key_id.
-On any failure nothing is left at OUT.
+When IN.manifest.json lies beside the input (fetch_backup.py puts it there), or --manifest names
+one, the encrypted and plaintext sizes and SHA-256 are checked against it and the passphrase is
+chosen by its key_id. Without a manifest nothing can prove the output is the whole, unaltered
+backup (openssl has no integrity check): it says so, and a dump must at least end with pg_dump's
+completion trailer. A compressed dump (.sql.zst.encrypted) is written as plain SQL (zstd -d).
+
+OUT must not exist (--force replaces it). On any failure nothing is left at OUT.
 
 examples:
   export EXTERNAL_BACKUP_ENCRYPTION_KEY=…        # or let it prompt
@@ -66,7 +79,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def key_id(passphrase: str) -> str:
-    return hashlib.pbkdf2_hmac("sha256", passphrase.encode(), KEY_ID_SALT, 600_000)[:8].hex()
+    return hashlib.pbkdf2_hmac("sha256", passphrase.encode(), KEY_ID_SALT, KEY_ID_ITERATIONS)[:8].hex()
+
+
+def one_line(passphrase: str, where: str) -> str:
+    """The toolkit's passphrase rule: a trailing line break is dropped, one inside is refused."""
+    passphrase = passphrase.rstrip("\r\n")
+    if "\n" in passphrase or "\r" in passphrase:
+        raise Failure(f"{where} contains a line break: openssl would use only its first line")
+    return passphrase
 
 
 def sha256_file(path: str) -> tuple[int, str]:
@@ -81,37 +102,72 @@ def sha256_file(path: str) -> tuple[int, str]:
 
 def candidate_passphrases(explicit: str | None) -> list[str]:
     if explicit:
-        return [explicit]
-    found = [os.environ.get("EXTERNAL_BACKUP_ENCRYPTION_KEY", "")]
-    found += os.environ.get("EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS", "").split(",")
+        return [one_line(explicit, "--password")]
+    found = [one_line(os.environ.get("EXTERNAL_BACKUP_ENCRYPTION_KEY", ""), "EXTERNAL_BACKUP_ENCRYPTION_KEY")]
+    found += [one_line(p, "EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS")
+              for p in os.environ.get("EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS", "").split(",")]
     found = [p for p in found if p]
     if not found and sys.stdin.isatty():
-        found = [getpass.getpass("Backup passphrase: ")]
+        found = [one_line(getpass.getpass("Backup passphrase: "), "the passphrase")]
     if not found:
         raise Failure("no passphrase: set EXTERNAL_BACKUP_ENCRYPTION_KEY (or run on a terminal to be prompted)")
     return found
 
 
-def decrypt_openssl(infile: str, outfile: str, passphrase: str) -> None:
+def child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES and not k.startswith("ACTIONS_")}
+
+
+def decrypt_openssl(infile: str, outfile: str, passphrase: str, compression: str | None) -> None:
+    """openssl -d into `outfile`, through `zstd -d` when the data is compressed (told by the
+    manifest, else by the first bytes of the decrypted stream)."""
     read_end, write_end = os.pipe()
     os.write(write_end, passphrase.encode() + b"\n")
     os.close(write_end)
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
     try:
-        done = subprocess.run(
-            ["openssl", "enc", "-d", *OPENSSL_ARGS, "-in", infile, "-out", outfile, "-pass", f"fd:{read_end}"],
-            pass_fds=(read_end,), capture_output=True, text=True, env=env,
-        )
+        openssl = subprocess.Popen(
+            ["openssl", "enc", "-d", *OPENSSL_ARGS, "-in", infile, "-pass", f"fd:{read_end}"],
+            pass_fds=(read_end,), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
     except FileNotFoundError:
         raise Failure("openssl: command not found (apt-get install openssl)") from None
     finally:
         os.close(read_end)
-    if done.returncode != 0:
-        detail = " ".join(done.stderr.split())[:300]
-        raise ValueError(f"wrong passphrase or corrupted file (openssl: {detail})")
+    zstd = None
+    try:
+        with open(outfile, "wb") as out:
+            first = openssl.stdout.read(len(ZSTD_MAGIC))
+            if compression == "zstd" or (compression is None and first == ZSTD_MAGIC):
+                try:
+                    zstd = subprocess.Popen(["zstd", "-d", "-q", "-c"], stdin=subprocess.PIPE, stdout=out,
+                                            stderr=subprocess.PIPE, env=child_env())
+                except FileNotFoundError:
+                    raise Failure("zstd: command not found: this backup is compressed; install the zstd package "
+                                  "(apt-get install zstd)") from None
+                sink = zstd.stdin
+            else:
+                sink = out
+            try:
+                sink.write(first)
+                while chunk := openssl.stdout.read(BUFFER):
+                    sink.write(chunk)
+            except BrokenPipeError:
+                pass  # zstd stopped: its exit status says why
+            if zstd is not None:
+                zstd.stdin.close()
+        problem = openssl.stderr.read().decode(errors="replace")
+        if openssl.wait() != 0:
+            raise ValueError(f"wrong passphrase or corrupted file (openssl: {' '.join(problem.split())[:300]})")
+        if zstd is not None and zstd.wait() != 0:
+            detail = " ".join(zstd.stderr.read().decode(errors="replace").split())[:300]
+            raise Failure(f"decompression failed: the backup is corrupted (zstd: {detail})")
+    finally:
+        for proc in (openssl, zstd):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
-def decrypt_aescrypt(infile: str, outfile: str, passphrase: str) -> None:
+def decrypt_aescrypt(infile: str, outfile: str, passphrase: str, compression: str | None) -> None:
     try:
         import pyAesCrypt
     except ImportError:
@@ -123,35 +179,56 @@ def decrypt_aescrypt(infile: str, outfile: str, passphrase: str) -> None:
             raise ValueError(f"wrong passphrase or corrupted file ({exc})") from None
 
 
-def check_looks_like_text(path: str) -> None:
-    """openssl has no MAC: a wrong passphrase passes its padding check about once in 256 tries
-    and yields noise. Our openssl backups are SQL dumps (UTF-8 text); without a manifest to check
-    the hash against, noise is told from a dump this way."""
+def check_looks_like_a_dump(path: str) -> None:
+    """Without a manifest: openssl has no MAC, so a wrong passphrase passes its padding check
+    about once in 256 tries and yields noise, and a damaged or cut file decrypts silently. A dump
+    is UTF-8 text that ends with pg_dump's completion trailer; noise and a cut dump are not."""
     with open(path, "rb") as handle:
         head = handle.read(64 * 1024)
+        handle.seek(max(os.path.getsize(path) - 1024, 0))
+        tail = handle.read()
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as exc:
         if exc.start < len(head) - 4:  # not just a character cut at the end of the sample
             raise ValueError("wrong passphrase (the output is not the SQL text of a dump)") from None
+    if TRAILER not in tail:
+        raise Failure("the decrypted dump does not end with pg_dump's completion trailer: it is cut short or damaged")
 
 
-def read_manifest(path: str | None) -> dict | None:
-    if not path or not os.path.exists(path):
-        return None
+def read_manifest(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise Failure(f"cannot read the manifest {path}: {exc}") from None
-    fields = ("encrypted_sha256", "plaintext_sha256", "key_id")
-    if not isinstance(manifest, dict) or not all(isinstance(manifest.get(f), str) for f in fields):
-        raise Failure(f"{path} is not a backup manifest (it lacks {', '.join(fields)})")
+        with open(path, "rb") as handle:
+            body = handle.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise Failure(f"cannot read the manifest {path}: {exc.strerror}") from None
+    if len(body) > MAX_MANIFEST_BYTES:
+        raise Failure(f"{path} is over {MAX_MANIFEST_BYTES // 1024} KiB: not a backup manifest")
+    try:
+        manifest = json.loads(body)
+    except (ValueError, RecursionError):
+        raise Failure(f"{path} is not valid JSON: not a backup manifest") from None
+    valid = (isinstance(manifest, dict)
+             and all(isinstance(manifest.get(f), str) and re.fullmatch(r"[0-9a-f]{64}", manifest[f])
+                     for f in ("encrypted_sha256", "plaintext_sha256"))
+             and isinstance(manifest.get("key_id"), str) and re.fullmatch(r"[0-9a-f]{16}", manifest["key_id"])
+             and all(isinstance(manifest.get(f), int) for f in ("encrypted_size", "plaintext_size"))
+             and manifest.get("compression", "none") in ("none", "zstd"))
+    if not valid:
+        raise Failure(f"{path} is not a backup manifest (it lacks valid key_id, sizes and SHA-256 sums)")
     return manifest
 
 
-def decrypt(infile: str, outfile: str, passphrases: list[str], manifest: dict | None) -> str:
-    """Decrypt infile to outfile (atomically); returns the format's name."""
+def matching_passphrases(passphrases: list[str], wanted: str) -> list[str]:
+    """The passphrase whose key_id the manifest names; also one stored with a trailing newline
+    before the one-line rule (its key_id was taken with the newline)."""
+    exact = [p for p in passphrases if key_id(p) == wanted]
+    return exact or [p + "\n" for p in passphrases if key_id(p + "\n") == wanted]
+
+
+def decrypt(infile: str, outfile: str, passphrases: list[str], manifest: dict | None, force: bool = False) -> str:
+    """Decrypt infile to outfile (atomically; an existing outfile only with `force`); returns the
+    format's name."""
     with open(infile, "rb") as handle:
         head = handle.read(8)
     if head.startswith(b"Salted__"):
@@ -163,15 +240,17 @@ def decrypt(infile: str, outfile: str, passphrases: list[str], manifest: dict | 
     else:
         raise Failure(f"{infile} is not an encrypted backup (it starts with neither 'Salted__' nor 'AES')")
 
+    compression = None
     if manifest is not None:
         size, digest = sha256_file(infile)
-        if digest != manifest["encrypted_sha256"] or size != manifest.get("encrypted_size", size):
+        if digest != manifest["encrypted_sha256"] or size != manifest["encrypted_size"]:
             raise Failure(f"{infile} does not match its manifest (size {size}, SHA-256 {digest}): corrupted or truncated download")
-        matching = [p for p in passphrases if key_id(p) == manifest["key_id"]]
+        matching = matching_passphrases(passphrases, manifest["key_id"])
         if not matching:
-            raise Failure(f"this backup needs the passphrase with key_id {manifest['key_id']}; "
-                          f"the passphrases given have key_id {', '.join(key_id(p) for p in passphrases)}")
+            raise Failure(f"this backup needs the passphrase with key_id {manifest['key_id']}; the passphrases given have "
+                          f"key_id {', '.join(key_id(p) for p in passphrases)}: mistyped, or an older one missing?")
         passphrases = matching
+        compression = manifest.get("compression", "none")
 
     directory = os.path.dirname(os.path.abspath(outfile))
     fd, temp = tempfile.mkstemp(prefix=".decrypt-", dir=directory)  # 0600
@@ -180,17 +259,19 @@ def decrypt(infile: str, outfile: str, passphrases: list[str], manifest: dict | 
         problems = []
         for passphrase in passphrases:
             try:
-                function(infile, temp, passphrase)
+                function(infile, temp, passphrase, compression)
                 if function is decrypt_openssl and manifest is None:
-                    check_looks_like_text(temp)
+                    check_looks_like_a_dump(temp)
                 break
             except ValueError as exc:
                 problems.append(str(exc))
         else:
             tried = f" (tried {len(passphrases)} passphrases)" if len(passphrases) > 1 else ""
             raise Failure(f"cannot decrypt {infile}{tried}: {problems[-1]}")
-        if manifest is not None and sha256_file(temp)[1] != manifest["plaintext_sha256"]:
-            raise Failure(f"the decrypted data does not match the manifest's plaintext SHA-256: {infile} is corrupted")
+        if manifest is not None and sha256_file(temp) != (manifest["plaintext_size"], manifest["plaintext_sha256"]):
+            raise Failure(f"the decrypted data does not match the manifest's plaintext size and SHA-256: {infile} is corrupted")
+        if os.path.exists(outfile) and not force:  # created meanwhile
+            raise Failure(f"{outfile} exists: pass --force to replace it")
         os.replace(temp, outfile)
     finally:
         if os.path.exists(temp):
@@ -204,9 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-i", "--filein", "--infile", dest="infile", required=True, help="encrypted backup file")
-    parser.add_argument("-o", "--fileout", "--outfile", dest="outfile", required=True, help="where to write the plaintext")
+    parser.add_argument("-o", "--fileout", "--outfile", dest="outfile", required=True, help="where to write the plaintext (must not exist)")
     parser.add_argument("-p", "--password", help="passphrase (visible to other users: prefer the environment)")
     parser.add_argument("--manifest", help="manifest to check against (default: INFILE.manifest.json when present)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -214,10 +296,20 @@ def main(argv: list[str] | None = None) -> int:
             raise Failure(f"{args.infile}: no such file")
         if os.path.abspath(args.infile) == os.path.abspath(args.outfile):
             raise Failure("--fileout must differ from --filein")
+        if os.path.exists(args.outfile) and not args.force:
+            raise Failure(f"{args.outfile} exists: pass --force to replace it, or choose another --fileout")
         if args.password:
             print("warning: --password is visible in the process list; prefer EXTERNAL_BACKUP_ENCRYPTION_KEY", file=sys.stderr)
-        manifest = read_manifest(args.manifest or args.infile + ".manifest.json")
-        kind = decrypt(args.infile, args.outfile, candidate_passphrases(args.password), manifest)
+        if args.manifest and not os.path.isfile(args.manifest):
+            raise Failure(f"--manifest {args.manifest}: no such file")
+        manifest_path = args.manifest or args.infile + ".manifest.json"
+        manifest = read_manifest(manifest_path) if os.path.exists(manifest_path) else None
+        if os.path.abspath(args.outfile) == os.path.abspath(manifest_path):
+            raise Failure("--fileout must differ from the manifest")
+        if manifest is None:
+            print(f"warning: no manifest ({manifest_path}): the integrity of the output cannot be checked; fetch the "
+                  "backup with fetch_backup.py to get its manifest", file=sys.stderr)
+        kind = decrypt(args.infile, args.outfile, candidate_passphrases(args.password), manifest, args.force)
     except Failure as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -230,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
         return 1
-    checked = " (checked against its manifest)" if manifest else ""
+    checked = " (checked against its manifest)" if manifest else " (NOT checked: no manifest)"
     print(f"decrypted {args.infile} ({kind}) to {args.outfile}{checked}")
     return 0
 

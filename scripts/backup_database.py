@@ -9,9 +9,10 @@ import time
 
 from backupkit import cli, config, crypto, s3
 from backupkit.manifest import backup_key, build_manifest, write_manifest
+from backupkit.output import log, md_code, shown
 from backupkit.pipeline import Pipeline, Tally, copy
 from backupkit.postgres import check_dump_client, client_binary
-from backupkit.progress import Progress, human_bytes, log
+from backupkit.progress import Progress, human_bytes
 from backupkit.upload import StreamingUpload
 
 DESCRIPTION = """\
@@ -62,7 +63,7 @@ def main(argv: list[str]) -> int:
     started = config.utcnow()
     began = time.monotonic()
     key = backup_key(environment, "database", started)
-    log(f"backing up database {database.database!r} (server {server_version}, pg_dump {client_version}) "
+    log(f"backing up database '{shown(database.database)}' (server {server_version}, pg_dump {client_version}) "
         f"to s3://{bucket}/{key}")
 
     plaintext = Tally()
@@ -73,9 +74,7 @@ def main(argv: list[str]) -> int:
             [pg_dump, "--format=plain", "--clean", "--if-exists", "--no-owner", "--no-privileges", *database.args()],
             env=database.env(),
         )
-        fd = crypto.passphrase_pipe(passphrase)
-        encrypt = pipeline.start("openssl", crypto.openssl_args(fd), env=config.child_env(),
-                                 stdin=subprocess.PIPE, pass_fds=[fd])
+        encrypt = crypto.start_openssl(pipeline, passphrase, decrypt=False, stdin=subprocess.PIPE)
         pipeline.pump(dump.stdout, encrypt.stdin, plaintext)
         copy(encrypt.stdout, upload.write, progress=progress.update)
         pipeline.finish()  # raises unless pg_dump and openssl both exited 0
@@ -89,7 +88,6 @@ def main(argv: list[str]) -> int:
         version_id=version_id,
         started_at=started,
         completed_at=config.utcnow(),
-        encryption=crypto.OPENSSL_FORMAT,
         key_id=crypto.key_id(passphrase),
         encrypted_size=upload.size,
         encrypted_sha256=upload.sha256.hexdigest(),
@@ -101,12 +99,12 @@ def main(argv: list[str]) -> int:
     seconds = time.monotonic() - began
     cli.step_summary(
         f"### Database backup: {environment}\n\n| key | version | dump | encrypted | time |\n|---|---|---|---|---|\n"
-        f"| `{key}` | `{version_id}` | {human_bytes(plaintext.size)} | {human_bytes(upload.size)} | {seconds:.0f} s |"
+        f"| {md_code(key)} | {md_code(version_id)} | {human_bytes(plaintext.size)} | {human_bytes(upload.size)} | {seconds:.0f} s |"
     )
     cli.print_result(
         manifest,
         args.json,
-        f"backed up database {database.database!r} to s3://{bucket}/{key} (version {version_id}): "
+        f"backed up database '{shown(database.database)}' to s3://{bucket}/{key} (version {version_id}): "
         f"{human_bytes(plaintext.size)} dump, {human_bytes(upload.size)} encrypted, in {seconds:.1f} s",
     )
     return 0

@@ -8,9 +8,10 @@ import time
 
 from backupkit import cli, config, crypto, s3
 from backupkit.archive import ArchiveWriter, EncryptingSink
-from backupkit.manifest import backup_key, build_manifest, write_manifest
+from backupkit.manifest import MAX_SKIPPED_LISTED, backup_key, build_manifest, write_manifest
 from backupkit.objects import PREFETCH_WORKERS, archive_objects, list_objects
-from backupkit.progress import Progress, human_bytes, log
+from backupkit.output import log, md_code, shown
+from backupkit.progress import Progress, human_bytes
 from backupkit.upload import StreamingUpload
 
 DESCRIPTION = """\
@@ -19,10 +20,14 @@ stored, ZIP64 where needed, date = LastModified, comment = JSON of ContentType a
 encrypt it with AES Crypt v2 (pyAesCrypt) and stream it to
 s3://BUCKET/ENVIRONMENT/files/YYYY-MM-DD--HH-MM-SS.zip.encrypted, then write its manifest.
 
-Nothing touches the disk and memory stays bounded whatever the bucket's size. Objects deleted
-between the listing and their download are skipped and named in the manifest; any other error
-aborts the upload, writes no manifest and exits 1. The writer needs only s3:PutObject on the
-external bucket, and list/get on the source bucket.
+Nothing touches the disk and memory stays bounded whatever the bucket's size. Objects that
+cannot be read are skipped, named (on stderr, and the first 100 in the manifest with the total
+count) and the backup of everything else still completes with exit status 0: objects deleted
+between the listing and their download, and objects in an archived storage class (GLACIER,
+DEEP_ARCHIVE, Intelligent-Tiering's archive tiers: restore them in S3 to include them). The
+daily check (verify_backup.py) reports a backup with skipped objects. Any other error aborts the
+upload, writes no manifest and exits 1. The writer needs only s3:PutObject on the external
+bucket, and list/get on the source bucket.
 """
 
 EPILOG = """\
@@ -70,7 +75,7 @@ def main(argv: list[str]) -> int:
 
     listing = list_objects(source, source_bucket, prefix)
     log(f"backing up {len(listing.objects)} objects ({human_bytes(listing.total_bytes)}) of "
-        f"s3://{source_bucket}/{prefix} to s3://{bucket}/{key}")
+        f"s3://{source_bucket}/{shown(prefix)} to s3://{bucket}/{key}")
     progress = Progress("archived", total_bytes=listing.total_bytes, total_objects=len(listing.objects))
     with StreamingUpload(client, bucket, key) as upload:
         with EncryptingSink(passphrase, upload.write) as sink:
@@ -80,8 +85,10 @@ def main(argv: list[str]) -> int:
             sink.close()  # raises unless the encryption ended cleanly
         version_id = upload.complete()
     progress.done()
-    for skipped in result.skipped:
-        log(f"warning: s3://{source_bucket}/{skipped} was deleted after the listing; not in this backup")
+    for left_out, why in result.skipped[:MAX_SKIPPED_LISTED]:
+        cli.warn(f"s3://{source_bucket}/{shown(left_out)} is not in this backup: {why}")
+    if len(result.skipped) > MAX_SKIPPED_LISTED:
+        cli.warn(f"{len(result.skipped) - MAX_SKIPPED_LISTED} more objects are not in this backup (not listed)")
 
     manifest = build_manifest(
         kind="files",
@@ -90,27 +97,27 @@ def main(argv: list[str]) -> int:
         version_id=version_id,
         started_at=started,
         completed_at=config.utcnow(),
-        encryption=crypto.AESCRYPT_FORMAT,
         key_id=crypto.key_id(passphrase),
         encrypted_size=upload.size,
         encrypted_sha256=upload.sha256.hexdigest(),
         plaintext_size=sink.plaintext.size,
         plaintext_sha256=sink.plaintext.hexdigest(),
         source={"bucket": source_bucket, "prefix": prefix, "object_count": result.object_count,
-                "total_bytes": result.total_bytes, "skipped": result.skipped},
+                "total_bytes": result.total_bytes, "skipped": [left_out for left_out, _ in result.skipped[:MAX_SKIPPED_LISTED]],
+                "skipped_count": len(result.skipped)},
     )
     write_manifest(client, bucket, manifest)
     seconds = time.monotonic() - began
     rate = result.total_bytes / seconds / 1024 / 1024 if seconds else 0
     cli.step_summary(
         f"### Files backup: {environment}\n\n| key | version | objects | bytes | encrypted | skipped | time |\n"
-        f"|---|---|---|---|---|---|---|\n| `{key}` | `{version_id}` | {result.object_count} | "
+        f"|---|---|---|---|---|---|---|\n| {md_code(key)} | {md_code(version_id)} | {result.object_count} | "
         f"{human_bytes(result.total_bytes)} | {human_bytes(upload.size)} | {len(result.skipped)} | {seconds:.0f} s |"
     )
     cli.print_result(
         manifest,
         args.json,
-        f"backed up {result.object_count} objects ({human_bytes(result.total_bytes)}) of s3://{source_bucket}/{prefix} "
+        f"backed up {result.object_count} objects ({human_bytes(result.total_bytes)}) of s3://{source_bucket}/{shown(prefix)} "
         f"to s3://{bucket}/{key} (version {version_id}): {human_bytes(upload.size)} encrypted, "
         f"{len(result.skipped)} skipped, in {seconds:.1f} s ({rate:.1f} MiB/s)",
     )

@@ -9,9 +9,10 @@ import tempfile
 
 from backupkit import cli, config, s3
 from backupkit.errors import UsageError
-from backupkit.manifest import KINDS, MANIFEST_SUFFIX, Backup
+from backupkit.manifest import KINDS, MANIFEST_SUFFIX
+from backupkit.output import shown
 from backupkit.progress import human_bytes
-from backupkit.retrieve import candidates, download, first_good
+from backupkit.retrieve import BucketReader, Fetched
 
 DESCRIPTION = """\
 Download one backup (still encrypted) to FILE and check its size and SHA-256 against its manifest;
@@ -60,40 +61,46 @@ def write_private(path: str, data: bytes) -> None:
         raise
 
 
+def output_path(value: str) -> str:
+    out = os.path.abspath(value)
+    if os.path.isdir(out):
+        raise UsageError(f"--out {shown(value)} is a directory: give a file name, e.g. {shown(os.path.join(value, 'backup.encrypted'))}")
+    directory = os.path.dirname(out)
+    if not os.path.isdir(directory):
+        raise UsageError(f"--out {shown(value)}: the directory {shown(directory)} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out {shown(value)}: cannot write in {shown(directory)} ({exc.strerror})") from None
+    return out
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.version_id and not args.key:
         raise UsageError("--version-id needs --key")
     environment = config.environment_name(args.environment)
     bucket = config.bucket_name(args.bucket)
-    out = os.path.abspath(args.out)
-    if os.path.isdir(out):
-        raise UsageError(f"--out {args.out} is a directory: give a file name, e.g. {os.path.join(args.out, 'backup.encrypted')}")
-    if not os.path.isdir(os.path.dirname(out)):
-        raise UsageError(f"--out {args.out}: the directory {os.path.dirname(out)} does not exist")
+    out = output_path(args.out)
 
-    client = s3.external_client()
-    options = candidates(client, bucket, environment, args.kind, latest=args.latest, key=args.key, version_id=args.version_id)
-    fd, temp = tempfile.mkstemp(prefix=".fetch-", suffix=".partial", dir=os.path.dirname(out))  # 0600
-    os.close(fd)
-    try:
-        def attempt(backup: Backup) -> None:
-            download(client, bucket, backup, temp)  # raises unless size and SHA-256 match the manifest
+    # No passphrase here: fetching checks the ciphertext; decrypt.py picks the passphrase later.
+    reader = BucketReader(s3.external_client(), bucket, environment, args.kind, passphrases=None)
+    options = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
 
-        backup, _, skipped = first_good(options, attempt, latest=args.latest)
-        write_private(out + MANIFEST_SUFFIX, (json.dumps(backup.manifest, indent=2) + "\n").encode())
-        os.replace(temp, out)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    def keep(fetched: Fetched) -> None:
+        write_private(out + MANIFEST_SUFFIX, (json.dumps(fetched.manifest, indent=2) + "\n").encode())
+        os.replace(fetched.path, out)
 
-    manifest = backup.manifest
+    retrieved = reader.first_good(options, keep, latest=args.latest, near=os.path.dirname(out))
+    backup, manifest = retrieved.fetched.backup, retrieved.fetched.manifest
     result = {"key": backup.key, "version_id": backup.version_id, "file": out, "manifest_file": out + MANIFEST_SUFFIX,
               "size": manifest["encrypted_size"], "encrypted_sha256": manifest["encrypted_sha256"],
-              "key_id": manifest["key_id"], "skipped": skipped}
+              "key_id": manifest["key_id"], "compression": manifest.get("compression", "none"),
+              "skipped": [s.to_json() for s in retrieved.skipped]}
     cli.print_result(result, args.json,
-                     f"fetched s3://{bucket}/{backup.label()} to {args.out} ({human_bytes(manifest['encrypted_size'])}, "
-                     f"SHA-256 checked against its manifest, written beside it as {args.out}{MANIFEST_SUFFIX}; "
+                     f"fetched s3://{bucket}/{backup.label()} to {shown(args.out)} ({human_bytes(manifest['encrypted_size'])}, "
+                     f"SHA-256 checked against its manifest, written beside it as {shown(args.out)}{MANIFEST_SUFFIX}; "
                      f"encrypted with the passphrase whose key_id is {manifest['key_id']})")
     return 0
 

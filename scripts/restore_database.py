@@ -4,24 +4,26 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
-from backupkit import cli, config, crypto, s3
-from backupkit.errors import BackupError, UsageError, VerificationError
-from backupkit.manifest import Backup
+from backupkit import cli, config, s3
+from backupkit.dump import Restored, check_restore_psql, restore_dump
+from backupkit.errors import BackupError, UsageError
+from backupkit.output import log, md_code, shown
 from backupkit.postgres import client_binary, client_version, user_tables
-from backupkit.progress import human_bytes, log
-from backupkit.restore import Restored, restore_stream
-from backupkit.retrieve import candidates, download, first_good, local_manifest
+from backupkit.progress import human_bytes
+from backupkit.retrieve import BucketReader, Fetched, Retrieved, local_format, open_local
 
 DESCRIPTION = """\
 Restore a database backup into TARGET with
-  openssl enc -d -aes-256-cbc -pbkdf2 | psql -v ON_ERROR_STOP=1 --single-transaction
+  openssl enc -d -aes-256-cbc -pbkdf2 [| zstd -d] | psql -v ON_ERROR_STOP=1 --single-transaction
 Nothing plaintext touches the disk, and nothing is committed unless the whole backup verified:
-the download's size and SHA-256 match the manifest, openssl exited 0, the plaintext SHA-256
-matches, and pg_dump's completion trailer is there. Until then the end of the dump is held back
-from psql; on any failure psql is killed and its transaction rolls back.
+the download's size and SHA-256 match the manifest, openssl (and zstd) exited 0, the SQL's
+SHA-256 matches, and pg_dump's completion trailer is there. Until then the end of the dump is
+held back from psql; on any failure psql is killed and its transaction rolls back.
+
+psql runs restricted (its \\restrict, with a key of ours) from its first input byte: a backup
+holding psql commands such as \\! (a shell command) is refused and rolled back, never run.
+The psql must be recent enough to be restricted: 13.22, 14.19, 15.14, 16.10, 17.6 or newer.
 
 --latest takes the newest backup that verifies, naming the newer ones it skipped and why.
 A target that already has tables is refused unless --replace (the dump drops and recreates
@@ -62,92 +64,58 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.version_id and not args.key:
         raise UsageError("--version-id needs --key")
+    if args.without_manifest and not args.file:
+        raise UsageError("--without-manifest goes with --file")
     target = config.database_target(args.target_database_url, "TARGET_DATABASE_URL")
     if not args.target_database_url:
         raise UsageError("no target database: set TARGET_DATABASE_URL or pass --target-database-url")
     passphrases = config.passphrases()
     psql = client_binary("psql", explicit=args.psql)
     if args.file:
-        if not os.path.isfile(args.file):
-            raise UsageError(f"--file {args.file}: no such file")
-        if os.path.getsize(args.file) == 0:
-            raise UsageError(f"--file {args.file} is empty: not a backup")
-        with open(args.file, "rb") as handle:
-            if crypto.detect_format(handle.read(8)) != crypto.OPENSSL_FORMAT:
-                raise UsageError(f"{args.file} is not an encrypted database backup (no 'Salted__' header)")
-        if not os.path.exists(args.file + ".manifest.json") and not args.without_manifest:
-            raise UsageError(
-                f"{args.file} has no {os.path.basename(args.file)}.manifest.json beside it: without the manifest, "
-                "corruption inside the file cannot be detected. Fetch it with fetch_backup.py (it saves the "
-                "manifest), or pass --without-manifest to restore it anyway"
-            )
-    elif args.without_manifest:
-        raise UsageError("--without-manifest goes with --file")
+        local_format(args.file, "database")
     else:
         environment = config.environment_name(args.environment)
         bucket = config.bucket_name(args.bucket)
-    client_version(psql)
-
+    check_restore_psql(client_version(psql)[1], psql)
     tables = user_tables(target, psql)
     if tables and not args.replace:
         raise BackupError(
-            f"the target database {target.database!r} already has {len(tables)} tables "
-            f"({', '.join(tables[:5])}{', …' if len(tables) > 5 else ''}): pass --replace to restore over them"
+            f"the target database '{shown(target.database)}' already has {len(tables)} tables "
+            f"({', '.join(shown(t) for t in tables[:5])}{', …' if len(tables) > 5 else ''}): pass --replace to restore over them"
         )
 
+    def restore(fetched: Fetched) -> Restored:
+        log(f"restoring {fetched.label} into '{shown(target.database)}'")
+        return restore_dump(fetched, target, psql)
+
     if args.file:
-        backup, restored = restore_file(args.file, passphrases, target, psql)
-        source = args.file
-        skipped: list[str] = []
+        retrieved = open_local(args.file, "database", passphrases, restore, require_manifest=not args.without_manifest)
     else:
-        client = s3.external_client()
-        options = candidates(client, bucket, environment, "database", latest=args.latest,
-                             key=args.key, version_id=args.version_id)
-        workdir = tempfile.mkdtemp(prefix="restore-database-")  # 0700; ciphertext only
-        try:
-            def attempt(backup: Backup) -> Restored:
-                passphrase = crypto.pick_passphrase(backup.manifest["key_id"], passphrases)
-                path = os.path.join(workdir, "backup.sql.encrypted")
-                download(client, bucket, backup, path)
-                log(f"restoring {backup.label()} into {target.database!r}")
-                return restore_stream(path, passphrase, target, psql, backup.manifest)
+        reader = BucketReader(s3.external_client(), bucket, environment, "database", passphrases)
+        options = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
+        retrieved = reader.first_good(options, restore, latest=args.latest)
+    report(retrieved, target, psql, args.json)
+    return 0
 
-            backup, restored, skipped = first_good(options, attempt, latest=args.latest)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        source = f"s3://{bucket}/{backup.label()}"
 
+def report(retrieved: Retrieved[Restored], target: config.DatabaseTarget, psql: str, as_json: bool) -> None:
+    fetched, restored = retrieved.fetched, retrieved.result
     tables_after = user_tables(target, psql)
     result = {
-        "restored": source,
-        "key": getattr(backup, "key", None),
-        "version_id": getattr(backup, "version_id", None),
+        "restored": fetched.label,
+        "key": fetched.backup.key if fetched.backup else None,
+        "version_id": fetched.backup.version_id if fetched.backup else None,
         "target_database": target.database,
         "tables": len(tables_after),
         "plaintext_size": restored.plaintext_size,
         "seconds": round(restored.seconds, 1),
-        "skipped": skipped,
+        "skipped": [s.to_json() for s in retrieved.skipped],
     }
-    cli.step_summary(f"### Database restore\n\nRestored `{source}` into `{target.database}`: "
+    cli.step_summary(f"### Database restore\n\nRestored {md_code(fetched.label)} into {md_code(target.database)}: "
                      f"{len(tables_after)} tables, {human_bytes(restored.plaintext_size)} of SQL.")
-    cli.print_result(result, args.json,
-                     f"restored {source} into database {target.database!r}: {len(tables_after)} tables, "
+    cli.print_result(result, as_json,
+                     f"restored {fetched.label} into database '{shown(target.database)}': {len(tables_after)} tables, "
                      f"{human_bytes(restored.plaintext_size)} of SQL in {restored.seconds:.1f} s")
-    return 0
-
-
-def restore_file(path: str, passphrases: list[str], target: config.DatabaseTarget, psql: str) -> tuple[None, Restored]:
-    """A local file: checked against FILE.manifest.json when there is one; otherwise
-    (--without-manifest) each passphrase is tried in turn (a failed attempt rolls back)."""
-    manifest, passphrases = local_manifest(path, passphrases)
-    problem: VerificationError | None = None
-    for passphrase in passphrases:
-        try:
-            log(f"restoring {path} into {target.database!r}")
-            return None, restore_stream(path, passphrase, target, psql, manifest)
-        except VerificationError as exc:
-            problem = exc
-    raise problem or VerificationError("no passphrase to try")
 
 
 if __name__ == "__main__":

@@ -7,28 +7,18 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
-import shutil
-import tempfile
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from backupkit import cli, config, crypto, s3
-from backupkit.archive import (
-    ZIP_MAGIC,
-    FileSection,
-    check_archive,
-    decrypt_file,
-    member_attributes,
-    member_range,
-)
-from backupkit.errors import BackupError, UsageError, VerificationError
-from backupkit.manifest import Backup
+from backupkit import cli, config, s3
+from backupkit.archive import ArchiveContents, FileSection, read_archive, unsafe_name
+from backupkit.errors import BackupError, UsageError
+from backupkit.output import log, md_code, shown
 from backupkit.pipeline import CHUNK
-from backupkit.progress import Progress, human_bytes, log
-from backupkit.retrieve import candidates, check_plaintext, download, first_good, local_manifest
+from backupkit.progress import Progress, human_bytes
+from backupkit.retrieve import BucketReader, Fetched, Retrieved, local_format, open_local, private_directory
 
 DESCRIPTION = """\
 Restore a files backup into TARGET_BUCKET: the backup is downloaded and checked against its
@@ -38,10 +28,21 @@ plaintext SHA-256 matches the manifest is anything uploaded. Each member goes ba
 TARGET_PREFIX + its original key, with its ContentType and user metadata. Objects already
 identical in the target (same size, bytes (ETag/MD5), content type and metadata) are skipped.
 
+Before the first upload the whole archive is checked as verify_backup.py checks it: the central
+directory against the local headers (no entry may alias another's bytes), every CRC, unique
+names, every member's content type and metadata, the member count against the manifest. A
+member whose name is unsafe as an object key (a '..' segment, a leading '/', control characters,
+not UTF-8) stops the restore before anything is uploaded, unless --skip-unsafe-names, which
+leaves those out and lists them.
+
 --latest takes the newest backup that verifies, naming the newer ones it skipped and why.
 --only GLOB restores the keys that match (fnmatch, on the original key; quote it).
 --dry-run prints what would be uploaded (new / changed / identical) and uploads nothing.
 Temporary files are removed on every exit, Ctrl-C and SIGTERM included.
+
+Interrupted (Ctrl-C, SIGTERM, a failed upload): the objects uploaded so far are in the target,
+complete (each is one PutObject), the others are not; it says how many. Run the same command
+again to finish: objects already identical in the target are skipped.
 """
 
 EPILOG = """\
@@ -80,78 +81,10 @@ def build_parser() -> cli.ArgumentParser:
                    help="put before every restored key (env TARGET_PREFIX; default: none, keys as they were)")
     p.add_argument("--only", metavar="GLOB", help="restore only the original keys matching this fnmatch pattern, e.g. 'avatars/*'")
     p.add_argument("--dry-run", action="store_true", help="print what would be uploaded; upload nothing")
+    p.add_argument("--skip-unsafe-names", action="store_true",
+                   help="leave out (and list) members whose names are unsafe as object keys, instead of stopping")
     cli.add_output_args(p)
     return p
-
-
-# -- getting a verified plaintext archive --------------------------------------------------------
-def open_archive(path: str) -> list[zipfile.ZipInfo]:
-    """The members of the ZIP at `path`, each with a readable comment."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise VerificationError(f"the decrypted backup is not a valid ZIP: {exc}") from None
-    for info in infos:
-        member_attributes(info)
-    return infos
-
-
-def decrypt_verified(encrypted: str, plaintext: str, passphrase: str, manifest: dict | None) -> None:
-    total = manifest["plaintext_size"] if manifest else os.path.getsize(encrypted)  # about right without one
-    progress = Progress("decrypted", total_bytes=total)
-    tally = decrypt_file(encrypted, plaintext, passphrase, lambda n: progress.update(n))
-    progress.done()
-    if manifest is not None:
-        check_plaintext(tally, manifest, "archive")
-
-
-def from_file(path: str, workdir: str) -> tuple[str, dict | None]:
-    """A local backup → (path of a verified plaintext ZIP, its manifest or None)."""
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if head.startswith(ZIP_MAGIC):
-        log(f"{path} is a decrypted ZIP: checking every member's CRC")
-        check_archive(path)
-        return path, None
-    if crypto.detect_format(head) != crypto.AESCRYPT_FORMAT:
-        raise UsageError(f"{path} is neither an encrypted files backup (AES Crypt) nor a ZIP")
-    passphrases = config.passphrases()
-    manifest, passphrases = local_manifest(path, passphrases)
-    plaintext = os.path.join(workdir, "backup.zip")
-    problem: VerificationError | None = None
-    for passphrase in passphrases:
-        try:
-            decrypt_verified(path, plaintext, passphrase, manifest)
-            return plaintext, manifest
-        except VerificationError as exc:
-            problem = exc
-    raise problem or VerificationError("no passphrase to try")
-
-
-def from_bucket(args: Any, workdir: str) -> tuple[str, Backup, list[str]]:
-    environment = config.environment_name(args.environment)
-    bucket = config.bucket_name(args.bucket)
-    passphrases = config.passphrases()
-    client = s3.external_client()
-    options = candidates(client, bucket, environment, "files", latest=args.latest,
-                         key=args.key, version_id=args.version_id)
-    encrypted = os.path.join(workdir, "backup.zip.encrypted")
-    plaintext = os.path.join(workdir, "backup.zip")
-
-    def attempt(backup: Backup) -> None:
-        passphrase = crypto.pick_passphrase(backup.manifest["key_id"], passphrases)
-        try:
-            download(client, bucket, backup, encrypted)
-            log(f"decrypting {backup.label()}")
-            decrypt_verified(encrypted, plaintext, passphrase, backup.manifest)
-            open_archive(plaintext)
-        finally:
-            if os.path.exists(encrypted):
-                os.unlink(encrypted)
-
-    backup, _, skipped = first_good(options, attempt, latest=args.latest)
-    return plaintext, backup, skipped
 
 
 # -- planning and uploading ---------------------------------------------------------------------
@@ -165,15 +98,27 @@ class Item:
     action: str = NEW
 
 
-def items_of(path: str, prefix: str, only: str | None) -> list[Item]:
-    items = []
-    with open(path, "rb") as handle:
-        for info in open_archive(path):
-            if only and not fnmatch.fnmatchcase(info.filename, only):
-                continue
-            offset, size = member_range(handle, info)
-            items.append(Item(info.filename, prefix + info.filename, size, offset, member_attributes(info)))
-    return items
+def items_of(contents: ArchiveContents, prefix: str, only: str | None, skip_unsafe: bool) -> tuple[list[Item], list[dict[str, str]]]:
+    """What to restore, and the members left out for their unsafe names (only with skip_unsafe;
+    otherwise any unsafe name stops the restore here, before the first upload)."""
+    items, unsafe = [], []
+    for member in contents.members:
+        if only and not fnmatch.fnmatchcase(member.name, only):
+            continue
+        reason = unsafe_name(member)
+        if reason is None and len((prefix + member.name).encode()) > 1024:
+            reason = "with --target-prefix its key is longer than S3's 1024-byte limit"
+        if reason is not None:
+            unsafe.append({"name": member.name, "reason": reason})
+            continue
+        items.append(Item(member.name, prefix + member.name, member.size, member.offset, member.attributes))
+    if unsafe and not skip_unsafe:
+        first = unsafe[0]
+        raise BackupError(
+            f"{len(unsafe)} members have names that are unsafe as object keys (first: '{shown(first['name'])}': "
+            f"{first['reason']}); nothing was uploaded. Pass --skip-unsafe-names to restore the others (those are "
+            "listed), and restore these by hand from the decrypted ZIP if they are genuine")
+    return items, unsafe
 
 
 # Part sizes apps' uploaders commonly use (boto3/aws-cli 8 MiB, the AWS SDKs 5 MiB, …): a
@@ -263,17 +208,33 @@ def upload(client: Any, bucket: str, path: str, item: Item) -> None:
                                                         max_concurrency=2))
 
 
-def check_target(client: Any, bucket: str) -> None:
-    """Fail early on a missing target bucket (every HEAD would say 404, i.e. "new")."""
+def check_target(client: Any, bucket: str, prefix: str, dry_run: bool) -> None:
+    """Before anything is downloaded: the target bucket exists and, unless --dry-run, this
+    identity may write there (a multipart upload started and aborted leaves no object)."""
     try:
         client.head_bucket(Bucket=bucket)
     except Exception as exc:
         code = s3.error_code(exc)
-        if code in ("403", "AccessDenied"):
-            return  # allowed to write without being allowed to HeadBucket: the uploads will tell
         if code in ("404", "NoSuchBucket"):
             raise BackupError(f"the target bucket {bucket} does not exist: create it first, or check --target-bucket") from None
-        raise s3.explain(exc, f"check the target bucket {bucket}") from exc
+        if code not in ("403", "AccessDenied"):  # allowed to write without HeadBucket: the probe tells
+            raise s3.explain(exc, f"check the target bucket {bucket}") from exc
+    if dry_run:
+        return
+    probe = f"{prefix}.restore-files-write-check"
+    try:
+        upload_id = client.create_multipart_upload(Bucket=bucket, Key=probe)["UploadId"]
+    except Exception as exc:
+        if s3.error_code(exc) in ("403", "AccessDenied"):
+            raise BackupError(
+                f"cannot write to s3://{bucket}/{shown(prefix)}: denied by a bucket policy or missing s3:PutObject for "
+                "these credentials. The read-only identity cannot restore files: fetch the backup with it "
+                "(fetch_backup.py), then run restore_files.py --file with the app's own credentials") from None
+        raise s3.explain(exc, f"check that s3://{bucket} can be written") from exc
+    try:
+        client.abort_multipart_upload(Bucket=bucket, Key=probe, UploadId=upload_id)
+    except Exception:  # noqa: BLE001 - an unfinished upload is not an object; the bucket's lifecycle may clear it
+        log(f"warning: could not abort the write check's empty multipart upload of s3://{bucket}/{shown(probe)}")
 
 
 def run_pool(items: list[Item], work: Any) -> None:
@@ -286,6 +247,57 @@ def run_pool(items: list[Item], work: Any) -> None:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+@dataclass
+class Restore:
+    """One files restore into one target: plan (HEAD each key), then upload what differs."""
+
+    client: Any
+    bucket: str
+    prefix: str
+    only: str | None
+    dry_run: bool
+    skip_unsafe: bool
+    uploaded: int = 0
+    todo: int = 0
+
+    def __call__(self, fetched: Fetched) -> dict[str, Any]:
+        with private_directory(prefix="restore-files-") as workdir:  # 0700: the decrypted archive lives here
+            plain = fetched.encryption == "zip"
+            path = fetched.path if plain else os.path.join(workdir, "backup.zip")
+            total = (fetched.manifest or {}).get("plaintext_size") or os.path.getsize(fetched.path)
+            progress = Progress("checked" if plain else "decrypted", total_bytes=total)
+            log(f"{'checking' if plain else 'decrypting'} {fetched.label}")
+            contents = read_archive(fetched, keep=None if plain else path, progress=progress.update)
+            progress.done()
+            items, unsafe = items_of(contents, self.prefix, self.only, self.skip_unsafe)
+            for left_out in unsafe:
+                log(f"warning: not restored: '{shown(left_out['name'])}': {left_out['reason']}")
+            log(f"comparing {len(items)} members of {fetched.label} with s3://{self.bucket}/{shown(self.prefix)}")
+            run_pool(items, lambda item: setattr(item, "action", classify(self.client, self.bucket, path, item)))
+            todo = [item for item in items if item.action != IDENTICAL]
+            self.todo = len(todo)
+            if not self.dry_run and todo:
+                progress = Progress("uploaded", total_bytes=sum(i.size for i in todo), total_objects=len(todo))
+
+                def put(item: Item) -> None:
+                    upload(self.client, self.bucket, path, item)
+                    self.uploaded += 1
+                    progress.update(item.size, 1)
+
+                try:
+                    run_pool(todo, put)
+                except BackupError as exc:
+                    raise BackupError(f"{exc}; {self.interrupted()}") from exc
+                progress.done()
+        return {"items": items, "todo": todo, "unsafe": unsafe}
+
+    def interrupted(self) -> str:
+        if self.dry_run or not self.todo:
+            return "nothing was uploaded"
+        return (f"{self.uploaded} of {self.todo} objects were uploaded (each complete), the others not; run the same "
+                "command again to finish: objects already identical in the target are skipped")
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.version_id and not args.key:
@@ -293,56 +305,35 @@ def main(argv: list[str]) -> int:
     target_bucket = config.bucket_name(args.target_bucket, "target bucket", "set TARGET_BUCKET or pass --target-bucket")
     prefix = args.target_prefix or ""
     if args.file:
-        if not os.path.isfile(args.file):
-            raise UsageError(f"--file {args.file}: no such file")
-        if os.path.getsize(args.file) == 0:
-            raise UsageError(f"--file {args.file} is empty: not a backup")
+        fmt = local_format(args.file, "files", plain_zip=True)
+        passphrases = config.passphrases() if fmt != "zip" else []
     else:
-        config.environment_name(args.environment)
-        config.bucket_name(args.bucket)
-        config.passphrases()
+        environment = config.environment_name(args.environment)
+        bucket = config.bucket_name(args.bucket)
+        passphrases = config.passphrases()
     began = time.monotonic()
+    target = s3.external_client(max_pool_connections=WORKERS + 4)
+    check_target(target, target_bucket, prefix, args.dry_run)
+    restore = Restore(target, target_bucket, prefix, args.only, args.dry_run, args.skip_unsafe_names)
+    cli.on_interrupt(restore.interrupted)
+    if args.file:
+        retrieved = open_local(args.file, "files", passphrases, restore, require_manifest=False, plain_zip=True)
+    else:
+        reader = BucketReader(s3.external_client(), bucket, environment, "files", passphrases)
+        options = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
+        retrieved = reader.first_good(options, restore, latest=args.latest)
+    report(args, retrieved, f"s3://{target_bucket}/{prefix}", time.monotonic() - began)
+    return 0
 
-    workdir = tempfile.mkdtemp(prefix="restore-files-")  # 0700: the decrypted archive lives here
-    try:
-        skipped: list[str] = []
-        backup = None
-        if args.file:
-            path, _ = from_file(args.file, workdir)
-            source = args.file
-        else:
-            path, backup, skipped = from_bucket(args, workdir)
-            source = f"s3://{args.bucket}/{backup.label()}"
-        items = items_of(path, prefix, args.only)
-        target = s3.external_client(max_pool_connections=WORKERS + 4)
-        check_target(target, target_bucket)
-        log(f"comparing {len(items)} members of {source} with s3://{target_bucket}/{prefix}")
 
-        def plan(item: Item) -> None:
-            item.action = classify(target, target_bucket, path, item)
-
-        run_pool(items, plan)
-        todo = [item for item in items if item.action != IDENTICAL]
-        counts = {action: sum(1 for i in items if i.action == action) for action in (NEW, CHANGED, IDENTICAL)}
-        todo_bytes = sum(item.size for item in todo)
-        if not args.dry_run and todo:
-            progress = Progress("uploaded", total_bytes=todo_bytes, total_objects=len(todo))
-
-            def put(item: Item) -> None:
-                upload(target, target_bucket, path, item)
-                progress.update(item.size, 1)
-
-            run_pool(todo, put)
-            progress.done()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-    seconds = time.monotonic() - began
-    where = f"s3://{target_bucket}/{prefix}"
+def report(args: Any, retrieved: Retrieved[dict[str, Any]], where: str, seconds: float) -> None:
+    fetched, items, todo = retrieved.fetched, retrieved.result["items"], retrieved.result["todo"]
+    counts = {action: sum(1 for i in items if i.action == action) for action in (NEW, CHANGED, IDENTICAL)}
+    todo_bytes = sum(item.size for item in todo)
     result = {
-        "restored": source,
-        "key": backup.key if backup else None,
-        "version_id": backup.version_id if backup else None,
+        "restored": fetched.label,
+        "key": fetched.backup.key if fetched.backup else None,
+        "version_id": fetched.backup.version_id if fetched.backup else None,
         "target": where,
         "dry_run": args.dry_run,
         "only": args.only,
@@ -350,23 +341,26 @@ def main(argv: list[str]) -> int:
         **counts,
         "uploaded": 0 if args.dry_run else len(todo),
         "uploaded_bytes": 0 if args.dry_run else todo_bytes,
+        "not_restored_unsafe_names": retrieved.result["unsafe"],
         "seconds": round(seconds, 1),
-        "skipped": skipped,
+        "skipped": [s.to_json() for s in retrieved.skipped],
     }
     if args.dry_run:
         result["plan"] = [{"key": i.key, "action": i.action, "size": i.size} for i in items]
+    only = f" matching '{shown(args.only)}'" if args.only else ""
     summary = (f"{counts[NEW]} new, {counts[CHANGED]} changed, {counts[IDENTICAL]} identical "
-               f"of {len(items)} members{f' matching {args.only!r}' if args.only else ''}")
+               f"of {len(items)} members{only}")
+    if retrieved.result["unsafe"]:
+        summary += f"; {len(retrieved.result['unsafe'])} left out for unsafe names"
     if args.dry_run:
-        lines = [f"{i.action:9} {i.key} ({human_bytes(i.size)})" for i in items]
-        human = "\n".join([*lines, f"dry run: would upload {len(todo)} objects ({human_bytes(todo_bytes)}) from {source} "
-                                   f"to {where}: {summary}; uploaded nothing"])
+        lines = [f"{i.action:9} {shown(i.key)} ({human_bytes(i.size)})" for i in items]
+        human = "\n".join([*lines, f"dry run: would upload {len(todo)} objects ({human_bytes(todo_bytes)}) from {fetched.label} "
+                                   f"to {shown(where)}: {summary}; uploaded nothing"])
     else:
-        human = (f"restored {source} to {where}: uploaded {len(todo)} objects ({human_bytes(todo_bytes)}); "
+        human = (f"restored {fetched.label} to {shown(where)}: uploaded {len(todo)} objects ({human_bytes(todo_bytes)}); "
                  f"{summary}; in {seconds:.1f} s")
-        cli.step_summary(f"### Files restore\n\nRestored `{source}` to `{where}`: {summary}.")
+        cli.step_summary(f"### Files restore\n\nRestored {md_code(fetched.label)} to {md_code(where)}: {summary}.")
     cli.print_result(result, args.json, human)
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from backupkit import bucket as wanted_bucket
 from backupkit import cli, config, s3
 from backupkit.bucket import BucketSettings
 from backupkit.errors import BackupError, UsageError
-from backupkit.progress import log
+from backupkit.output import log
 
 DESCRIPTION = f"""\
 --apply creates the external bucket, or brings an existing one to the wanted state; a second run

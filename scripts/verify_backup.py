@@ -5,19 +5,18 @@ disk, check the content; optionally restore a database backup into a scratch dat
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Any
 
-from backupkit import cli, config, crypto, s3
+from backupkit import cli, config, s3
 from backupkit.config import duration_arg, format_age
-from backupkit.errors import BackupError, UsageError, VerificationError
-from backupkit.manifest import KINDS, Backup, catalogue, iso
+from backupkit.dump import check_restore_psql, restore_dump
+from backupkit.errors import BackupError, Problem, UsageError, VerificationError
+from backupkit.manifest import KINDS, Backup, iso
+from backupkit.output import log, md_code, shown
 from backupkit.postgres import client_binary, client_version, row_counts, user_tables
-from backupkit.progress import human_bytes, log
-from backupkit.restore import restore_stream
-from backupkit.retrieve import candidates, download, first_good
-from backupkit.verify import verify_file
+from backupkit.progress import human_bytes
+from backupkit.retrieve import BucketReader, Fetched, Skip
+from backupkit.verify import verify_fetched
 
 DESCRIPTION = """\
 Verify backups the way a restore would read them, without writing any plaintext to disk:
@@ -70,39 +69,19 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
-class Verifier:
-    """Checks one backup at a time in a private temporary directory (ciphertext only)."""
-
-    def __init__(self, client: Any, bucket: str, passphrases: list[str], workdir: str,
-                 target: config.DatabaseTarget | None, psql: str):
-        self.client = client
-        self.bucket = bucket
-        self.passphrases = passphrases
-        self.workdir = workdir
-        self.target = target
-        self.psql = psql
-
-    def __call__(self, backup: Backup) -> dict[str, Any]:
-        if not backup.complete:
-            raise VerificationError(f"incomplete: {backup.manifest_problem}")
-        manifest = backup.manifest
-        passphrase = crypto.pick_passphrase(manifest["key_id"], self.passphrases)  # refuses an unknown key_id
-        path = os.path.join(self.workdir, "backup.encrypted")
-        try:
-            download(self.client, self.bucket, backup, path)  # size and SHA-256 against the manifest
-            details: dict[str, Any] = {"encrypted_size": manifest["encrypted_size"]}
-            if self.target is not None:
-                log(f"restoring {backup.label()} into {self.target.database!r}")
-                restored = restore_stream(path, passphrase, self.target, self.psql, manifest)
-                counts = row_counts(self.target, self.psql)
-                details.update(plaintext_size=restored.plaintext_size, trailer=True,
-                               restored_into=self.target.database, tables=len(counts), rows=counts)
-            else:
-                details.update(verify_file(path, passphrase, manifest))
-        finally:
-            if os.path.exists(path):
-                os.unlink(path)
+def check(fetched: Fetched, target: config.DatabaseTarget | None, psql: str) -> dict[str, Any]:
+    """Verify one fetched backup; with a target, restore it there (the restore verifies too)."""
+    manifest = fetched.manifest
+    details: dict[str, Any] = {"encrypted_size": manifest["encrypted_size"], "compression": manifest.get("compression", "none")}
+    if target is None:
+        details.update(verify_fetched(fetched))
         return details
+    log(f"restoring {fetched.label} into '{shown(target.database)}'")
+    restored = restore_dump(fetched, target, psql)
+    counts = row_counts(target, psql)
+    details.update(plaintext_size=restored.plaintext_size, trailer=True, restored_into=target.database,
+                   tables=len(counts), rows=counts)
+    return details
 
 
 def describe(backup: Backup, result: dict[str, Any]) -> str:
@@ -110,21 +89,26 @@ def describe(backup: Backup, result: dict[str, Any]) -> str:
         return f"FAILED  {backup.label()}: {result['reason']}"
     text = f"OK      {backup.label()}: {human_bytes(result['encrypted_size'])} encrypted"
     if backup.kind == "database":
-        text += f", {human_bytes(result['plaintext_size'])} dump, completion trailer present"
+        zstd = ", zstd-compressed" if result.get("compression") == "zstd" else ""
+        text += f"{zstd}, {human_bytes(result['plaintext_size'])} dump, completion trailer present"
     else:
         text += (f", {human_bytes(result['plaintext_size'])} ZIP, {result['members']} members "
                  f"({human_bytes(result['member_bytes'])}), CRCs and central directory match")
+        if result.get("skipped_objects"):
+            text += f"; {result['skipped_objects']} objects of the source were skipped by the backup (see its manifest)"
     if "restored_into" in result:
         rows = result["rows"]
-        text += (f"; restored into {result['restored_into']!r}: {result['tables']} tables, "
+        text += (f"; restored into '{shown(result['restored_into'])}': {result['tables']} tables, "
                  f"{sum(rows.values())} rows")
-        text += "".join(f"\n          {table}: {count} rows" for table, count in rows.items())
+        text += "".join(f"\n          {shown(table)}: {count} rows" for table, count in rows.items())
     return text
 
 
-def outcome(backup: Backup, ok: bool, details: dict[str, Any] | None = None, reason: str | None = None) -> dict[str, Any]:
+def outcome(backup: Backup, ok: bool, details: dict[str, Any] | None = None, reason: str | None = None,
+            problem: Problem | None = None) -> dict[str, Any]:
     return {"key": backup.key, "version_id": backup.version_id, "kind": backup.kind,
-            "started_at": iso(backup.started_at), "ok": ok, "reason": reason, **(details or {})}
+            "started_at": iso(backup.name_time), "last_modified": iso(backup.last_modified), "ok": ok,
+            "problem": problem.value if problem else None, "reason": reason, **(details or {})}
 
 
 def main(argv: list[str]) -> int:
@@ -140,59 +124,66 @@ def main(argv: list[str]) -> int:
     target, psql = None, client_binary("psql", explicit=args.psql)
     if args.restore_into:
         target = config.database_target(args.restore_into, "--restore-into")
-        client_version(psql)
+        check_restore_psql(client_version(psql)[1], psql)
         tables = user_tables(target, psql)
         if tables:
-            raise BackupError(f"--restore-into {target.database!r} already has {len(tables)} tables: "
+            raise BackupError(f"--restore-into '{shown(target.database)}' already has {len(tables)} tables: "
                               "give an empty scratch database (this check never restores over data)")
 
-    client = s3.external_client()
+    reader = BucketReader(s3.external_client(), bucket, environment, args.kind, passphrases)
     results: list[dict[str, Any]] = []
-    skipped: list[str] = []
-    workdir = tempfile.mkdtemp(prefix="verify-backup-")  # 0700; ciphertext only
-    try:
-        verifier = Verifier(client, bucket, passphrases, workdir, target, psql)
-        if args.since:
-            backups = [b for b in catalogue(client, bucket, environment, (args.kind,)) if now - b.started_at <= args.since]
-            if not backups:
-                raise BackupError(f"no {args.kind} backup started within the last {format_age(args.since)} in "
-                                  f"s3://{bucket}/{environment}/{args.kind}/: check the scheduled backups")
-            for backup in backups:
-                log(f"verifying {backup.label()}")
-                try:
-                    results.append(outcome(backup, True, verifier(backup)))
-                except UsageError:
-                    raise
-                except BackupError as exc:
-                    results.append(outcome(backup, False, reason=str(exc)))
-                if not args.json:
-                    print(describe(backup, results[-1]), flush=True)
-        else:
-            options = candidates(client, bucket, environment, args.kind, latest=args.latest,
-                                 key=args.key, version_id=args.version_id)
-            try:
-                backup, details, skipped = first_good(options, verifier, latest=args.latest)
-                results.append(outcome(backup, True, details))
-            except VerificationError as exc:  # one named backup that fails
-                backup = options[0]
-                results.append(outcome(backup, False, reason=str(exc).removeprefix(f"{backup.label()} is ")))
-            if not args.json:
-                for line in skipped:
-                    print("SKIPPED " + line.removeprefix("skipped "))
-                print(describe(backup, results[-1]))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    skipped: list[Skip] = []
 
+    def work(fetched: Fetched) -> dict[str, Any]:
+        return check(fetched, target, psql)
+
+    if args.since:
+        backups = [b for b in reader.catalogue().backups if now - b.taken_at <= args.since]
+        if not backups:
+            raise BackupError(f"no {args.kind} backup started within the last {format_age(args.since)} in "
+                              f"s3://{bucket}/{environment}/{args.kind}/: check the scheduled backups")
+        for backup in backups:
+            log(f"verifying {backup.label()}")
+            try:
+                results.append(outcome(backup, True, reader.open(backup, work).result))
+            except VerificationError as exc:
+                results.append(outcome(backup, False, reason=str(exc), problem=exc.problem))
+            if not args.json:
+                cli.print_result(None, False, describe(backup, results[-1]))
+    else:
+        options = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
+        try:
+            retrieved = reader.first_good(options, work, latest=args.latest)
+            backup = retrieved.fetched.backup
+            skipped = retrieved.skipped
+            results.append(outcome(backup, True, retrieved.result))
+        except VerificationError as exc:  # the one named backup fails
+            backup = options[0]
+            results.append(outcome(backup, False, reason=str(exc).removeprefix(f"{backup.label()}: "), problem=exc.problem))
+        if not args.json:
+            lines = [f"SKIPPED {s.line()}" for s in skipped] + [describe(backup, results[-1])]
+            cli.print_result(None, False, "\n".join(lines))
+
+    report(args, environment, results, skipped)
+    return 0
+
+
+def report(args: Any, environment: str, results: list[dict[str, Any]], skipped: list[Skip]) -> None:
     failed = [r for r in results if not r["ok"]]
     if args.json:
-        cli.print_result({"ok": not failed, "results": results, "skipped": skipped}, True, "")
-    rows = "".join(f"| `{r['key']}` | `{r['version_id']}` | {'OK' if r['ok'] else 'FAILED: ' + r['reason']} |\n" for r in results)
+        cli.print_result({"ok": not failed, "results": results, "skipped": [s.to_json() for s in skipped]}, True, "")
+    rows = "".join(f"| {md_code(r['key'])} | {md_code(r['version_id'])} | "
+                   f"{'OK' if r['ok'] else 'FAILED: ' + md_code(r['reason'])} |\n" for r in results)
     cli.step_summary(f"### Verify {args.kind} backups: {environment}\n\n| key | version | result |\n|---|---|---|\n{rows}")
+    for r in results:
+        if r["ok"] and r.get("skipped_objects"):
+            cli.warn(f"the files backup {shown(r['key'])} left out {r['skipped_objects']} objects of the source bucket "
+                     "(archived storage classes, or deleted during the run): its manifest names them")
     if failed:
+        first = failed[0]
         raise BackupError(f"{len(failed)} of {len(results)} {args.kind} backups failed verification "
-                          f"(first: {failed[0]['key']}: {failed[0]['reason']}); keep the failing ones out of restores "
+                          f"(first: {shown(first['key'])}: {first['reason']}); keep the failing ones out of restores "
                           "and check the backup job's logs")
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from dev.harness import SCRIPTS
 sys.path.insert(0, str(SCRIPTS))
 
 from backupkit import crypto  # noqa: E402
-from backupkit.manifest import backup_key, build_manifest, manifest_key, write_manifest  # noqa: E402
+from backupkit.manifest import backup_key, build_manifest, key_time, manifest_key, write_manifest  # noqa: E402
 
 ENVIRONMENT = "production"
 
@@ -55,7 +55,9 @@ def put_with_manifest(client, bucket: str, key: str, body: bytes, manifest: dict
     """Upload `body` at `key` (a new version when the key exists) and a manifest for that version
     made of `manifest` with key and version_id re-pointed; returns the manifest written."""
     version_id = client.put_object(Bucket=bucket, Key=key, Body=body, ChecksumAlgorithm="CRC32").get("VersionId")
-    written = {**manifest, "key": key, "version_id": version_id}
+    started = iso(key_time(key))  # a writer making a manifest for this name gives it this name's time
+    written = {**manifest, "key": key, "version_id": version_id, "started_at": started,
+               "completed_at": max(started, manifest["completed_at"])}
     write_manifest(client, bucket, written)
     return written
 
@@ -73,17 +75,19 @@ def openssl_encrypt(plaintext: bytes, passphrase: str) -> bytes:
     return done.stdout
 
 
-def upload_dump(client, bucket: str, started_at: datetime, plaintext: bytes, passphrase: str) -> dict:
-    """Encrypt a (possibly damaged) dump with stock openssl and upload it with a matching manifest."""
+def upload_dump(client, bucket: str, started_at: datetime, plaintext: bytes, passphrase: str,
+                overrides: dict | None = None) -> dict:
+    """Encrypt a (possibly damaged or planted) dump with stock openssl and upload it with a matching
+    manifest (with `overrides` applied after it was built, for invalid ones)."""
     body = openssl_encrypt(plaintext, passphrase)
     key = backup_key(ENVIRONMENT, "database", started_at)
     manifest = build_manifest(
         kind="database", environment=ENVIRONMENT, key=key, version_id=None, started_at=started_at,
-        completed_at=started_at, encryption=crypto.OPENSSL_FORMAT, key_id=crypto.key_id(passphrase),
+        completed_at=started_at, key_id=crypto.key_id(passphrase),
         encrypted_size=len(body), encrypted_sha256=sha256(body), plaintext_size=len(plaintext),
         plaintext_sha256=sha256(plaintext), source={"database": "app", "server_version": "?", "pg_dump_version": "?"},
     )
-    return put_with_manifest(client, bucket, key, body, manifest)
+    return put_with_manifest(client, bucket, key, body, {**manifest, **(overrides or {})})
 
 
 class Unseekable:
@@ -125,7 +129,7 @@ def upload_archive(client, bucket: str, started_at: datetime, archive: bytes, pa
     key = backup_key(ENVIRONMENT, "files", started_at)
     manifest = build_manifest(
         kind="files", environment=ENVIRONMENT, key=key, version_id=None, started_at=started_at,
-        completed_at=started_at, encryption=crypto.AESCRYPT_FORMAT, key_id=crypto.key_id(key_id_of or passphrase),
+        completed_at=started_at, key_id=crypto.key_id(key_id_of or passphrase),
         encrypted_size=len(body), encrypted_sha256=sha256(body), plaintext_size=len(archive),
         plaintext_sha256=sha256(archive),
         source={"bucket": "app-uploads", "prefix": "", "object_count": object_count,

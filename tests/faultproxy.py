@@ -100,6 +100,7 @@ class FaultProxy:
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.log: list[tuple[str, str]] = []  # (operation, "forwarded NNN" | fault)
+        self.paths: list[tuple[str, str]] = []  # (operation, request path), every request
         self.down = False
         self.stopping = threading.Event()
         self.first = {}  # operation → threading.Event set when first seen
@@ -224,6 +225,8 @@ class FaultProxy:
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         op = operation(handler.command, handler.path)
+        with self.lock:
+            self.paths.append((op, handler.path))
         rule = self._choose(op, handler.path)
         fault = rule.fault if rule else None
         if fault == "down":

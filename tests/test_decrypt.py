@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -14,7 +15,7 @@ from dev.harness import REPO
 from tests.conftest import OLD_PASSPHRASE, PASSPHRASE
 
 DECRYPT = [sys.executable, str(REPO / "decrypt.py")]
-PLAIN = ("-- some SQL\n" + "INSERT INTO t VALUES ('zoë');\n" * 5000).encode()
+PLAIN = ("-- some SQL\n" + "INSERT INTO t VALUES ('zoë');\n" * 5000 + "--\n-- PostgreSQL database dump complete\n--\n").encode()
 
 
 def env(**extra):
@@ -50,7 +51,8 @@ def test_wrong_passphrase_exits_1_and_leaves_no_output(tmp_path, encrypt):
     out = tmp_path / "out"
     done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(out)], env=env(EXTERNAL_BACKUP_ENCRYPTION_KEY="nope"),
                           capture_output=True, text=True)
-    assert done.returncode == 1 and done.stderr.startswith("error: ") and "wrong passphrase" in done.stderr
+    assert done.returncode == 1 and [line for line in done.stderr.splitlines() if line.startswith("error: ")] == \
+        done.stderr.splitlines()[-1:] and "wrong passphrase" in done.stderr
     assert list(tmp_path.iterdir()) == [encrypted]
 
 
@@ -92,7 +94,7 @@ def test_manifest_beside_input_checks_hashes(run, pg, sample_db, s3server, bucke
     manifest["plaintext_sha256"] = "0" * 64
     (tmp_path / "b.sql.encrypted.manifest.json").write_text(json.dumps(manifest))
     done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(tmp_path / "c.sql")], env=env(), capture_output=True, text=True)
-    assert done.returncode == 1 and "plaintext SHA-256" in done.stderr and not (tmp_path / "c.sql").exists()
+    assert done.returncode == 1 and "plaintext size and SHA-256" in done.stderr and not (tmp_path / "c.sql").exists()
 
 
 @pytest.mark.parametrize("content, expect", [(b"", "empty"), (b"hello world", "not an encrypted backup")])
@@ -131,4 +133,70 @@ def test_openssl_wrong_passphrase_that_passes_padding_is_still_rejected(tmp_path
     assert done.returncode == 1 and "wrong passphrase" in done.stderr and not out.exists()
     subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(out)], check=True, capture_output=True,
                    env=env(EXTERNAL_BACKUP_ENCRYPTION_KEY=wrong, EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS=PASSPHRASE))
+    assert out.read_bytes() == PLAIN
+
+
+# -- what an operator can get wrong, and what a planted or damaged file can do ---------------------
+def test_an_existing_output_is_never_replaced_without_force(tmp_path):
+    encrypted = tmp_path / "x.sql.encrypted"
+    openssl_encrypt(encrypted, PLAIN)
+    out = tmp_path / "out.sql"
+    out.write_text("precious\n")
+    done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(out)], env=env(), capture_output=True, text=True)
+    assert done.returncode == 1 and "exists: pass --force" in done.stderr
+    assert out.read_text() == "precious\n"
+    # Not even the input's own manifest.
+    (tmp_path / "x.sql.encrypted.manifest.json").write_text("{}")
+    done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(tmp_path / "x.sql.encrypted.manifest.json")],
+                          env=env(), capture_output=True, text=True)
+    assert done.returncode == 1 and (tmp_path / "x.sql.encrypted.manifest.json").read_text() == "{}"
+    (tmp_path / "x.sql.encrypted.manifest.json").unlink()
+    subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(out), "--force"], env=env(), check=True, capture_output=True)
+    assert out.read_bytes() == PLAIN
+
+
+def test_a_named_manifest_that_is_missing_is_an_error(tmp_path):
+    encrypted = tmp_path / "x.sql.encrypted"
+    openssl_encrypt(encrypted, PLAIN)
+    done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(tmp_path / "o"), "--manifest", str(tmp_path / "nope.json")],
+                          env=env(), capture_output=True, text=True)
+    assert done.returncode == 1 and "--manifest" in done.stderr and "no such file" in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_without_a_manifest_it_says_integrity_is_unchecked_and_refuses_a_cut_dump(tmp_path):
+    encrypted = tmp_path / "x.sql.encrypted"
+    openssl_encrypt(encrypted, PLAIN)
+    done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(tmp_path / "o")], env=env(), capture_output=True, text=True)
+    assert done.returncode == 0
+    assert "integrity of the output cannot be checked" in done.stderr and "NOT checked" in done.stdout
+    cut = tmp_path / "cut.sql.encrypted"
+    openssl_encrypt(cut, PLAIN[:-200])
+    done = subprocess.run([*DECRYPT, "-i", str(cut), "-o", str(tmp_path / "c")], env=env(), capture_output=True, text=True)
+    assert done.returncode == 1 and "completion trailer" in done.stderr and not (tmp_path / "c").exists()
+
+
+def test_one_passphrase_rule_a_trailing_newline_is_not_part_of_it(tmp_path):
+    encrypted = tmp_path / "x.sql.encrypted"
+    openssl_encrypt(encrypted, PLAIN)
+    out = tmp_path / "o"
+    subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(out)], env=env(EXTERNAL_BACKUP_ENCRYPTION_KEY=PASSPHRASE + "\n"),
+                   check=True, capture_output=True)
+    assert out.read_bytes() == PLAIN
+    done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(tmp_path / "p")],
+                          env=env(EXTERNAL_BACKUP_ENCRYPTION_KEY=PASSPHRASE[:5] + "\n" + PASSPHRASE[5:]), capture_output=True, text=True)
+    assert done.returncode == 1 and "line break" in done.stderr
+
+
+def test_manifest_key_id_of_a_secret_stored_with_a_newline_still_picks_it(tmp_path):
+    """Backups made before the one-line rule from a secret ending in a newline: the key_id was
+    taken with the newline, the files backup's key too; both still decrypt."""
+    encrypted = tmp_path / "x.zip.encrypted"
+    aescrypt_encrypt(encrypted, PLAIN, PASSPHRASE + "\n")
+    manifest = {"key_id": hashlib.pbkdf2_hmac("sha256", (PASSPHRASE + "\n").encode(), b"external-backups key id", 600_000)[:8].hex(),
+                "encrypted_size": encrypted.stat().st_size, "encrypted_sha256": hashlib.sha256(encrypted.read_bytes()).hexdigest(),
+                "plaintext_size": len(PLAIN), "plaintext_sha256": hashlib.sha256(PLAIN).hexdigest()}
+    (tmp_path / "x.zip.encrypted.manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "o"
+    subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(out)], env=env(), check=True, capture_output=True)
     assert out.read_bytes() == PLAIN

@@ -63,7 +63,8 @@ def test_latest_skips_a_newer_corrupt_backup(run, pg, sample_db, s3server, bucke
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert (result["key"], result["version_id"]) == (newer["key"], newer["version_id"])
-    assert len(result["skipped"]) == 1 and bad["version_id"] in result["skipped"][0]
+    [skipped] = result["skipped"]
+    assert (skipped["version_id"], skipped["problem"]) == (bad["version_id"], "corrupt")
     assert f"skipped {newer['key']} (version {bad['version_id']})" in done.stderr
     assert older["key"] not in done.stdout
 

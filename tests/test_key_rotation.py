@@ -71,4 +71,5 @@ def test_latest_skips_a_newer_backup_under_an_unknown_key(run, pg, sample_db, sc
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["key"] == good["key"]
-    assert stray["key"] in result["skipped"][0] and stray["key_id"] in result["skipped"][0]
+    [skipped] = result["skipped"]
+    assert skipped["key"] == stray["key"] and stray["key_id"] in skipped["reason"] and skipped["problem"] == "unknown passphrase"

@@ -15,7 +15,8 @@ def test_fresh_backup_passes(run, pg, sample_db):
     done = run("list_backups.py", "--kind", "database", "--max-age", "2h")
     assert done.returncode == 0, done.stderr
     assert manifest["key"] in done.stdout
-    assert f"fresh (max age 2h 0m): database: newest complete backup {manifest['key']} is" in done.stderr
+    assert f"fresh: database: newest usable backup {manifest['key']} (version {manifest['version_id']}) is" in done.stderr
+    assert "(max age 2h 0m)" in done.stderr
 
 
 def test_stale_backup_fails_naming_kind_backup_and_age(run, pg, sample_db):
@@ -25,7 +26,8 @@ def test_stale_backup_fails_naming_kind_backup_and_age(run, pg, sample_db):
     done = run("list_backups.py", "--kind", "database", "--max-age", "2h", env={"EXTERNAL_BACKUPS_NOW": later})
     assert done.returncode == 1
     [line] = error_lines(done.stderr)
-    assert f"stale backups in {ENVIRONMENT}: database: the newest complete backup, {manifest['key']}, is 3h 5m old" in line
+    newest = f"{manifest['key']} (version {manifest['version_id']})"
+    assert f"stale backups in {ENVIRONMENT}: database: the newest usable backup, {newest}, is 3h 5m old" in line
     assert "(allowed: 2h 0m)" in line
     # Within the limit at that same "now", it passes.
     assert run("list_backups.py", "--kind", "database", "--max-age", "4h", env={"EXTERNAL_BACKUPS_NOW": later}).returncode == 0
@@ -38,15 +40,19 @@ def test_an_incomplete_newer_backup_does_not_count(run, pg, sample_db, s3server,
     done = run("list_backups.py", "--kind", "database", "--max-age", "2h", "--json")
     assert done.returncode == 1
     listed = json.loads(done.stdout)
-    assert [(b["key"], b["complete"]) for b in listed] == [(newest_key, False), (older["key"], True)]
-    assert f"the newest complete backup, {older['key']}, is 5h 0m old" in error_lines(done.stderr)[0]
+    assert [(b["key"], b["complete"], b["status"]) for b in listed] == [(newest_key, False, "incomplete"), (older["key"], True, "complete")]
+    assert f"the newest usable backup, {older['key']} (version {older['version_id']}), is 5h 0m old" in error_lines(done.stderr)[0]
 
 
-def test_no_backup_at_all_is_stale(run):
+def test_no_backup_at_all_is_an_error_naming_the_environments_there(run, pg, sample_db):
     done = run("list_backups.py", "--max-age", "1d")
     assert done.returncode == 1
-    line = error_lines(done.stderr)[0]
-    assert "database: no complete backup" in line and "files: no complete backup" in line
+    [line] = error_lines(done.stderr)
+    assert f"no backups under s3://{run.env['BACKUP_BUCKET']}/{ENVIRONMENT}/: check --environment" in line
+    database_backup(run, pg=pg)
+    done = run("list_backups.py", env={"BACKUP_ENVIRONMENT": "prodution"})  # mistyped
+    assert done.returncode == 1
+    assert "(the bucket has: production)" in error_lines(done.stderr)[0]
 
 
 def test_every_kind_is_checked(run, pg, sample_db):
@@ -54,7 +60,22 @@ def test_every_kind_is_checked(run, pg, sample_db):
     done = run("list_backups.py", "--kind", "all", "--max-age", "1h")
     assert done.returncode == 1
     line = error_lines(done.stderr)[0]
-    assert "files: no complete backup" in line and "database:" not in line
+    assert "files: no usable backup" in line and "database:" not in line
+
+
+def test_max_age_per_kind(run, pg, sample_db):
+    started = at(0)
+    database_backup(run, pg=pg, started_at=started)
+    later = {"EXTERNAL_BACKUPS_NOW": iso(started + timedelta(hours=3))}
+    ok = run("list_backups.py", "--kind", "database", "--max-age", "database=4h", env=later)
+    assert ok.returncode == 0, ok.stderr
+    stale = run("list_backups.py", "--kind", "database", "--max-age", "database=2h", env=later)
+    assert stale.returncode == 1 and "is 3h 0m old (allowed: 2h 0m)" in error_lines(stale.stderr)[0]
+    both = run("list_backups.py", "--max-age", "database=4h", "--max-age", "files=1d", env=later)
+    assert both.returncode == 1
+    assert "files: no usable backup" in error_lines(both.stderr)[0] and "database:" not in error_lines(both.stderr)[0]
+    assert run("list_backups.py", "--max-age", "logs=1h").returncode == 2
+    assert run("list_backups.py", "--kind", "files", "--max-age", "database=1h").returncode == 2
 
 
 def test_bad_duration_is_a_usage_error(run):

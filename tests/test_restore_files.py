@@ -179,7 +179,7 @@ def test_latest_skips_an_incomplete_newer_backup(run, s3server, bucket, backed_u
     result, done = restore(run, "--latest", "--target-bucket", target)
     assert done.returncode == 0, done.stderr
     assert result["key"] == backed_up[1]["key"]
-    assert "2099-01-01--00-00-00" in result["skipped"][0] and "no manifest" in result["skipped"][0]
+    assert "2099-01-01--00-00-00" in result["skipped"][0]["key"] and "no manifest" in result["skipped"][0]["reason"]
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

@@ -142,7 +142,8 @@ def test_restore_database_latest_takes_the_older_good_backup(run, pg, sample_db,
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["key"] == older["key"]
-    assert len(result["skipped"]) == 1 and newer["key"] in result["skipped"][0] and "trailer" in result["skipped"][0]
+    [skipped] = result["skipped"]
+    assert skipped["key"] == newer["key"] and "trailer" in skipped["reason"] and skipped["problem"] == "bad content"
     assert pg.psql("SELECT count(*) FROM applications", scratch_db) == "1500"
 
 
@@ -268,7 +269,7 @@ def test_incomplete_backups(run, pg, sample_db, s3server, bucket):
     done = verify(run, "--kind", "database", "--key", key)
     assert done.returncode == 1
     assert result_lines(done.stdout)[0].startswith(f"FAILED  {key}")
-    assert "incomplete: no manifest" in result_lines(done.stdout)[0]
+    assert "no manifest: the backup did not complete" in result_lines(done.stdout)[0]
 
     done = verify(run, "--kind", "database", "--latest")
     assert done.returncode == 0, done.stderr

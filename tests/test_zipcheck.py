@@ -62,7 +62,7 @@ def test_streamed_archives_check_out(zip64, method, step):
     assert [m.name for m in summary.members] == [name for name, _ in MEMBERS]
     assert [m.crc for m in summary.members] == [zlib.crc32(data) for _, data in MEMBERS]
     assert summary.total_bytes == sum(len(data) for _, data in MEMBERS)
-    assert summary.members[0].comment == '{"ContentType": "text/plain"}'
+    assert summary.members[0].comment == b'{"ContentType": "text/plain"}'
 
 
 def test_seekable_archive_with_sizes_in_local_headers():

@@ -2,18 +2,18 @@
 
 Writing: `ArchiveWriter` streams members into a ZIP on a non-seekable sink (stored, data
 descriptors, ZIP64 where needed); `EncryptingSink` is that sink: it encrypts in a thread and hands
-the ciphertext on (to a StreamingUpload). Reading: `decrypt_file`, `member_attributes`,
-`check_archive` and `member_range`, shared by restore_files.py and verify_backup.py.
+the ciphertext on (to a StreamingUpload). Reading: `read_archive`, the one check shared by
+verify_backup.py and restore_files.py, and `unsafe_name` for the restore.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
+import re
 import threading
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -21,8 +21,11 @@ from typing import IO, Any
 import pyAesCrypt
 
 from .crypto import AESCRYPT_BUFFER, FullReader
-from .errors import BackupError, VerificationError
+from .errors import BackupError, Problem, VerificationError
+from .output import has_unsafe_characters, shown
 from .pipeline import CHUNK, Tally
+from .retrieve import Fetched, check_plaintext
+from .zipcheck import ZipStreamChecker
 
 ZIP_MAGIC = b"PK"
 # Headers kept with each object besides its bytes. ContentType and Metadata are what the SPEC
@@ -33,7 +36,6 @@ ATTRIBUTES = ("ContentType", "Metadata", "CacheControl", "ContentDisposition", "
 ZIP64_FROM = 1024 * 1024 * 1024
 EARLIEST = datetime(1980, 1, 1, tzinfo=UTC)  # ZIP's DOS dates cannot say anything earlier
 LATEST = datetime(2107, 12, 31, 23, 59, 58, tzinfo=UTC)
-LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # ZIP local file header (30 bytes)
 # A bigger pipe means fewer wake-ups between the ZIP writer and the encryption thread.
 PIPE_SIZE = 1024 * 1024
 
@@ -52,22 +54,44 @@ def encode_attributes(head: dict[str, Any]) -> bytes:
 
 def decode_attributes(comment: bytes, name: str = "member") -> dict[str, Any]:
     """The attributes from a member comment; an empty comment (a ZIP made by another tool)
-    gives none. Raises VerificationError for a comment that is not ours."""
+    gives none. Raises VerificationError for a comment that is not the JSON this tool writes, or
+    whose values S3 would not take back as they are."""
     if not comment:
         return {"Metadata": {}}
+
+    def bad(why: str) -> VerificationError:
+        return VerificationError(f"the ZIP comment of '{shown(name)}' is not the JSON this tool writes ({why})",
+                                 Problem.BAD_CONTENT)
+
     try:
         attributes = json.loads(comment.decode())
-    except (UnicodeDecodeError, ValueError):
-        raise VerificationError(f"the ZIP comment of {name!r} is not the JSON this tool writes") from None
-    if not isinstance(attributes, dict) or not isinstance(attributes.get("Metadata", {}), dict):
-        raise VerificationError(f"the ZIP comment of {name!r} is not the JSON this tool writes")
-    result = {k: v for k, v in attributes.items() if k in ATTRIBUTES and isinstance(v, (str, dict))}
-    result["Metadata"] = {str(k): str(v) for k, v in (attributes.get("Metadata") or {}).items()}
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise bad("not JSON") from None
+    if not isinstance(attributes, dict):
+        raise bad("not an object")
+    result: dict[str, Any] = {}
+    for key in ATTRIBUTES[2:] + ("ContentType",):
+        value = attributes.get(key)
+        if value is None:
+            continue
+        if not _header_value(value):
+            raise bad(f"{key} is not a short string of printable characters")
+        result[key] = value
+    metadata = attributes.get("Metadata", {})
+    if not isinstance(metadata, dict) or not all(_TOKEN.fullmatch(k) and _header_value(v) for k, v in metadata.items()
+                                                 if isinstance(k, str)):
+        raise bad("Metadata is not a map of names to printable strings")
+    if sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items()) > 2048:
+        raise bad("Metadata is over S3's 2 KB")
+    result["Metadata"] = dict(metadata)
     return result
 
 
-def member_attributes(info: zipfile.ZipInfo) -> dict[str, Any]:
-    return decode_attributes(info.comment, info.filename)
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}")
+
+
+def _header_value(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= 1024 and not has_unsafe_characters(value)
 
 
 def zip_date(moment: datetime) -> tuple[int, int, int, int, int, int]:
@@ -207,74 +231,109 @@ class _Forward:
 
 
 # -- reading ------------------------------------------------------------------------------------
-class _HashingFile:
-    def __init__(self, handle: IO[bytes], tally: Tally, progress: Callable[[int], None] | None):
-        self._handle = handle
-        self._tally = tally
+@dataclass
+class ArchiveMember:
+    """One member of a checked archive: a stored object, a plain byte range of the ZIP."""
+
+    name: str
+    offset: int  # where its bytes start in the ZIP
+    size: int
+    attributes: dict[str, Any]
+    name_valid: bool = True
+
+
+@dataclass
+class ArchiveContents:
+    members: list[ArchiveMember]
+    plaintext_size: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(m.size for m in self.members)
+
+
+class _ArchiveSink:
+    """pyAesCrypt's output (or a plain ZIP's bytes): hashed, walked by the ZIP checker, and kept in
+    a 0600 file when restoring."""
+
+    def __init__(self, keep: IO[bytes] | None, progress: Callable[[int], None] | None):
+        self.tally = Tally()
+        self.checker = ZipStreamChecker()
+        self._keep = keep
         self._progress = progress
 
     def write(self, data: bytes) -> int:
-        self._tally.update(data)
-        self._handle.write(data)
+        self.tally.update(data)
+        self.checker.write(data)
+        if self._keep is not None:
+            self._keep.write(data)
         if self._progress is not None:
             self._progress(len(data))
         return len(data)
 
 
-def decrypt_file(src: str, dst: str, passphrase: str, progress: Callable[[int], None] | None = None) -> Tally:
-    """Decrypt AES Crypt `src` into a new 0600 file `dst`; returns the plaintext's size and
-    SHA-256. The HMAC is only checked at the very end: `dst` means nothing unless this returns."""
-    tally = Tally()
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-        try:
-            pyAesCrypt.decryptStream(fin, _HashingFile(fout, tally, progress), passphrase, AESCRYPT_BUFFER)
-        except (ValueError, IndexError) as exc:
-            raise VerificationError(f"decryption failed, wrong passphrase or corrupted backup ({exc})") from None
-    return tally
-
-
-@dataclass
-class ArchiveSummary:
-    members: int
-    bytes: int
-
-
-def members(archive: zipfile.ZipFile) -> Iterator[zipfile.ZipInfo]:
-    """Every member, in archive order (one per backed-up object)."""
-    yield from archive.infolist()
-
-
-def check_archive(path: str, progress: Callable[[int], None] | None = None) -> ArchiveSummary:
-    """Read every member of the ZIP at `path`, checking its CRC and its comment; raise
-    VerificationError on the first problem."""
-    count = total = 0
+def read_archive(fetched: Fetched, keep: str | None = None,
+                 progress: Callable[[int], None] | None = None) -> ArchiveContents:
+    """Decrypt a files backup (AES Crypt: its HMAC is checked at the very end) or read a plain ZIP
+    through the ZIP checker, then check everything a restore relies on: the plaintext against the
+    manifest, the central directory against the local headers (so no entry can alias another's
+    bytes), every CRC, unique names, each member's attributes, the member count. With `keep`, the
+    plaintext is also written there (a new 0600 file), and means nothing unless this returns."""
+    handle = os.fdopen(os.open(keep, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") if keep else None
+    sink = _ArchiveSink(handle, progress)
     try:
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                member_attributes(info)
-                with archive.open(info) as member:
-                    while chunk := member.read(CHUNK):
-                        total += len(chunk)
-                        if progress is not None:
-                            progress(len(chunk))
-                count += 1
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as exc:
-        raise VerificationError(f"the archive is not a valid ZIP: {exc}") from None
-    return ArchiveSummary(count, total)
+        with open(fetched.path, "rb") as source:
+            if fetched.encryption == "zip":
+                while chunk := source.read(CHUNK):
+                    sink.write(chunk)
+            else:
+                try:
+                    pyAesCrypt.decryptStream(source, sink, fetched.passphrase, AESCRYPT_BUFFER)
+                except (ValueError, IndexError) as exc:
+                    raise VerificationError(f"decryption failed, wrong passphrase or corrupted backup (AES Crypt: {exc})",
+                                            Problem.UNDECRYPTABLE) from None
+    finally:
+        if handle is not None:
+            handle.close()
+    check_plaintext(sink.tally, fetched.manifest, "archive")
+    summary = sink.checker.finish()
+    members: list[ArchiveMember] = []
+    seen: set[str] = set()
+    for member in summary.members:
+        if member.method != 0:
+            raise VerificationError(f"the ZIP member '{shown(member.name)}' is compressed: not an archive this tool wrote",
+                                    Problem.BAD_CONTENT)
+        if member.name in seen:
+            raise VerificationError(f"the ZIP holds '{shown(member.name)}' twice: not an archive this tool wrote",
+                                    Problem.BAD_CONTENT)
+        seen.add(member.name)
+        members.append(ArchiveMember(member.name, member.data_offset, member.size,
+                                     decode_attributes(member.comment, member.name), member.name_valid))
+    expected = (fetched.manifest or {}).get("source", {}).get("object_count")
+    if expected is not None and len(members) != expected:
+        raise VerificationError(f"the ZIP holds {len(members)} members, the manifest says {expected} objects: "
+                                "incomplete archive", Problem.BAD_CONTENT)
+    return ArchiveContents(members, sink.tally.size)
 
 
-def member_range(handle: IO[bytes], info: zipfile.ZipInfo) -> tuple[int, int]:
-    """(offset, length) of a stored member's bytes in the archive file: a stored member is a
-    plain byte range, so it can be uploaded straight from the file."""
-    if info.compress_type != zipfile.ZIP_STORED:
-        raise VerificationError(f"member {info.filename!r} is compressed; this tool writes stored members only")
-    handle.seek(info.header_offset)
-    header = handle.read(LOCAL_HEADER.size)
-    if len(header) != LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
-        raise VerificationError(f"the ZIP header of member {info.filename!r} is damaged")
-    name_length, extra_length = LOCAL_HEADER.unpack(header)[-2:]
-    return info.header_offset + LOCAL_HEADER.size + name_length + extra_length, info.file_size
+def unsafe_name(member: ArchiveMember) -> str | None:
+    """Why a member's name must not become an object key as it is (None: it may). S3 would store
+    any of these, but tools that copy a bucket to disk follow '..' and '/', and control
+    characters hide what a name really is."""
+    name = member.name
+    if not member.name_valid:
+        return "its name is not valid UTF-8"
+    if not name:
+        return "its name is empty"
+    if len(name.encode()) > 1024:
+        return "its name is longer than S3's 1024-byte limit"
+    if has_unsafe_characters(name):
+        return "its name holds control or line-breaking characters"
+    if name.startswith("/"):
+        return "its name starts with '/'"
+    if ".." in re.split(r"[/\\]", name):
+        return "its name has a '..' segment"
+    return None
 
 
 class FileSection:

@@ -11,10 +11,10 @@ import sys
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
-from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .config import SECRET_VARS
+from .config import SECRET_VARS, flag_secrets, url_secrets
 from .errors import BackupError, UsageError
+from .output import annotation, annotation_property, log, md_code, safe_lines, shown
 
 
 class Terminated(KeyboardInterrupt):
@@ -25,29 +25,34 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+_interrupt_notes: list[Callable[[], str]] = []
+
+
+def on_interrupt(note: Callable[[], str]) -> None:
+    """What to say of the work done when the script is stopped (default: nothing was completed)."""
+    _interrupt_notes.append(note)
+
+
+def _stopped() -> str:
+    return "; ".join(note() for note in _interrupt_notes) or "nothing was completed by this run"
+
+
 def secrets_in_environment() -> list[str]:
-    found = []
+    """Every secret this process knows, longest first (so a secret's part is never left over)."""
+    found: list[str] = []
     for name in SECRET_VARS:
         value = os.environ.get(name)
         if not value:
             continue
-        if name.endswith("DATABASE_URL"):
-            try:
-                parts = urlsplit(value)
-                password = parts.password
-            except ValueError:
-                parts = password = None
-            if password:
-                found += [password, unquote(password)]
-            if parts is not None:
-                found += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == "password"]
-            if parts is not None and "://" in value:
-                # A URL's secret is its password: redacting the whole URL would also blank out
-                # e.g. 'postgresql://' in "expected postgresql://USER:PASSWORD@…".
-                continue
-        elif name.endswith("_PREVIOUS"):
-            found += [v for v in value.split(",") if v]
-        found.append(value)
+        if name.endswith("DATABASE_URL") and "://" in value:
+            # A URL's secret is its password: redacting the whole URL would also blank out
+            # e.g. 'postgresql://' in "expected postgresql://USER:PASSWORD@…".
+            found += url_secrets(value)
+            continue
+        if name.endswith("_PREVIOUS"):
+            found += value.split(",")
+        found += [value, value.strip()]
+    found += flag_secrets()
     return sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
 
 
@@ -58,19 +63,35 @@ def redact(text: str) -> str:
 
 
 def step_summary(markdown: str) -> None:
-    """Append to the GitHub Actions job summary, when there is one."""
+    """Append to the GitHub Actions job summary, when there is one. Values from outside must be
+    in it through output.md_code()."""
     path = os.environ.get("GITHUB_STEP_SUMMARY")
     if path:
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(redact(markdown).rstrip("\n") + "\n\n")
 
 
+def warn(message: str) -> None:
+    """A warning line on stderr, and a warning annotation under GitHub Actions."""
+    message = safe_lines(redact(" ".join(message.split("\n"))))
+    log(f"warning: {message}")
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        print(f"::warning::{annotation(message)}", file=sys.stderr, flush=True)
+
+
 def fail(message: str, code: int, script: str) -> NoReturn:
-    message = redact(" ".join(message.split("\n")))
+    message = safe_lines(redact(" ".join(message.split("\n"))))
     print(f"error: {message}", file=sys.stderr, flush=True)
     if os.environ.get("GITHUB_ACTIONS") == "true":
-        print(f"::error title={script}::{message}", file=sys.stderr, flush=True)
-        step_summary(f"### {script}: failed\n\n{message}")
+        print(f"::error title={annotation_property(script)}::{annotation(message)}", file=sys.stderr, flush=True)
+        step_summary(f"### {script}: failed\n\n{md_code(message)}")
+    error_file = os.environ.get("BACKUP_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "a", encoding="utf-8") as handle:
+                handle.write(f"{script}: {message}\n")
+        except OSError as exc:
+            log(f"warning: could not write BACKUP_ERROR_FILE ({exc.strerror})")
     sys.exit(code)
 
 
@@ -113,8 +134,11 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def print_result(result: Any, as_json: bool, human: str) -> None:
+    """The result on stdout: JSON (which escapes every control character itself), or the human
+    text, whose values from outside went through output.shown()."""
+    text = json.dumps(result, indent=2, default=str).replace("##[", "#\\u0023[") if as_json else safe_lines(human)
     try:
-        print(json.dumps(result, indent=2, default=str) if as_json else human, flush=True)
+        print(redact(text), flush=True)
     except BrokenPipeError:
         # The reader (e.g. `| head`) left: the work is done, only the rest of the output is lost.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -132,9 +156,14 @@ def run(main: Callable[[list[str]], int], argv: list[str] | None = None) -> NoRe
     except BackupError as exc:
         fail(str(exc), 1, script)
     except Terminated:
-        fail("terminated (SIGTERM): stopped; nothing was completed by this run", 143, script)
+        fail(f"terminated (SIGTERM): stopped; {_stopped()}", 143, script)
     except KeyboardInterrupt:
-        fail("interrupted (SIGINT): stopped; nothing was completed by this run", 130, script)
+        fail(f"interrupted (SIGINT): stopped; {_stopped()}", 130, script)
+    except OSError as exc:
+        if "--debug" in argv:
+            print(redact(traceback.format_exc()), file=sys.stderr)
+        where = f": {shown(exc.filename)}" if exc.filename else ""
+        fail(f"{exc.strerror or type(exc).__name__}{where}", 1, script)
     except Exception as exc:  # noqa: BLE001 - last resort: one line, never a traceback by default
         if "--debug" in argv:
             print(redact(traceback.format_exc()), file=sys.stderr)

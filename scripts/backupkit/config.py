@@ -11,14 +11,16 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from .errors import UsageError
+from .output import shown
 
 ENVIRONMENT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_DURATION = timedelta(days=3660)  # ten years: longer than any backup is kept
 
 KEY_VAR = "EXTERNAL_BACKUP_ENCRYPTION_KEY"
 PREVIOUS_KEY_VAR = "EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS"
@@ -33,7 +35,12 @@ SECRET_VARS = (
     "AWS_SESSION_TOKEN",
     "SOURCE_AWS_SECRET_ACCESS_KEY",
     "SOURCE_AWS_SESSION_TOKEN",
+    "BACKUP_HEARTBEAT_URL",
 )
+# Never handed to a child either: inside GitHub Actions these let any process that reads them mint
+# an OIDC token or talk to the runner's services as this job.
+CHILD_ENV_PREFIXES = ("ACTIONS_",)
+CHILD_ENV_DROPPED = ("GITHUB_TOKEN",)
 # For tests and drills: pretend "now" is this ISO-8601 UTC instant.
 NOW_VAR = "EXTERNAL_BACKUPS_NOW"
 
@@ -43,7 +50,7 @@ def environment_name(value: str | None) -> str:
         raise UsageError("no environment given: set BACKUP_ENVIRONMENT or pass --environment")
     if not ENVIRONMENT_RE.fullmatch(value):  # not match(): `$` also matches before a final newline
         raise UsageError(
-            f"invalid environment name {value!r}: use 1-63 lowercase letters, digits and '-', "
+            f"invalid environment name '{shown(value)}': use 1-63 lowercase letters, digits and '-', "
             "starting with a letter or digit (e.g. production)"
         )
     return value
@@ -64,7 +71,7 @@ def bucket_name(value: str | None, what: str = "bucket", hint: str = "set BACKUP
         except ValueError:
             pass
     if problem:
-        raise UsageError(f"invalid {what} name {value!r}: {problem}")
+        raise UsageError(f"invalid {what} name '{shown(value)}': {problem}")
     return value
 
 
@@ -72,8 +79,11 @@ def parse_duration(value: str) -> timedelta:
     """'30m', '2h', '1d', '1w', '90s' → timedelta."""
     match = DURATION_RE.match(value or "")
     if not match or int(match.group(1)) == 0:
-        raise UsageError(f"invalid duration {value!r}: use a positive number and a unit, e.g. 30m, 2h, 1d")
-    return timedelta(seconds=int(match.group(1)) * DURATION_UNITS[match.group(2)])
+        raise UsageError(f"invalid duration '{shown(value)}': use a positive number and a unit, e.g. 30m, 2h, 1d")
+    seconds = int(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if seconds > MAX_DURATION.total_seconds():
+        raise UsageError(f"invalid duration '{shown(value)}': at most {MAX_DURATION.days} days")
+    return timedelta(seconds=seconds)
 
 
 def duration_arg(value: str) -> timedelta:
@@ -85,7 +95,7 @@ def duration_arg(value: str) -> timedelta:
 
 
 def format_age(delta: timedelta) -> str:
-    seconds = int(delta.total_seconds())
+    seconds = max(int(delta.total_seconds()), 0)
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
     minutes = rest // 60
@@ -102,28 +112,85 @@ def utcnow() -> datetime:
         try:
             return datetime.fromisoformat(override.replace("Z", "+00:00")).astimezone(UTC)
         except ValueError:
-            raise UsageError(f"invalid {NOW_VAR} {override!r}: use ISO 8601, e.g. 2026-11-29T10:00:00Z") from None
+            raise UsageError(f"invalid {NOW_VAR} '{shown(override)}': use ISO 8601, e.g. 2026-11-29T10:00:00Z") from None
     return datetime.now(UTC)
 
 
-def passphrases(required: bool = True) -> list[str]:
+def passphrase(value: str, variable: str = KEY_VAR) -> str:
+    """One passphrase, by the rule every reader and writer shares (decrypt.py and the runbook too):
+    a trailing line break, as secret stores and `echo` add, is not part of it; a line break
+    anywhere else is refused, because `openssl -pass` reads only the first line."""
+    value = value.rstrip("\r\n")
+    if "\n" in value or "\r" in value:
+        raise UsageError(f"{variable} contains a line break: openssl would use only its first line; "
+                         "store the passphrase on one line")
+    return value
+
+
+def passphrases() -> list[str]:
     """The current passphrase first, then previous ones (key rotation)."""
-    current = os.environ.get(KEY_VAR, "")
-    previous = [p for p in os.environ.get(PREVIOUS_KEY_VAR, "").split(",") if p]
-    if required and not current:
+    current = passphrase(os.environ.get(KEY_VAR, ""))
+    if not current:
         raise UsageError(f"no encryption passphrase: set {KEY_VAR} (never pass it on a command line)")
-    return ([current] if current else []) + previous
+    previous = [passphrase(p, PREVIOUS_KEY_VAR) for p in os.environ.get(PREVIOUS_KEY_VAR, "").split(",")]
+    return [current] + [p for p in previous if p]
 
 
 def child_env(**extra: str) -> dict[str, str]:
     """A copy of our environment without any secret, plus the given variables.
 
     Each child gets only the secret it needs: pg_dump/psql the database password, openssl none
-    (it reads the passphrase from a file descriptor).
+    (it reads the passphrase from a file descriptor). No child gets the runner's ACTIONS_*
+    variables: a psql fed a planted dump must not be able to mint this job's OIDC token.
     """
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_VARS}
+    env = {k: v for k, v in os.environ.items()
+           if k not in SECRET_VARS and k not in CHILD_ENV_DROPPED and not k.startswith(CHILD_ENV_PREFIXES)}
     env.update(extra)
     return env
+
+
+# Secrets given on a command line (e.g. --database-url): redacted from output like those in the
+# environment.
+_flag_secrets: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    if value:
+        _flag_secrets.add(value)
+
+
+def flag_secrets() -> set[str]:
+    return set(_flag_secrets)
+
+
+def url_secrets(url: str) -> list[str]:
+    """What to hide of a database URL: its password (as written and decoded, from the userinfo or
+    `?password=`); when the URL cannot be parsed, everything that could be the password."""
+    found: list[str] = []
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            found += [parts.password, unquote(parts.password)]
+        found += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == "password"]
+        _check_url(parts)
+    except (ValueError, UsageError):
+        # Unparseable: hide the would-be userinfo (after '://', up to the last '@') and each
+        # part of it after the user name.
+        rest = url.split("://", 1)[-1]
+        userinfo = rest.rpartition("@")[0]
+        found += [userinfo, userinfo.partition(":")[2]] if userinfo else [rest]
+    return [s for s in found if s]
+
+
+def _check_url(parts: SplitResult) -> None:
+    """Refuse what libpq would misread, without echoing the URL: it may hold a password."""
+    if parts.fragment or "#" in parts.geturl():
+        raise UsageError("a '#' in it: percent-encode special characters in the password (# as %23)")
+    if "@" not in parts.netloc and ("@" in parts.path or "@" in parts.query.partition("password=")[0]):
+        raise UsageError("an '@' after the host: percent-encode special characters in the password "
+                         "(/ as %2F, ? as %3F, @ as %40)")
+    parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    parts.hostname  # noqa: B018 - raises ValueError for a bad [IPv6] host
 
 
 @dataclass(frozen=True)
@@ -143,7 +210,7 @@ class DatabaseTarget:
         return [f"--dbname={self.dbname}"] if self.dbname else []
 
     def describe(self) -> str:
-        return self.dbname or f"database {self.database!r} (from PG* variables)"
+        return shown(self.dbname) if self.dbname else f"database '{shown(self.database)}' (from PG* variables)"
 
 
 def database_target(url: str | None, what: str = "DATABASE_URL") -> DatabaseTarget:
@@ -151,11 +218,20 @@ def database_target(url: str | None, what: str = "DATABASE_URL") -> DatabaseTarg
     if not url:
         database = os.environ.get("PGDATABASE") or os.environ.get("PGUSER") or os.environ.get("USER", "")
         return DatabaseTarget(None, None, database)
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgres", "postgresql") or not (parts.netloc or parts.path or parts.query):
-        raise UsageError(
-            f"{what} is not a PostgreSQL URL: expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
-        )
+    for secret in url_secrets(url):
+        register_secret(secret)
+    expected = "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+    try:
+        parts = urlsplit(url)
+        if parts.scheme not in ("postgres", "postgresql") or not (parts.netloc or parts.path or parts.query):
+            raise UsageError(f"{what} is not a PostgreSQL URL: {expected}")
+        _check_url(parts)
+    except ValueError:
+        raise UsageError(f"{what} is not a valid URL ({expected}): check the host and port") from None
+    except UsageError as exc:
+        if str(exc).startswith(what):
+            raise
+        raise UsageError(f"{what} has {exc}") from None
     password = unquote(parts.password) if parts.password is not None else None
     query = parse_qsl(parts.query, keep_blank_values=True)
     for name, value in query:

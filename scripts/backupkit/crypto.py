@@ -9,9 +9,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from typing import BinaryIO
+import subprocess
+from typing import Any, BinaryIO
 
-from .errors import VerificationError
+from .config import child_env
+from .errors import Problem, UsageError, VerificationError
+from .pipeline import Pipeline, Stage
 
 OPENSSL_MAGIC = b"Salted__"
 AESCRYPT_MAGIC = b"AES"
@@ -35,19 +38,24 @@ def key_id(passphrase: str) -> str:
     return digest[:8].hex()
 
 
-def pick_passphrase(wanted_key_id: str | None, candidates: list[str]) -> str:
-    """The candidate whose key_id matches; without a key_id, the current passphrase."""
+def pick_passphrase(wanted_key_id: str, candidates: list[str]) -> str:
+    """The candidate whose key_id is the manifest's. Before the one-line rule (config.passphrase)
+    a secret stored with a trailing newline got the key_id of passphrase + newline: those backups
+    are found too, and get exactly the passphrase they were made with."""
     if not candidates:
-        raise VerificationError("no encryption passphrase: set EXTERNAL_BACKUP_ENCRYPTION_KEY")
-    if not wanted_key_id:
-        return candidates[0]
+        raise VerificationError("no encryption passphrase: set EXTERNAL_BACKUP_ENCRYPTION_KEY", Problem.UNKNOWN_PASSPHRASE)
     for candidate in candidates:
         if key_id(candidate) == wanted_key_id:
             return candidate
+    for candidate in candidates:
+        if key_id(candidate + "\n") == wanted_key_id:
+            return candidate + "\n"
     raise VerificationError(
         f"this backup was encrypted with the passphrase whose key_id is {wanted_key_id}; neither "
         "EXTERNAL_BACKUP_ENCRYPTION_KEY nor EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS has that key_id "
-        f"(they have {', '.join(key_id(c) for c in candidates)})"
+        f"(they have {', '.join(key_id(c) for c in candidates)}): mistyped, or an older passphrase missing "
+        "from EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS?",
+        Problem.UNKNOWN_PASSPHRASE,
     )
 
 
@@ -66,7 +74,7 @@ def passphrase_pipe(passphrase: str) -> int:
     """
     data = passphrase.encode() + b"\n"
     if len(data) > 60000:  # stay within the pipe buffer so the write cannot block
-        raise VerificationError("the encryption passphrase is too long (over 60000 bytes)")
+        raise UsageError("the encryption passphrase is too long (over 60000 bytes)")
     read_end, write_end = os.pipe()
     try:
         os.write(write_end, data)
@@ -77,6 +85,15 @@ def passphrase_pipe(passphrase: str) -> int:
 
 def openssl_args(fd: int, decrypt: bool = False) -> list[str]:
     return ["openssl", "enc", *(["-d"] if decrypt else []), *OPENSSL_CIPHER_ARGS, "-bufsize", str(OPENSSL_BUFSIZE), "-pass", f"fd:{fd}"]
+
+
+def start_openssl(pipeline: Pipeline, passphrase: str, *, decrypt: bool, infile: str | None = None,
+                  stdin: Any = subprocess.DEVNULL) -> Stage:
+    """The one openssl stage (encrypting or decrypting), passphrase through a pipe, no secret in
+    its environment; `infile` to decrypt a file, else it reads `stdin`."""
+    fd = passphrase_pipe(passphrase)
+    argv = [*openssl_args(fd, decrypt=decrypt), *(["-in", infile] if infile else [])]
+    return pipeline.start("openssl", argv, env=child_env(), stdin=stdin, pass_fds=[fd])
 
 
 class FullReader:

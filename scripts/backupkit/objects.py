@@ -4,7 +4,9 @@ listing order by a small prefetch pool whose memory is bounded whatever the obje
 Objects up to WHOLE_OBJECT_LIMIT are fetched ahead, whole, by PREFETCH_WORKERS threads while at
 most PREFETCH_BYTES of them wait to be written; a larger object is streamed in CHUNK pieces
 when its turn comes. An object that vanished after the listing (NoSuchKey) is reported as
-skipped; any other error ends the run.
+skipped, and so is one in an archived storage class (GLACIER, DEEP_ARCHIVE, Intelligent-Tiering's
+archive tiers: GetObject answers InvalidObjectState until it is restored); any other error ends
+the run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from .archive import ArchiveWriter, encode_attributes
 from .errors import BackupError
+from .output import shown
 from .pipeline import CHUNK
 from .s3 import error_code, explain, s3_errors
 
@@ -26,6 +29,7 @@ PREFETCH_BYTES = 16 * 1024 * 1024  # bytes fetched ahead and not yet written, at
 WHOLE_OBJECT_LIMIT = 4 * 1024 * 1024  # larger objects are streamed in turn, never held whole
 PREFETCH_AHEAD = 256  # objects queued ahead (their futures), however small
 VANISHED = ("NoSuchKey", "NoSuchVersion", "404")
+ARCHIVED = ("InvalidObjectState",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +37,7 @@ class SourceObject:
     key: str
     size: int
     last_modified: datetime
+    storage_class: str = "STANDARD"
 
 
 @dataclass
@@ -48,7 +53,7 @@ def list_objects(client: Any, bucket: str, prefix: str = "") -> Listing:
     with s3_errors(f"list the source bucket s3://{bucket}/{prefix}"):
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", []):
-                objects.append(SourceObject(item["Key"], item["Size"], item["LastModified"]))
+                objects.append(SourceObject(item["Key"], item["Size"], item["LastModified"], item.get("StorageClass", "STANDARD")))
                 total += item["Size"]
     return Listing(objects, total)
 
@@ -60,7 +65,7 @@ class Fetched:
     source: SourceObject
     head: dict[str, Any] = field(default_factory=dict)
     data: bytes | None = None
-    vanished: bool = False
+    skipped: str | None = None  # why it is not in the backup
 
     @property
     def size(self) -> int:
@@ -83,14 +88,16 @@ def _get(client: Any, bucket: str, obj: SourceObject, whole: bool) -> Fetched:
         response = client.get_object(Bucket=bucket, Key=obj.key)
     except Exception as exc:
         if error_code(exc) in VANISHED:
-            return Fetched(obj, vanished=True)
-        raise explain(exc, f"download s3://{bucket}/{obj.key}") from exc
+            return Fetched(obj, skipped="deleted after the listing")
+        if error_code(exc) in ARCHIVED:
+            return Fetched(obj, skipped=f"in an archived storage class ({obj.storage_class}): restore it in S3 first")
+        raise explain(exc, f"download s3://{bucket}/{shown(obj.key)}") from exc
     fetched = Fetched(obj, head=response)
     if whole and response["ContentLength"] <= WHOLE_OBJECT_LIMIT:
         try:
             fetched.data = response["Body"].read()
         except Exception as exc:
-            raise explain(exc, f"download s3://{bucket}/{obj.key}") from exc
+            raise explain(exc, f"download s3://{bucket}/{shown(obj.key)}") from exc
         finally:
             response["Body"].close()
     return fetched
@@ -132,14 +139,14 @@ def fetch_in_order(client: Any, bucket: str, objects: Iterable[SourceObject], *,
 class ArchiveResult:
     object_count: int
     total_bytes: int
-    skipped: list[str]
+    skipped: list[tuple[str, str]]  # (key, why)
 
 
 def archive_objects(client: Any, bucket: str, objects: Iterable[SourceObject], writer: ArchiveWriter,
                     progress: Callable[..., None] | None = None, **fetch_options: int) -> ArchiveResult:
-    """Write every object into `writer`, in order; vanished objects are skipped and named.
-    `progress(nbytes=…, objects=…)` is called as bytes and objects are done."""
-    skipped: list[str] = []
+    """Write every object into `writer`, in order; vanished and archived objects are skipped and
+    named. `progress(nbytes=…, objects=…)` is called as bytes and objects are done."""
+    skipped: list[tuple[str, str]] = []
 
     def advance(nbytes: int) -> None:
         if progress is not None:
@@ -147,8 +154,8 @@ def archive_objects(client: Any, bucket: str, objects: Iterable[SourceObject], w
 
     for fetched in fetch_in_order(client, bucket, objects, **fetch_options):
         key = fetched.source.key
-        if fetched.vanished:
-            skipped.append(key)
+        if fetched.skipped:
+            skipped.append((key, fetched.skipped))
             if progress is not None:
                 progress(objects=1)
             continue
@@ -158,7 +165,7 @@ def archive_objects(client: Any, bucket: str, objects: Iterable[SourceObject], w
         except BackupError:
             raise
         except Exception as exc:
-            raise explain(exc, f"download s3://{bucket}/{key}") from exc
+            raise explain(exc, f"download s3://{bucket}/{shown(key)}") from exc
         if progress is not None:
             progress(objects=1)
     return ArchiveResult(writer.members, writer.bytes, skipped)

@@ -134,6 +134,7 @@ class Pipeline:
         stdout: Any = subprocess.PIPE,
         pass_fds: Sequence[int] = (),
         die_with_parent: bool = False,
+        missing_hint: str = "install it or put it on PATH",
     ) -> Stage:
         try:
             proc = subprocess.Popen(
@@ -149,7 +150,7 @@ class Pipeline:
                 preexec_fn=_die_with_parent if die_with_parent else None,
             )
         except FileNotFoundError:
-            raise BackupError(f"{name}: command not found: {argv[0]} (install it or put it on PATH)") from None
+            raise BackupError(f"{name}: command not found: {argv[0]} ({missing_hint})") from None
         finally:
             for fd in pass_fds:
                 os.close(fd)
@@ -179,6 +180,13 @@ class Pipeline:
         thread = threading.Thread(target=run, name="pump", daemon=True)
         thread.start()
         self._pumps.append(thread)
+
+    def join_pumps(self) -> None:
+        """Wait for the pump threads; raise what one of them raised."""
+        for thread in self._pumps:
+            thread.join()
+        if self._pump_errors:
+            raise self._pump_errors[0]
 
     def finish(self) -> None:
         """Wait for every stage; raise for the first that failed (a stage killed by SIGPIPE

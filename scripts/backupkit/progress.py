@@ -75,7 +75,3 @@ class Progress:
         with self._lock:
             now = time.monotonic()
             self._print(self._line(now) + f", done in {human_seconds(now - self._start)}", final=True)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

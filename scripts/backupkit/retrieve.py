@@ -1,103 +1,290 @@
-"""Finding, downloading and checking backups: which backup to use, and "latest" meaning the
-newest that verifies (incomplete and failing backups are skipped, with the reason said)."""
+"""The one way a backup is read back: every script that fetches, verifies or restores goes
+through here, so it is hardened once.
+
+`BucketReader` lists the candidates (ordered and aged by S3's LastModified, never by a name a
+writer chose), and `open()`s one: it picks the passphrase named by the manifest's key_id (an
+unknown one is refused before anything is downloaded), downloads into a private temporary
+directory with the manifest's size as a ceiling, checks size and SHA-256, and only then hands a
+`Fetched` file to the caller's `work`. `first_good()` runs that over the candidates: with
+`--latest` a backup that fails is skipped (the reason comes back as data, a `Skip`), otherwise the
+first failure is final. `open_local()` does the same for a file on disk (`--file`).
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Any, TypeVar
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
-from .crypto import pick_passphrase
-from .errors import BackupError, VerificationError
-from .manifest import MANIFEST_SUFFIX, Backup, catalogue, find_backup, parse_manifest
-from .pipeline import Tally, copy
-from .progress import Progress, log
+from .crypto import AESCRYPT_FORMAT, OPENSSL_FORMAT, detect_format, pick_passphrase
+from .errors import BackupError, Problem, UsageError, VerificationError
+from .manifest import KEY_RE, MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, Backup, Catalogue, catalogue, find_backup, parse_manifest
+from .output import log, shown
+from .pipeline import CHUNK, Tally
+from .progress import Progress, human_bytes
 from .s3 import read_body
 
 T = TypeVar("T")
 
 
-def candidates(client: Any, bucket: str, environment: str, kind: str, *, latest: bool,
-               key: str | None = None, version_id: str | None = None) -> list[Backup]:
-    """Backups to try, in order: every version newest first for --latest, else the one named."""
-    backups = catalogue(client, bucket, environment, (kind,))
-    if latest:
-        if not backups:
-            raise BackupError(f"no {kind} backup found in s3://{bucket}/{environment}/{kind}/: check --environment and --bucket")
-        return backups
-    if not key:
-        raise BackupError("say which backup: --latest or --key KEY")
-    if not key.startswith(f"{environment}/"):
-        key = f"{environment}/{kind}/{key}"  # a bare file name is accepted too
-    return [find_backup(backups, key, version_id)]
+@dataclass(frozen=True)
+class Skip:
+    """A backup `--latest` passed over, and why."""
+
+    backup: Backup
+    problem: Problem
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.backup.label()}: {self.reason}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.backup.key, "version_id": self.backup.version_id, "problem": self.problem.value,
+                "reason": self.reason}
 
 
-def first_good(backups: list[Backup], attempt: Callable[[Backup], T], *, latest: bool) -> tuple[Backup, T, list[str]]:
-    """Run `attempt` on each backup until one passes. With `latest`, incomplete backups and those
-    failing verification are skipped (said on stderr); otherwise the first failure is final."""
-    skipped: list[str] = []
-    for backup in backups:
-        if not backup.complete:
-            reason = f"skipped {backup.label()}: {backup.manifest_problem}"
-            if not latest:
-                raise VerificationError(f"{backup.label()} is incomplete: {backup.manifest_problem}")
-            log(reason)
-            skipped.append(reason)
-            continue
-        try:
-            return backup, attempt(backup), skipped
-        except VerificationError as exc:
-            if not latest:
-                raise
-            reason = f"skipped {backup.label()}: {exc}"
-            log(reason)
-            skipped.append(reason)
-    # The newest one's reason in the error line itself: often the only one anybody reads.
-    newest = skipped[0].removeprefix("skipped ") if skipped else "nothing to try"
-    raise BackupError(f"no backup verifies ({len(skipped)} tried; the others' reasons are above): {newest}")
+@dataclass
+class Fetched:
+    """A backup file on disk that passed every check made before decryption."""
+
+    path: str
+    passphrase: str
+    encryption: str  # OPENSSL_FORMAT, AESCRYPT_FORMAT, or "zip" for an already decrypted archive
+    compression: str | None  # "zstd" or "none"; None: unknown (a dump without manifest), told by its bytes
+    manifest: dict[str, Any] | None  # None: a local file without one (nothing to check against)
+    label: str  # for messages: the S3 key and version, or the file's path
+    backup: Backup | None = None  # None for a local file
+
+
+@dataclass
+class Retrieved(Generic[T]):
+    fetched: Fetched
+    result: T
+    skipped: list[Skip] = field(default_factory=list)
 
 
 def check_against_manifest(tally: Tally, manifest: dict[str, Any], what: str) -> None:
     if tally.size != manifest["encrypted_size"]:
         raise VerificationError(
-            f"{what} is {tally.size} bytes, the manifest says {manifest['encrypted_size']}: truncated or corrupted")
+            f"{what} is {tally.size} bytes, the manifest says {manifest['encrypted_size']}: truncated or corrupted",
+            Problem.CORRUPT)
     if tally.hexdigest() != manifest["encrypted_sha256"]:
-        raise VerificationError(f"{what} does not match the manifest's SHA-256: corrupted")
+        raise VerificationError(f"{what} does not match the manifest's SHA-256: corrupted", Problem.CORRUPT)
 
 
-def check_plaintext(plaintext: Tally, manifest: dict[str, Any], what: str) -> None:
+def check_plaintext(plaintext: Tally, manifest: dict[str, Any] | None, what: str) -> None:
+    """The decrypted (and decompressed) bytes against the manifest, end to end."""
+    if manifest is None:
+        return
     if plaintext.size != manifest["plaintext_size"]:
         raise VerificationError(
-            f"the decrypted {what} is {plaintext.size} bytes, the manifest says {manifest['plaintext_size']}: corrupted")
+            f"the decrypted {what} is {plaintext.size} bytes, the manifest says {manifest['plaintext_size']}: corrupted",
+            Problem.CORRUPT)
     if plaintext.hexdigest() != manifest["plaintext_sha256"]:
-        raise VerificationError(f"the decrypted {what} does not match the manifest's plaintext SHA-256: corrupted")
+        raise VerificationError(f"the decrypted {what} does not match the manifest's plaintext SHA-256: corrupted",
+                                Problem.CORRUPT)
 
 
-def download(client: Any, bucket: str, backup: Backup, path: str) -> None:
-    """Stream one backup version to `path` (0600) and check it against its manifest."""
-    extra = {"VersionId": backup.version_id} if backup.version_id else {}
+@contextmanager
+def private_directory(near: str | None = None, prefix: str = "backup-") -> Iterator[str]:
+    """A 0700 temporary directory (in TMPDIR, or hidden beside `near`), removed on any exit."""
+    path = tempfile.mkdtemp(prefix=f".{prefix}", dir=near) if near else tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
-    def save(body: Any) -> Tally:
-        tally = Tally()  # from scratch on every attempt
-        progress = Progress(f"downloaded {backup.key}", total_bytes=backup.size)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            copy(body, out.write, tally, progress.update)
-        progress.done()
-        return tally
 
-    tally = read_body(f"download s3://{bucket}/{backup.key}",
-                      lambda: client.get_object(Bucket=bucket, Key=backup.key, **extra), save)
-    if backup.manifest is not None:
+def _room_for(directory: str, size: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < size:
+        raise BackupError(f"not enough free space in {shown(directory)} for the {human_bytes(size)} download "
+                          f"({human_bytes(free)} free): set TMPDIR to a bigger disk")
+
+
+class BucketReader:
+    """The backups of one kind of one environment in the external bucket."""
+
+    def __init__(self, client: Any, bucket: str, environment: str, kind: str, passphrases: list[str] | None):
+        """`passphrases` None: only fetch (the ciphertext is checked, nothing is decrypted)."""
+        self.client = client
+        self.bucket = bucket
+        self.environment = environment
+        self.kind = kind
+        self.passphrases = passphrases
+
+    def catalogue(self, *, with_retention: bool = False) -> Catalogue:
+        return catalogue(self.client, self.bucket, self.environment, (self.kind,), with_retention=with_retention)
+
+    def candidates(self, *, latest: bool, key: str | None = None, version_id: str | None = None) -> list[Backup]:
+        """Backups to try, in order: for --latest every version, newest first; else the one named."""
+        if latest:
+            backups = self.catalogue().backups
+            if not backups:
+                raise BackupError(f"no {self.kind} backup found in s3://{self.bucket}/{self.environment}/{self.kind}/: "
+                                  "check --environment and --bucket (list_backups.py shows what exists)")
+            return backups
+        if not key:
+            raise UsageError("say which backup: --latest or --key KEY")
+        if "/" not in key:
+            key = f"{self.environment}/{self.kind}/{key}"  # a bare file name is accepted too
+        match = KEY_RE.fullmatch(key)
+        if not match or (match.group("env"), match.group("kind")) != (self.environment, self.kind):
+            raise UsageError(f"--key '{shown(key)}' is not a {self.kind} backup of {self.environment}: use a key "
+                             f"(or file name) as list_backups.py --kind {self.kind} shows it")
+        return [find_backup(self.catalogue().backups, key, version_id)]
+
+    def download(self, backup: Backup, path: str) -> None:
+        """Stream one backup version to `path` (0600); never more than the listing's size."""
+        extra = {"VersionId": backup.version_id} if backup.version_id else {}
+        _room_for(os.path.dirname(path), backup.size)
+
+        def save(body: Any) -> Tally:
+            tally = Tally()  # from scratch on every attempt
+            progress = Progress(f"downloaded {shown(backup.key)}", total_bytes=backup.size)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                while chunk := body.read(CHUNK):
+                    tally.update(chunk)
+                    if tally.size > backup.size:
+                        raise VerificationError(f"the download is longer than the {backup.size} bytes listed: corrupted",
+                                                Problem.CORRUPT)
+                    out.write(chunk)
+                    progress.update(len(chunk))
+            progress.done()
+            return tally
+
+        tally = read_body(f"download s3://{self.bucket}/{shown(backup.key)}",
+                          lambda: self.client.get_object(Bucket=self.bucket, Key=backup.key, **extra), save)
         check_against_manifest(tally, backup.manifest, "the downloaded object")
 
+    def open(self, backup: Backup, work: Callable[[Fetched], T], *, near: str | None = None,
+             explicit: bool = False) -> Retrieved[T]:
+        """Check `backup`, download it into a private directory (beside `near` when given), check
+        it against its manifest, and run `work(fetched)`; the directory is removed afterwards.
+        Raises VerificationError (with its Problem) when the backup is not fit to use."""
+        if backup.problem is Problem.SUSPICIOUS and explicit:
+            log(f"warning: {backup.label()}: {backup.detail}; used because it was named with --key")
+        elif backup.problem is not None:
+            raise VerificationError(backup.detail or backup.problem.value, backup.problem)
+        manifest = backup.manifest
+        passphrase = "" if self.passphrases is None else pick_passphrase(manifest["key_id"], self.passphrases)  # before any download
+        with private_directory(near) as workdir:
+            path = os.path.join(workdir, "backup.encrypted")
+            self.download(backup, path)
+            with open(path, "rb") as handle:
+                found = detect_format(handle.read(8))
+            if found != manifest["encryption"]:
+                raise VerificationError(f"the object is not in its manifest's format {manifest['encryption']} "
+                                        f"(it looks like {found or 'neither format'})", Problem.BAD_CONTENT)
+            fetched = Fetched(path, passphrase, manifest["encryption"], manifest.get("compression", "none"),
+                              manifest, f"s3://{self.bucket}/{backup.label()}", backup)
+            return Retrieved(fetched, work(fetched))
 
-def local_manifest(path: str, passphrases: list[str]) -> tuple[dict[str, Any] | None, list[str]]:
-    """For a local backup file: its FILE.manifest.json (when present) after checking the file
-    against it, and the passphrases to try (only the one whose key_id it names)."""
-    if not os.path.exists(path + MANIFEST_SUFFIX):
-        return None, passphrases
-    with open(path + MANIFEST_SUFFIX, "rb") as handle:
-        manifest = parse_manifest(handle.read())
-    check_against_manifest(Tally.of_file(path), manifest, path)
-    return manifest, [pick_passphrase(manifest["key_id"], passphrases)]
+    def first_good(self, backups: list[Backup], work: Callable[[Fetched], T], *, latest: bool,
+                   near: str | None = None) -> Retrieved[T]:
+        """`work` on the first backup that passes. With `latest`, backups that are not usable or
+        fail are skipped (each said on stderr); otherwise the one named must pass."""
+        skipped: list[Skip] = []
+        for backup in backups:
+            try:
+                retrieved = self.open(backup, work, near=near, explicit=not latest)
+            except VerificationError as exc:
+                if not latest:
+                    raise VerificationError(f"{backup.label()}: {exc}", exc.problem) from None
+                skip = Skip(backup, exc.problem, str(exc))
+                if len(backups) > 1:
+                    log(f"skipped {skip.line()}")
+                skipped.append(skip)
+                continue
+            retrieved.skipped = skipped
+            return retrieved
+        raise BackupError(nothing_verifies(skipped))
+
+
+def nothing_verifies(skipped: list[Skip]) -> str:
+    """The error line when no candidate passed: the newest one's reason in the line itself (often
+    the only line anybody reads), and what to do when none was made with the passphrases given."""
+    if not skipped:
+        return "no backup to try"
+    newest = skipped[0].line()
+    if len(skipped) == 1:
+        return f"the only backup found cannot be used: {newest}"
+    if all(s.problem is Problem.UNKNOWN_PASSPHRASE for s in skipped):
+        return (f"none of the {len(skipped)} backups was made with the passphrase(s) given: mistyped, or an older "
+                f"passphrase missing from EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS? The newest: {newest}")
+    return f"none of the {len(skipped)} backups can be used (each one's reason is above); the newest: {newest}"
+
+
+def local_format(path: str, kind: str, *, plain_zip: bool = False) -> str:
+    """The encryption format of a local backup file, refusing what is not a `kind` backup."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--file {shown(path)}: no such file")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"--file {shown(path)} is empty: not a backup")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    found = detect_format(head)
+    if kind == "database" and found == OPENSSL_FORMAT:
+        return found
+    if kind == "files" and found == AESCRYPT_FORMAT:
+        return found
+    if kind == "files" and plain_zip and head.startswith(b"PK\x03\x04"):
+        return "zip"
+    wanted = "an encrypted database backup (no 'Salted__' header)" if kind == "database" else \
+        "an encrypted files backup (AES Crypt)" + (" nor a ZIP" if plain_zip else "")
+    raise UsageError(f"{shown(path)} is not {wanted}")
+
+
+def read_local_manifest(path: str, kind: str) -> dict[str, Any] | None:
+    """FILE.manifest.json beside a local backup (fetch_backup.py writes it), validated; None when
+    there is none."""
+    manifest_path = path + MANIFEST_SUFFIX
+    if not os.path.exists(manifest_path):
+        return None
+    with open(manifest_path, "rb") as handle:
+        body = handle.read(MAX_MANIFEST_BYTES + 1)
+    return parse_manifest(body, kind=kind)
+
+
+def open_local(path: str, kind: str, passphrases: list[str], work: Callable[[Fetched], T], *,
+               require_manifest: bool, plain_zip: bool = False) -> Retrieved[T]:
+    """`work` on a local backup file: checked against FILE.manifest.json when there is one (whose
+    key_id then picks the passphrase); without one (allowed unless `require_manifest`), each
+    passphrase is tried in turn, as a failed attempt changes nothing."""
+    encryption = local_format(path, kind, plain_zip=plain_zip)
+    label = shown(path)
+    if encryption == "zip":
+        fetched = Fetched(path, "", "zip", "none", None, label)
+        return Retrieved(fetched, work(fetched))
+    manifest = read_local_manifest(path, kind)
+    if manifest is None and require_manifest:
+        raise UsageError(
+            f"{label} has no {shown(os.path.basename(path))}{MANIFEST_SUFFIX} beside it: without the manifest, "
+            "corruption inside the file cannot be detected. Fetch it with fetch_backup.py (it saves the "
+            "manifest), or pass --without-manifest to restore it anyway")
+    if manifest is not None:
+        check_against_manifest(Tally.of_file(path), manifest, label)
+        tries = [pick_passphrase(manifest["key_id"], passphrases)]
+        compression = manifest.get("compression", "none")
+    else:
+        tries = passphrases
+        compression = None if kind == "database" else "none"  # a dump's is told by its first bytes
+    problem: VerificationError | None = None
+    for passphrase in tries:
+        fetched = Fetched(path, passphrase, encryption, compression, manifest, label)
+        try:
+            return Retrieved(fetched, work(fetched))
+        except VerificationError as exc:
+            if exc.problem is not Problem.UNDECRYPTABLE:
+                raise
+            problem = exc
+    assert problem is not None
+    if len(tries) > 1:
+        raise VerificationError(f"none of the {len(tries)} passphrases given decrypts {label} (mistyped?): {problem}",
+                                Problem.UNDECRYPTABLE)
+    raise problem

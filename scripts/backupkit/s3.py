@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import boto3
 import botocore.exceptions
@@ -60,7 +61,29 @@ def _config(max_pool_connections: int = 16) -> Config:
     )
 
 
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "SOURCE_AWS_ENDPOINT_URL")
+
+
+def check_endpoints() -> None:
+    """An endpoint variable that is set must be an http(s) URL with a host: botocore would fail
+    later with a bare ValueError."""
+    for variable in ENDPOINT_VARIABLES:
+        value = os.environ.get(variable)
+        if not value:
+            continue
+        try:
+            parts = urlsplit(value)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UsageError(f"{variable} is not an endpoint URL: expected e.g. https://s3.eu-central-1.amazonaws.com "
+                             "or http://127.0.0.1:9000")
+
+
 def external_client(max_pool_connections: int = 16, region: str | None = None):  # noqa: ANN201 (boto3 client type)
+    check_endpoints()
     with s3_errors("create the S3 client"):
         return boto3.session.Session(region_name=region).client("s3", config=_config(max_pool_connections))
 
@@ -68,6 +91,7 @@ def external_client(max_pool_connections: int = 16, region: str | None = None): 
 def source_client(profile: str | None = None, max_pool_connections: int = 16):  # noqa: ANN201
     """Client for the app's bucket: SOURCE_AWS_PROFILE / --source-profile, SOURCE_AWS_* keys,
     or, when neither is set, the same credentials as the external bucket."""
+    check_endpoints()
     profile = profile or os.environ.get("SOURCE_AWS_PROFILE")
     region = os.environ.get("SOURCE_AWS_REGION")
     endpoint = os.environ.get("SOURCE_AWS_ENDPOINT_URL")

@@ -47,7 +47,9 @@ class Member:
     crc: int = 0  # computed from the data
     compressed_size: int = 0
     size: int = 0
-    comment: str = ""
+    comment: bytes = b""
+    data_offset: int = 0  # where the member's bytes start in the archive
+    name_valid: bool = True  # False: not UTF-8 although flagged so (shown with replacements)
 
 
 @dataclass
@@ -63,8 +65,12 @@ class ZipSummary:
         return sum(m.size for m in self.members)
 
 
-def _name(raw: bytes, flags: int) -> str:
-    return raw.decode("utf-8" if flags & FLAG_UTF8 else "cp437", "replace")
+def _name(raw: bytes, flags: int) -> tuple[str, bool]:
+    """A member name as text, and whether it decoded cleanly."""
+    try:
+        return raw.decode("utf-8" if flags & FLAG_UTF8 else "cp437"), True
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace"), False
 
 
 def _zip64_extra(extra: bytes, wanted: list[bool]) -> list[int | None]:
@@ -184,7 +190,8 @@ class ZipStreamChecker:
         header = self._take(LOCAL_HEADER.size + nlen + xlen)
         raw_name = header[LOCAL_HEADER.size: LOCAL_HEADER.size + nlen]
         extra = header[LOCAL_HEADER.size + nlen:]
-        member = Member(_name(raw_name, flags), offset, flags, method, _has_zip64_extra(extra))
+        name, valid = _name(raw_name, flags)
+        member = Member(name, offset, flags, method, _has_zip64_extra(extra), data_offset=self._offset, name_valid=valid)
         if flags & FLAG_ENCRYPTED:
             raise ZipCheckError(f"the ZIP member {member.name!r} is encrypted with ZIP encryption: not one of ours")
         if method not in (STORED, DEFLATED):
@@ -299,9 +306,9 @@ class ZipStreamChecker:
         if len(self._buf) < CENTRAL_HEADER.size + nlen + xlen + clen:
             return False
         record = self._take(CENTRAL_HEADER.size + nlen + xlen + clen)
-        name = _name(record[CENTRAL_HEADER.size: CENTRAL_HEADER.size + nlen], flags)
+        name, _ = _name(record[CENTRAL_HEADER.size: CENTRAL_HEADER.size + nlen], flags)
         extra = record[CENTRAL_HEADER.size + nlen: CENTRAL_HEADER.size + nlen + xlen]
-        comment = _name(record[CENTRAL_HEADER.size + nlen + xlen:], flags)
+        comment = record[CENTRAL_HEADER.size + nlen + xlen:]
         big_u, big_c, big_o = _zip64_extra(extra, [usize == 0xFFFFFFFF, csize == 0xFFFFFFFF, offset == 0xFFFFFFFF])
         entry = Member(name, big_o if big_o is not None else offset, flags, method, False, crc,
                        big_c if big_c is not None else csize, big_u if big_u is not None else usize, comment)

@@ -1,0 +1,510 @@
+"""The bucket is hostile: each test plays an attacker who holds what the hourly backup job holds
+(s3:PutObject on the external bucket and the passphrase) or only write access to the app's
+bucket, against the real PostgreSQL and the local S3 endpoint, and checks that no restore, check
+or listing can be turned against the people restoring.
+
+Planted dumps are consistent (size, SHA-256, trailer and manifest all match): the worst case.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from dev.harness import REPO, table_fingerprint
+from dev.measure import TreeMemory
+from tests.backup_factory import (
+    ENVIRONMENT,
+    at,
+    backup_key,
+    database_backup,
+    openssl_encrypt,
+    put_with_manifest,
+    upload_archive,
+    upload_dump,
+)
+from tests.conftest import PASSPHRASE, Runner, error_lines
+from tests.files_helpers import Obj, fill, new_bucket, snapshot
+from tests.procwatch import SpyBin
+
+RUNBOOK = (REPO / "runbook.md").read_text()
+TRAILER = b"--\n-- PostgreSQL database dump complete\n--\n"
+
+
+# -- building plants ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def genuine_dump(pg, sample_db) -> bytes:
+    """What the backup job dumps (the installed pg_dump writes \\restrict framing)."""
+    return subprocess.run([str(pg.bin / "pg_dump"), "--format=plain", "--clean", "--if-exists", "--no-owner",
+                           "--no-privileges", f"--dbname={pg.url(sample_db, password=False)}"],
+                          env=pg.env(), capture_output=True, check=True).stdout
+
+
+def framing_key(dump: bytes) -> bytes:
+    return re.search(rb"(?m)^\\restrict ([0-9A-Za-z]+)$", dump).group(1)
+
+
+def without_framing(dump: bytes) -> bytes:
+    """The same dump as a pg_dump older than 15.14 writes it."""
+    return re.sub(rb"(?m)^\\(un)?restrict [0-9A-Za-z]+\n", b"", dump)
+
+
+def plant(dump: bytes, command: bytes, where: str, *, reuse_framing: bool = False) -> bytes:
+    """`dump` with `command` planted at its start, after 1 MiB, or after its trailer; with
+    `reuse_framing`, the plant first unrestricts with the dump's own framing key."""
+    if reuse_framing:
+        command = b"\\unrestrict " + framing_key(dump) + b"\n" + command + b"\n\\restrict " + framing_key(dump)
+    command += b"\n"
+    if where == "start":
+        if reuse_framing:  # right after pg_dump's own \restrict line
+            at = dump.index(b"\n", dump.index(b"\\restrict ")) + 1
+            return dump[:at] + command + dump[at:]
+        return command + dump
+    if where == "middle":
+        at = dump.index(b"\nCREATE TABLE") + 1
+        return dump[:at] + b"-- padding\n" * (1024 * 1024 // 11) + command + dump[at:]
+    at = dump.index(TRAILER) + len(TRAILER)
+    return dump[:at] + command + dump[at:]
+
+
+COMMANDS = {
+    "shell": b"\\! touch {marker}",
+    "output-pipe": b"\\o |touch {marker}\nSELECT 1;",
+    "copy-program": b"\\copy (SELECT 1) TO PROGRAM 'touch {marker}'",
+    "query-pipe": b"SELECT 1 \\g |touch {marker}",
+}
+
+
+def command(name: str, marker: Path) -> bytes:
+    return COMMANDS[name].replace(b"{marker}", str(marker).encode())
+
+
+def tables(pg, database: str) -> str:
+    return pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", database)
+
+
+def refused(done, marker: Path, pg, scratch_db: str) -> None:
+    assert done.returncode == 1, done.stderr
+    assert not marker.exists(), "the planted command ran"
+    assert tables(pg, scratch_db) == "0", "the planted dump was committed"
+
+
+# -- 1. planted psql commands never run ---------------------------------------------------------
+@pytest.mark.parametrize(("name", "where", "framing"), [
+    *[(name, "start", False) for name in COMMANDS],
+    ("shell", "middle", False),
+    ("shell", "end", False),
+    ("shell", "start", True),
+    ("output-pipe", "end", True),
+])
+def test_planted_commands_never_run_in_a_restore(run, pg, scratch_db, s3server, bucket, genuine_dump, tmp_path,
+                                                 name, where, framing):
+    marker = tmp_path / "pwned"
+    upload_dump(s3server.client(), bucket, at(0), plant(genuine_dump, command(name, marker), where, reuse_framing=framing),
+                PASSPHRASE)
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db))
+    refused(done, marker, pg, scratch_db)
+    assert "psql commands" in error_lines(done.stderr)[0]
+
+
+def test_planted_commands_never_run_in_the_daily_drill(run, pg, scratch_db, s3server, bucket, genuine_dump, tmp_path):
+    marker = tmp_path / "pwned"
+    genuine = database_backup(run, pg=pg, started_at=at(2))
+    client = s3server.client()
+    upload_dump(client, bucket, at(1), plant(genuine_dump, command("output-pipe", marker), "middle"), PASSPHRASE)
+    upload_dump(client, bucket, at(0), plant(genuine_dump, command("shell", marker), "start", reuse_framing=True), PASSPHRASE)
+    # --since (every backup of the window): both plants fail, nothing ran, nothing committed.
+    done = run("verify_backup.py", "--kind", "database", "--since", "1d", "--restore-into", pg.url(scratch_db), "--json")
+    assert done.returncode == 1 and not marker.exists()
+    report = json.loads(done.stdout)
+    assert [r["ok"] for r in report["results"]] == [False, False, True]
+    # --latest (the drill): the plants are skipped, the genuine backup restores.
+    pg.drop_database(scratch_db)
+    pg.create_database(scratch_db)
+    done = run("verify_backup.py", "--kind", "database", "--latest", "--restore-into", pg.url(scratch_db), "--json")
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists()
+    report = json.loads(done.stdout)
+    assert report["results"][0]["key"] == genuine["key"]
+    assert [s["problem"] for s in report["skipped"]] == ["bad content", "bad content"]
+
+
+def runbook_restore_command() -> str:
+    """The runbook's manual restore, exactly as printed there."""
+    block = RUNBOOK[RUNBOOK.index("RESTRICT_KEY=$(openssl rand"):]
+    return block[: block.index("\n```")]
+
+
+@pytest.mark.parametrize(("name", "where", "framing"), [
+    ("shell", "start", True), ("copy-program", "middle", False), ("shell", "end", False), ("query-pipe", "end", True),
+])
+def test_planted_commands_never_run_in_the_runbooks_manual_restore(pg, scratch_db, genuine_dump, tmp_path, name, where, framing):
+    marker = tmp_path / "pwned"
+    (tmp_path / "database-backup.sql").write_bytes(plant(genuine_dump, command(name, marker), where, reuse_framing=framing))
+    done = subprocess.run(["bash", "-c", runbook_restore_command()], cwd=tmp_path, capture_output=True, text=True,
+                          env={**pg.env(), "TARGET_DATABASE_URL": pg.url(scratch_db, password=False)})
+    assert "backslash commands are restricted" in done.stderr or "wrong key" in done.stderr, done.stderr
+    assert "restore committed" not in done.stdout
+    assert not marker.exists() and tables(pg, scratch_db) == "0"
+
+
+@pytest.mark.parametrize("framed", [True, False], ids=["pg_dump-framing", "older-pg_dump"])
+def test_genuine_dumps_with_and_without_framing_still_restore(run, pg, sample_db, scratch_db, s3server, bucket, genuine_dump,
+                                                              tmp_path, framed):
+    dump = genuine_dump if framed else without_framing(genuine_dump)
+    assert (b"\\restrict " in dump) == framed
+    upload_dump(s3server.client(), bucket, at(0), dump, PASSPHRASE)
+    run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), check=True)
+    for table in ("applications", "admin_user"):
+        assert table_fingerprint(pg, scratch_db, table) == table_fingerprint(pg, sample_db, table)
+    # And by the runbook's manual command.
+    pg.drop_database(scratch_db)
+    pg.create_database(scratch_db)
+    (tmp_path / "database-backup.sql").write_bytes(dump)
+    done = subprocess.run(["bash", "-c", runbook_restore_command()], cwd=tmp_path, capture_output=True, text=True,
+                          env={**pg.env(), "TARGET_DATABASE_URL": pg.url(scratch_db, password=False)})
+    assert done.returncode == 0 and "restore committed" in done.stdout, done.stderr
+    assert table_fingerprint(pg, scratch_db, "applications") == table_fingerprint(pg, sample_db, "applications")
+
+
+def test_a_psql_too_old_to_restrict_is_refused_before_anything_is_read(run, pg, scratch_db, tmp_path):
+    old = tmp_path / "psql"
+    old.write_text(f'#!/bin/sh\n[ "$1" = --version ] && {{ echo "psql (PostgreSQL) 15.13"; exit 0; }}\nexec {pg.bin / "psql"} "$@"\n')
+    old.chmod(0o755)
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), "--psql", str(old))
+    assert done.returncode == 1
+    [line] = error_lines(done.stderr)
+    assert "too old to restore safely" in line and "15.14" in line and "--psql" in line
+
+
+def test_restoring_children_get_no_actions_variables(run, pg, sample_db, scratch_db, tmp_path):
+    """Inside Actions these let a process mint the job's OIDC token."""
+    spy = SpyBin(tmp_path / "spy", {"psql": str(pg.bin / "psql"), "openssl": shutil.which("openssl")})
+    database_backup(run, pg=pg)
+    actions = {"ACTIONS_ID_TOKEN_REQUEST_URL": "http://127.0.0.1:9/token", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "oidc-secret-1",
+               "ACTIONS_RUNTIME_TOKEN": "runtime-secret-2", "GITHUB_TOKEN": "gh-secret-3"}
+    spied = Runner({**run.env, **actions, "PSQL": spy.path("psql"), "PATH": f"{spy.dir}:{run.env['PATH']}"})
+    spied("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), check=True)
+    records = spy.records()
+    assert {r.program for r in records} >= {"psql", "openssl"}
+    for record in records:
+        assert not [k for k in record.env if k.startswith("ACTIONS_") or k == "GITHUB_TOKEN"], (record.program, sorted(record.env))
+
+
+# -- 2. "latest" and freshness follow S3's clock, not a name a writer chose -------------------------
+def test_a_future_dated_plant_is_never_latest_nor_fresh(run, pg, sample_db, s3server, bucket, genuine_dump, tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    genuine = database_backup(run, pg=pg, started_at=at(3))
+    client = s3server.client()
+    planted = upload_dump(client, bucket, datetime(2099, 12, 31, 23, 59, 59, tzinfo=UTC), genuine_dump, PASSPHRASE)
+
+    # Three hours after the genuine backup, the plant "from 2099" does not keep the alarm quiet.
+    later = (datetime.now(UTC) + timedelta(hours=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    done = run("list_backups.py", "--kind", "database", "--max-age", "2h", "--json", env={"EXTERNAL_BACKUPS_NOW": later})
+    assert done.returncode == 1
+    assert f"the newest usable backup, {genuine['key']}" in error_lines(done.stderr)[0]
+    listed = {b["key"]: b for b in json.loads(done.stdout)}
+    assert listed[planted["key"]]["status"] == "suspicious" and "future" in listed[planted["key"]]["problem"]
+    assert "warning: suspicious backup" in done.stderr
+
+    out = tmp_path / "latest.sql.encrypted"
+    done = run("fetch_backup.py", "--kind", "database", "--latest", "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["key"] == genuine["key"]
+    assert [s["problem"] for s in result["skipped"]] == ["suspicious"]
+
+
+def test_plants_with_a_bad_or_unknown_key_id_are_never_downloaded(run, pg, sample_db, s3server, bucket, genuine_dump, tmp_path):
+    from tests.faultproxy import FaultProxy
+
+    genuine = database_backup(run, pg=pg, started_at=at(1))
+    client = s3server.client()
+    bad = upload_dump(client, bucket, at(0.5), genuine_dump, PASSPHRASE, overrides={"key_id": ""})
+    unknown = upload_dump(client, bucket, at(0.2), genuine_dump, "a-passphrase-the-restorer-never-had")
+    with FaultProxy(s3server.endpoint) as proxy:
+        done = run("verify_backup.py", "--kind", "database", "--latest", "--json", env={"AWS_ENDPOINT_URL": proxy.endpoint})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["results"][0]["key"] == genuine["key"]
+    downloads = [path for op, path in proxy.paths if op == "GetObject" and ".manifest.json" not in path]
+    assert len(downloads) == 1 and genuine["key"].rsplit("/", 1)[1] in downloads[0]
+    assert {s["key"]: s["problem"] for s in report["skipped"]} == {unknown["key"]: "unknown passphrase", bad["key"]: "bad manifest"}
+
+
+# -- 3. manifests are read only up to a small bound ---------------------------------------------
+def test_oversized_manifests_are_refused_without_memory_growth(run, pg, sample_db, s3server, bucket, genuine_dump):
+    database_backup(run, pg=pg, started_at=at(1))
+
+    def peak() -> int:
+        proc = run.popen("list_backups.py", "--kind", "database", "--json", "--no-retention")
+        with TreeMemory(proc.pid, interval=0.02) as memory:
+            stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+        return memory.peak_process_kib, json.loads(stdout)
+
+    before, _ = peak()
+    client = s3server.client()
+    body = openssl_encrypt(genuine_dump, PASSPHRASE)
+    for n in range(4):
+        key = backup_key(ENVIRONMENT, "database", at(0.1 * (n + 1)))
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+        huge = json.dumps({"key": key, "padding": "x" * (40 * 1024 * 1024)}).encode()  # its only manifest
+        client.put_object(Bucket=bucket, Key=key + ".manifest.json", Body=huge)
+    after, listed = peak()
+    problems = [b["problem"] for b in listed if b["status"] == "bad manifest"]
+    assert len(problems) == 4 and all("over the 256 KiB" in p for p in problems), listed
+    assert after - before < 20 * 1024, f"peak grew from {before} KiB to {after} KiB"
+
+
+# -- 4. nothing from a bucket reaches the output raw -----------------------------------------------
+# (moto's server cannot store a key holding "\n"; S3 can: "\r" and U+2028 stand in, as line breaks.)
+INJECTIONS = ["\r::add-mask::PASSWORD", "\u2028::stop-commands::pwn", "::error::forged", "##[error]legacy", "[click](http://evil.example)",
+              "\x1b]0;title\x07\x1b[2J"]
+
+
+def workflow_commands(text: str) -> list[str]:
+    """Lines the Actions runner would act on (it splits at \\r as well as \\n)."""
+    return [line.strip() for line in re.split(r"[\r\n]", text) if line.lstrip().startswith("::") or "##[" in line]
+
+
+def test_injected_strings_never_reach_output_raw(run, s3server, bucket, tmp_path):
+    client = s3server.client()
+    source = new_bucket(s3server)
+    names = {f"docs/{i}{text}.txt": Obj(b"x", "text/plain") for i, text in enumerate(INJECTIONS)}
+    names["[click](http://evil.example)\r.txt"] = Obj(b"z")  # listed first: the one the error line names
+    fill(client, source, names)
+    client.put_object(Bucket=source, Key="cold/archive.bin", Body=b"y", StorageClass="GLACIER")
+    for text in INJECTIONS[:1] + INJECTIONS[2:5]:  # objects in the external bucket's folders that are not backups
+        # (moto cannot list versions of keys holding characters XML 1.0 forbids; S3 can.)
+        client.put_object(Bucket=bucket, Key=f"{ENVIRONMENT}/files/{text}.zip.encrypted", Body=b"AES")
+    summary = tmp_path / "summary.md"
+    actions = {"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary)}
+    outputs = []
+    done = run("backup_files.py", "--source-bucket", source, env=actions)
+    assert done.returncode == 0, done.stderr
+    outputs.append(done.stdout + done.stderr)
+    for args in (["list_backups.py", "--kind", "files"], ["verify_backup.py", "--kind", "files", "--latest"]):
+        done = run(*args, env=actions)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout + done.stderr)
+    target = new_bucket(s3server, "restored")
+    done = run("restore_files.py", "--latest", "--target-bucket", target, "--skip-unsafe-names", "--dry-run", env=actions)
+    outputs.append(done.stdout + done.stderr)
+    done = run("restore_files.py", "--latest", "--target-bucket", target, env=actions)
+    assert done.returncode == 1  # the names are unsafe as keys: nothing uploaded
+    outputs.append(done.stdout + done.stderr)
+    for output in outputs:
+        assert [c for c in workflow_commands(output) if not c.startswith(("::warning::", "::error title="))] == []
+        assert "\x1b" not in output and "\r" not in output
+    text = summary.read_text()
+    assert "click" in text  # the names are in the summary ...
+    outside_code = re.sub(r"(`+)(.+?)\1", "", text)
+    assert "click" not in outside_code and "evil.example" not in outside_code  # ... only inside code spans
+    assert "\x1b" not in text and "\r" not in text
+
+
+def test_an_injection_in_a_server_message_is_escaped_in_the_error_line(run, pg, scratch_db, s3server, bucket, tmp_path):
+    """psql quotes the failing SQL in its error: a planted dump chooses that text."""
+    summary = tmp_path / "summary.md"
+    dump = b'CREATE TABLE t (id int);\nSELECT * FROM "\r::stop-commands::pwn\n::error::forged";\n' + TRAILER
+    upload_dump(s3server.client(), bucket, at(0), dump, PASSPHRASE)
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db),
+               env={"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary)})
+    assert done.returncode == 1
+    assert "stop-commands" in done.stderr  # the message is there, escaped
+    assert [c for c in workflow_commands(done.stderr) if not c.startswith("::error title=")] == []
+    assert "\r" not in done.stderr
+    assert tables(pg, scratch_db) == "0"
+
+
+# -- 5. hostile archives upload nothing --------------------------------------------------------
+def zip_of(members: list[tuple[str, bytes, bytes]]) -> bytes:
+    """A ZIP as the files backup writes it (stored, streamed); members are (name, data, comment)."""
+    from tests.backup_factory import Unseekable
+
+    out = Unseekable()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, data, comment in members:
+            info = zipfile.ZipInfo(name, (2026, 11, 29, 10, 0, 0))
+            info.comment = comment
+            with archive.open(info, "w", force_zip64=True) as member:
+                member.write(data)
+    return bytes(out.buffer)
+
+
+ATTRS = json.dumps({"ContentType": "text/plain", "Metadata": {}}).encode()
+
+
+def aliased_zip(copies: int) -> bytes:
+    """One 250 KiB member, and a central directory of `copies` entries with their own names, all
+    pointing at its bytes (a ZIP bomb for an uploader that trusts the directory)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        info = zipfile.ZipInfo("a.bin", (2026, 11, 29, 10, 0, 0))
+        info.comment = ATTRS
+        archive.writestr(info, os.urandom(250 * 1024))
+    data = buffer.getvalue()
+    end = data.rindex(b"PK\x05\x06")
+    central_at = struct.unpack_from("<L", data, end + 16)[0]
+    entry = data[central_at:end]
+    name_length = struct.unpack_from("<H", entry, 28)[0]
+    entries = b"".join(entry[:28] + struct.pack("<H", 9) + entry[30:46] + f"a{i:04d}.bin".encode() + entry[46 + name_length:]
+                       for i in range(copies))
+    record = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, copies, copies, len(entries), central_at, 0)
+    return data[:central_at] + entries + record
+
+
+@pytest.mark.parametrize("case", ["aliased", "duplicate", "bad-metadata"])
+def test_hostile_archives_upload_nothing(run, s3server, bucket, case):
+    client = s3server.client()
+    if case == "aliased":
+        archive, count = aliased_zip(200), 200
+    elif case == "duplicate":
+        archive, count = zip_of([("a.txt", b"first", ATTRS), ("b.txt", b"b", ATTRS), ("a.txt", b"second", ATTRS)]), 3
+    else:  # member 30 of 41 has a ContentType that is not a string
+        members = [(f"m{i:02d}", b"data", ATTRS) for i in range(41)]
+        members[29] = ("m29", b"data", json.dumps({"ContentType": 42, "Metadata": {}}).encode())
+        archive, count = zip_of(members), 41
+    upload_archive(client, bucket, at(0), archive, PASSPHRASE, count)
+    target = new_bucket(s3server, "restored")
+    done = run("restore_files.py", "--latest", "--target-bucket", target)
+    assert done.returncode == 1, done.stderr
+    assert snapshot(client, target) == {}
+    verify = run("verify_backup.py", "--kind", "files", "--latest")
+    assert verify.returncode == 1  # verify refuses exactly what restore refuses
+
+
+def test_unsafe_member_names_stop_the_restore_or_are_skipped_and_listed(run, s3server, bucket):
+    client = s3server.client()
+    members = [("ok/one.txt", b"1", ATTRS), ("../../etc/cron.d/x", b"2", ATTRS), ("/absolute", b"3", ATTRS),
+               ("ctl\x1b[31mred", b"4", ATTRS), ("ok/two.txt", b"5", ATTRS)]
+    upload_archive(client, bucket, at(0), zip_of(members), PASSPHRASE, len(members))
+    target = new_bucket(s3server, "restored")
+    done = run("restore_files.py", "--latest", "--target-bucket", target)
+    assert done.returncode == 1
+    [line] = error_lines(done.stderr)
+    assert "3 members have names that are unsafe" in line and "--skip-unsafe-names" in line and "\x1b" not in line
+    assert snapshot(client, target) == {}
+    done = run("restore_files.py", "--latest", "--target-bucket", target, "--skip-unsafe-names", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert sorted(snapshot(client, target)) == ["ok/one.txt", "ok/two.txt"]
+    assert [u["name"] for u in result["not_restored_unsafe_names"]] == ["../../etc/cron.d/x", "/absolute", "ctl\x1b[31mred"]
+
+
+# -- 6. one object in the app's bucket cannot break every files backup ----------------------------
+def test_an_archived_object_is_skipped_named_and_reported_by_the_check(run, s3server, bucket):
+    client = s3server.client()
+    source = new_bucket(s3server)
+    fill(client, source, {"a.txt": Obj(b"a", "text/plain"), "b\r::warning::x.txt": Obj(b"b")})
+    client.put_object(Bucket=source, Key="cold/old-invoice.pdf", Body=b"%PDF", StorageClass="GLACIER")
+    done = run("backup_files.py", "--source-bucket", source, "--json")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads(done.stdout)
+    assert manifest["source"]["skipped"] == ["cold/old-invoice.pdf"] and manifest["source"]["skipped_count"] == 1
+    assert manifest["source"]["object_count"] == 2
+    assert "cold/old-invoice.pdf is not in this backup: in an archived storage class (GLACIER)" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = run("verify_backup.py", "--kind", "files", "--latest", env={"GITHUB_ACTIONS": "true"})
+    assert done.returncode == 0, done.stderr
+    assert "1 objects of the source were skipped" in done.stdout
+    assert "::warning::the files backup" in done.stderr
+
+
+# -- 7. database passwords with # / ? never leak -----------------------------------------------
+WEIRD_PASSWORD = "p#a/s?s@w:o%rd"
+
+
+@pytest.fixture(scope="module")
+def weird_role(pg, sample_db):
+    pg.psql(f"DROP ROLE IF EXISTS weird; CREATE ROLE weird LOGIN SUPERUSER PASSWORD '{WEIRD_PASSWORD}'")
+    return "weird"
+
+
+def test_passwords_with_special_characters_never_appear_in_argv_or_output(run, pg, sample_db, weird_role, tmp_path):
+    from urllib.parse import quote
+
+    raw = f"postgresql://weird:{WEIRD_PASSWORD}@127.0.0.1:{pg.port}/{sample_db}"
+    summary = tmp_path / "summary.md"
+    actions = {"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary)}
+    for secret_bit in ("p#a", "s?s"):
+        assert secret_bit in raw
+    done = run("backup_database.py", env={"DATABASE_URL": raw, **actions})
+    assert done.returncode == 2
+    assert "percent-encode" in error_lines(done.stderr)[0]
+    output = done.stdout + done.stderr + summary.read_text()
+    for part in ("p#a", "s?s", "w:o%rd", WEIRD_PASSWORD):
+        assert part not in output, output
+    done = run("backup_database.py", "--database-url", raw)
+    assert done.returncode == 2 and "p#a" not in done.stderr
+
+    spy = SpyBin(tmp_path / "spy", {"pg_dump": str(pg.bin / "pg_dump"), "psql": str(pg.bin / "psql")})
+    encoded = f"postgresql://weird:{quote(WEIRD_PASSWORD, safe='')}@127.0.0.1:{pg.port}/{sample_db}"
+    spied = Runner({**run.env, "PG_DUMP": spy.path("pg_dump"), "PATH": f"{spy.dir}:{run.env['PATH']}"})
+    done = spied("backup_database.py", env={"DATABASE_URL": encoded})
+    assert done.returncode == 0, done.stderr
+    for record in spy.records():
+        assert WEIRD_PASSWORD not in "\0".join(record.argv) and quote(WEIRD_PASSWORD, safe="") not in "\0".join(record.argv)
+        if "--version" not in record.argv:
+            assert record.env.get("PGPASSWORD") == WEIRD_PASSWORD
+    assert WEIRD_PASSWORD not in done.stdout + done.stderr
+
+
+# -- 9. a backup of one kind in the other's folder ------------------------------------------------
+def test_kind_mismatches_are_clear_errors(run, pg, sample_db, s3server, bucket, genuine_dump):
+    client = s3server.client()
+    files = upload_archive(client, bucket, at(1), zip_of([("a", b"a", ATTRS)]), PASSPHRASE, 1)
+    body = client.get_object(Bucket=bucket, Key=files["key"])["Body"].read()
+    zip_as_dump = put_with_manifest(client, bucket, f"{ENVIRONMENT}/database/{files['key'].split('/')[-1]}", body, files)
+    dump = upload_dump(client, bucket, at(0.5), genuine_dump, PASSPHRASE)
+    body = client.get_object(Bucket=bucket, Key=dump["key"])["Body"].read()
+    dump_as_files = put_with_manifest(client, bucket, f"{ENVIRONMENT}/files/{at(0.2).strftime('%Y-%m-%d--%H-%M-%S')}.zip.encrypted",
+                                      body, {**dump, "kind": "files"})
+    listing = run("list_backups.py", "--json", check=True)
+    status = {b["key"]: (b["status"], b["problem"]) for b in json.loads(listing.stdout)}
+    assert status[zip_as_dump["key"]][0] == "bad manifest"
+    assert status[dump_as_files["key"]][0] == "bad manifest"
+    for kind, key in (("database", zip_as_dump["key"]), ("files", dump_as_files["key"])):
+        done = run("verify_backup.py", "--kind", kind, "--key", key)
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert "FAILED" in done.stdout and "manifest" in done.stdout
+    done = run("verify_backup.py", "--kind", "database", "--key", files["key"])
+    assert done.returncode == 2 and "is not a database backup" in error_lines(done.stderr)[0]
+
+
+# -- 11. bad input ends in one error line, never "unexpected failure" ------------------------------
+@pytest.mark.parametrize(("args", "env", "code"), [
+    (["list_backups.py", "--max-age", "99999999999w"], {}, 2),
+    (["verify_backup.py", "--kind", "database", "--since", "99999999999w"], {}, 2),
+    (["backup_database.py"], {"DATABASE_URL": "postgresql://[::1"}, 2),
+    (["backup_database.py"], {"DATABASE_URL": "postgresql://u:pw@db:notaport/app"}, 2),
+    (["list_backups.py"], {"AWS_ENDPOINT_URL": "htp//bad endpoint"}, 2),
+    (["list_backups.py"], {"AWS_ENDPOINT_URL": "http://127.0.0.1:notaport"}, 2),
+    (["fetch_backup.py", "--kind", "database", "--latest", "--out", "/proc/x"], {}, 2),
+    (["restore_database.py", "--latest", "--target-database-url", "postgresql://u@h/d"], {"EXTERNAL_BACKUP_ENCRYPTION_KEY": "a\nb"}, 2),
+])
+def test_bad_input_is_one_clear_error(run, args, env, code):
+    done = run(*args, env=env)
+    assert done.returncode == code, done.stderr
+    assert len(error_lines(done.stderr)) == 1 and "unexpected failure" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_manifest_json_nested_too_deep_is_a_bad_manifest(run, pg, sample_db, s3server, bucket, genuine_dump):
+    genuine = database_backup(run, pg=pg, started_at=at(1))
+    key = backup_key(ENVIRONMENT, "database", at(0))
+    s3server.client().put_object(Bucket=bucket, Key=key, Body=openssl_encrypt(genuine_dump, PASSPHRASE))
+    s3server.client().put_object(Bucket=bucket, Key=key + ".manifest.json", Body=b"[" * 100_000 + b"]" * 100_000)
+    done = run("list_backups.py", "--json", "--kind", "database")
+    assert done.returncode == 0, done.stderr
+    assert {b["key"]: b["status"] for b in json.loads(done.stdout)} == {key: "bad manifest", genuine["key"]: "complete"}
