@@ -1097,3 +1097,37 @@ def test_dependabot_keeps_actions_and_pip_current():
     ecosystems = {update["package-ecosystem"]: update for update in config["updates"]}
     assert set(ecosystems) == {"github-actions", "pip"}
     assert all(update["directory"] == "/" and update["cooldown"]["default-days"] >= 3 for update in ecosystems.values())
+
+
+# --- What the README tells operators ----------------------------------------------------------
+
+def test_readme_documents_every_secret_and_input_of_the_reusable_workflows():
+    readme = (REPO / "README.md").read_text()
+    for name in REUSABLE:
+        call = load(name)["on"]["workflow_call"]
+        for secret in call["secrets"]:
+            assert f"`{secret}`" in readme, f"README: secret {secret} ({name})"
+        for given in call["inputs"]:
+            assert f"`{given}`" in readme, f"README: input {given} ({name})"
+
+
+def test_readme_trust_policies_keep_the_writer_and_the_reader_apart():
+    """The writer's role trusts only the backup workflows, the read-only role only the checks,
+    each by job_workflow_ref, so no job can assume the other kind's role."""
+    readme = (REPO / "README.md").read_text()
+    policies = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", readme, re.S)]
+    trusted = []
+    for policy in policies:
+        (statement,) = policy["Statement"]
+        assert statement["Action"] == "sts:AssumeRoleWithWebIdentity"
+        condition = statement["Condition"]["StringEquals"]
+        assert condition["token.actions.githubusercontent.com:aud"] == "sts.amazonaws.com"
+        subs = condition["token.actions.githubusercontent.com:sub"]
+        pattern = r"repo:OWNER/REPO:environment:production:job_workflow_ref:OWNER/REPO/\.github/workflows/_[\w-]+\.yml@refs/heads/main"
+        assert all(re.fullmatch(pattern, s) for s in subs), subs
+        trusted.append({re.search(r"workflows/([\w.-]+)@", s).group(1) for s in subs})
+    role_variable = {name: load(name)["jobs"][next(iter(load(name)["jobs"]))]["env"]["AWS_ROLE_TO_ASSUME"] for name in REUSABLE}
+    writers = {n for n, v in role_variable.items() if "vars.AWS_ROLE_TO_ASSUME" in v}
+    readers = {n for n, v in role_variable.items() if "vars.READONLY_AWS_ROLE_TO_ASSUME" in v}
+    assert writers == {"_backup-database.yml", "_backup-files.yml"} and readers == {"_check-freshness.yml", "_check-backups.yml"}
+    assert trusted == [writers, readers]
