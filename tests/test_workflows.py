@@ -5,7 +5,8 @@ a real PostgreSQL and S3 over HTTP (moto).
 
 What stands in for the runner: `uses:` steps are not run (checkout = this tree, setup-python =
 this venv, configure-aws-credentials = the moto endpoint's keys in the environment), nor the
-steps in SKIPPED_STEP_IDS, which only install what this machine already has.
+steps in SKIPPED_STEP_IDS, which only install what this machine already has. The heartbeat
+monitor and the alert webhook are a local HTTP server that records what it is sent.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -33,12 +38,13 @@ SEARCH_PATH = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 # machine already has (the requirements are in this venv; the PostgreSQL client of the local
 # major is in pg.bin, and /usr/lib/postgresql/N/bin is mapped onto it).
 SKIPPED_STEP_IDS = {
-    "install-python-requirements": "requirements.txt is installed in this venv",
-    "install-postgresql-client": "the local PostgreSQL client is used (pg fixture)",
-    "install-test-prerequisites": "ci.yml only",
+    "install-python-requirements": "requirements.lock's packages are installed in this venv (test_requirements_lock checks the lock)",
+    "install-postgresql-client": "the local PostgreSQL client and zstd are used (pg fixture; .ci/run installs zstd)",
+    "install-postgresql": "the local PostgreSQL server and client and zstd are used (pg fixture; .ci/run installs zstd)",
 }
-# ci.yml's run-steps are `make test`: the suite that contains this test.
-NOT_EXECUTED = {"ci.yml": "its run-steps are make test / make test-slow, i.e. this test suite"}
+# ci.yml's one run-step is .ci/run: the suite that contains this test (test_ci_runs_exactly_ci_run).
+NOT_EXECUTED = {"ci.yml": "its one run-step is .ci/run, i.e. this test suite"}
+REUSABLE = ("_backup-database.yml", "_backup-files.yml", "_check-freshness.yml", "_check-backups.yml")
 
 # The SPEC's scripts: a workflow naming anything else has a typo.
 KNOWN_SCRIPTS = {
@@ -53,12 +59,9 @@ DOCUMENTED_VARS = (
 )
 
 
-def script_exists(name: str) -> bool:
-    return (REPO / "scripts" / f"{name}.py").exists()
-
-
-needs_backup_files = pytest.mark.skipif(not script_exists("backup_files"), reason="scripts/backup_files.py not merged yet")
-needs_verify_backup = pytest.mark.skipif(not script_exists("verify_backup"), reason="scripts/verify_backup.py not merged yet")
+# Tests of behaviour the scripts gain in the lead's part of issue 13 (BACKUP_HEARTBEAT_URL,
+# BACKUP_ERROR_FILE, --max-age KIND=DURATION): expected to fail until that is merged.
+needs_script_side_heartbeats = pytest.mark.xfail(reason="needs the lead's script-side change", strict=False)
 
 
 def load(name: str) -> dict:
@@ -248,6 +251,7 @@ class Expression:
             else any(equal(x, b) for x in a or []),
             "startsWith": lambda a, b: to_string(a).lower().startswith(to_string(b).lower()),
             "fromJSON": lambda a: json.loads(a),
+            "toJSON": lambda a: json.dumps(a, indent=2),
         }
         if name not in functions:
             raise AssertionError(f"function {name}() not supported by this test")
@@ -290,6 +294,7 @@ class StepRun:
 class JobRun:
     steps: list[StepRun] = field(default_factory=list)
     summary: str = ""
+    env: dict = field(default_factory=dict)  # the env context at the end (job env + $GITHUB_ENV)
 
     @property
     def ok(self) -> bool:
@@ -344,7 +349,8 @@ def run_job(workflow: str, tmp_path: Path, *, inputs: dict, secrets: dict, varia
     assert not unknown, f"{workflow} declares no secret {sorted(unknown)}"
     (job_id, job), = doc["jobs"].items()
     github = {"repository": "example/external-backups", "workspace": str(REPO), "event_name": "workflow_call",
-              "ref": "refs/heads/main", "sha": "0" * 40, "run_id": "1", "job": job_id}
+              "ref": "refs/heads/main", "sha": "0" * 40, "run_id": "1", "run_attempt": "1", "job": job_id,
+              "server_url": "https://github.com"}
     context = {
         "inputs": Strict("inputs", values),
         "secrets": Strict("secrets", {name: secrets.get(name, "") for name in declared_secrets}),
@@ -353,7 +359,7 @@ def run_job(workflow: str, tmp_path: Path, *, inputs: dict, secrets: dict, varia
         "matrix": {}, "needs": {}, "strategy": {},
     }
     # Keys evaluated here only so that a typo in them fails too.
-    interpolate({k: job.get(k) for k in ("name", "environment", "concurrency", "services") if k in job}, context)
+    interpolate({k: job.get(k) for k in ("name", "environment", "concurrency", "services", "runs-on") if k in job}, context)
     env_context = {}
     for block in (doc.get("env") or {}, job.get("env") or {}):
         env_context.update(interpolate(block, context))
@@ -369,9 +375,9 @@ def run_job(workflow: str, tmp_path: Path, *, inputs: dict, secrets: dict, varia
     files["GITHUB_STEP_SUMMARY"].write_text("")
     steps_context: dict[str, dict] = {}
     result = JobRun()
-    job_context = Strict("job", {"status": "success", "services": services or {}})
     for index, step in enumerate(job["steps"]):
         status = "failure" if not result.ok else "success"
+        job_context = Strict("job", {"status": status, "services": services or {}})
         step_context = {**context, "env": dict(env_context), "steps": steps_context, "job": job_context, "__status__": status}
         name = interpolate(step.get("name") or step.get("run") or step.get("uses"), step_context)
         step_id = step.get("id")
@@ -407,6 +413,7 @@ def run_job(workflow: str, tmp_path: Path, *, inputs: dict, secrets: dict, varia
                 "success" if record.status in ("not-run", "stubbed") else record.status
         result.steps.append(record)
     result.summary = files["GITHUB_STEP_SUMMARY"].read_text()
+    result.env = dict(env_context)
     return result
 
 
@@ -452,6 +459,71 @@ def writer_secrets(s3server) -> dict:
             "AWS_ACCESS_KEY_ID": keys["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": keys["AWS_SECRET_ACCESS_KEY"]}
 
 
+@dataclass
+class Request:
+    method: str
+    path: str
+    body: bytes
+
+
+class Monitor:
+    """A heartbeat monitor and an alert webhook in one: a local HTTP server that records every
+    request and answers 200. Its URLs carry a secret-like token, which no log may show."""
+
+    def __init__(self):
+        self.requests: list[Request] = []
+        self.token = f"tok{os.urandom(8).hex()}"
+        recorded = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                length = int(self.headers.get("Content-Length") or 0)
+                recorded.append(Request(self.command, self.path, self.rfile.read(length) if length else b""))
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"OK")
+
+            do_GET = do_HEAD = do_POST
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{self.token}/{name}"
+
+    def paths(self) -> list[str]:
+        return [r.path.removeprefix(f"/{self.token}") for r in self.requests]
+
+    def alert(self) -> dict:
+        (alert,) = [r for r in self.requests if r.path.endswith("/alert")]
+        return json.loads(alert.body)
+
+    def assert_never_printed(self, job: JobRun) -> None:
+        assert self.token not in job.report() + job.summary, "a heartbeat or webhook URL was printed"
+
+
+@pytest.fixture
+def monitor():
+    server = Monitor()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def dead_url(name: str) -> str:
+    """A URL on a port where nothing listens (the monitor is down)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/tok-dead/{name}"
+
+
 def backups(s3server, bucket: str, prefix: str) -> tuple[list[str], list[str]]:
     keys = [v["Key"] for v in versions(s3server.client(), bucket, prefix)]
     return [k for k in keys if k.endswith(".encrypted")], [k for k in keys if k.endswith(".manifest.json")]
@@ -485,9 +557,20 @@ def test_actionlint_really_runs_shellcheck(tmp_path):
 def test_actions_are_pinned_to_a_commit_with_its_version(name):
     for line in (WORKFLOWS / name).read_text().splitlines():
         match = re.match(r"\s*(?:-\s*)?uses:\s*(\S+)(.*)", line)
-        if match and not match.group(1).startswith("./"):
+        if match and not local_reusable(match.group(1)):
             assert re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}", match.group(1)), line
             assert re.search(r"#\s*v\d+\.\d+\.\d+", match.group(2)), f"no version comment: {line}"
+
+
+def test_each_action_is_pinned_to_one_commit_everywhere():
+    """One SHA (and one version comment) per action across all workflows, so an update cannot
+    leave an older pin behind in one file."""
+    pins: dict[str, set] = {}
+    for name in workflow_files():
+        for action, sha, version in re.findall(r"uses:\s*([\w.-]+/[\w./-]+)@([0-9a-f]{40})\s*#\s*(v[\d.]+)", (WORKFLOWS / name).read_text()):
+            pins.setdefault(action, set()).add((sha, version))
+    assert {"actions/checkout", "actions/setup-python", "aws-actions/configure-aws-credentials"} <= set(pins)
+    assert all(len(found) == 1 for found in pins.values()), pins
 
 
 @pytest.mark.parametrize("name", workflow_files())
@@ -499,8 +582,8 @@ def test_least_permissions_concurrency_and_timeouts(name):
         permissions = job.get("permissions", doc["permissions"])
         assert set(permissions) <= {"contents", "id-token"} and permissions["contents"] == "read", job_id
         if permissions.get("id-token") == "write":
-            called = job.get("uses", "")
-            assert uses_oidc or (called.startswith("./") and "configure-aws-credentials" in (REPO / called).read_text()), \
+            called = local_reusable(job.get("uses", ""))
+            assert uses_oidc or (called and "configure-aws-credentials" in (WORKFLOWS / called).read_text()), \
                 f"{name}:{job_id}: id-token: write without OIDC"
         if "steps" in job:
             assert isinstance(job.get("timeout-minutes"), int), f"{name}:{job_id}: timeout-minutes"
@@ -519,17 +602,32 @@ def test_secrets_reach_scripts_only_through_env(name):
             assert "secrets." not in run and "${{" not in run, f"{name}: expression inside run: {run[:80]}"
 
 
-@pytest.mark.parametrize(("caller", "reusable"), [("backup-database.yml", "_backup-database.yml"),
-                                                   ("backup-files.yml", "_backup-files.yml"),
-                                                   ("check-backups.yml", "_check-backups.yml")])
+def local_reusable(uses: str) -> str | None:
+    """The file name of a reusable workflow of this repository (`$/…` self-repository form, or the
+    older `./…`), else None."""
+    match = re.fullmatch(r"(?:\$|\.)/\.github/workflows/([\w.-]+\.yml)", uses)
+    return match.group(1) if match else None
+
+
+CALLERS = {"backup-database.yml": "_backup-database.yml", "backup-files.yml": "_backup-files.yml",
+           "check-freshness.yml": "_check-freshness.yml", "check-backups.yml": "_check-backups.yml"}
+
+
+@pytest.mark.parametrize(("caller", "reusable"), sorted(CALLERS.items()))
 def test_callers_run_every_environment_on_a_schedule_and_by_hand(caller, reusable):
     doc = load(caller)
     assert doc["on"]["schedule"] and "workflow_dispatch" in doc["on"]
     called = {job["with"]["environment"]: job for job in doc["jobs"].values()}
     assert sorted(called) == sorted(ENVIRONMENTS)
+    text = (WORKFLOWS / caller).read_text()
     for job in called.values():
-        assert job["uses"] == f"./.github/workflows/{reusable}"
+        # The self-repository form: this commit's reusable workflow, whatever is on disk.
+        assert job["uses"] == f"$/.github/workflows/{reusable}"
         assert job["secrets"] == "inherit"
+    # Every `secrets: inherit` says why (zizmor's secrets-inherit finding is suppressed there).
+    for line in text.splitlines():
+        if re.match(r"\s+secrets: inherit", line):
+            assert "zizmor: ignore[secrets-inherit]" in line and "GitHub Environment" in text, line
 
 
 def script_calls() -> list[tuple[str, str, list[str]]]:
@@ -553,8 +651,6 @@ def test_workflows_name_only_the_specs_scripts():
 
 @pytest.mark.parametrize("script", sorted({script for _, script, _ in script_calls()}))
 def test_every_flag_a_workflow_uses_is_in_the_scripts_help(script):
-    if not script_exists(script):
-        pytest.skip(f"scripts/{script}.py not merged yet")
     done = subprocess.run([sys.executable, str(REPO / "scripts" / f"{script}.py"), "--help"], capture_output=True, text=True,
                           env={**base_env(), "PATH": SEARCH_PATH})
     assert done.returncode == 0, done.stderr
@@ -568,7 +664,7 @@ def test_every_flag_a_workflow_uses_is_in_the_scripts_help(script):
 
 def test_every_reusable_workflow_has_a_local_run_test():
     """Every workflow with run-steps is executed below, except NOT_EXECUTED."""
-    executed = {"_backup-database.yml", "_backup-files.yml", "_check-backups.yml"}
+    executed = set(REUSABLE)
     with_runs = {n for n in workflow_files() if any("run" in s for j in load(n)["jobs"].values() for s in j.get("steps", []))}
     assert with_runs == executed | set(NOT_EXECUTED)
 
@@ -598,7 +694,9 @@ def test_database_backup_workflow_names_missing_configuration(workflow_run, pg, 
                     "variable AWS_ROLE_TO_ASSUME or secrets AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
         assert f"missing {missing}" in job.steps[0].output
     assert "DATABASE_URL" not in job.steps[0].output
-    assert {s.status for s in job.steps[1:]} <= {"skipped"}
+    # Nothing else runs, but the failure is reported (no heartbeat or webhook configured here).
+    assert {s.status for s in job.steps[1:] if s.id not in ("heartbeat-fail", "alert")} <= {"skipped"}
+    assert "nothing to ping" in job.step("heartbeat-fail").output and "no alert sent" in job.step("alert").output
     assert backups(s3server, bucket, "") == ([], [])
 
 
@@ -630,7 +728,6 @@ def files_backup_job(workflow_run, s3server, app_bucket, environment: str, **var
                         variables={"SOURCE_BUCKET": app_bucket, "SOURCE_AWS_ENDPOINT_URL": s3server.endpoint, **variables})
 
 
-@needs_backup_files
 def test_files_backup_workflow_makes_a_backup_that_decrypts(workflow_run, s3server, bucket, app_bucket, runner_env, tmp_path):
     import zipfile
 
@@ -650,40 +747,63 @@ def test_files_backup_workflow_makes_a_backup_that_decrypts(workflow_run, s3serv
         assert {n: archive.read(n) for n in archive.namelist()} == {k: v for k, v in objects.items() if k.startswith("uploads/")}
 
 
-@needs_backup_files
-@needs_verify_backup
-def test_check_workflow_passes_and_reports_row_counts_of_the_drill(workflow_run, pg, sample_db, s3server, bucket, app_bucket, scratch_db):
+def readonly_secrets(s3server) -> dict:
+    keys = s3server.env()
+    return {"READONLY_AWS_ACCESS_KEY_ID": keys["AWS_ACCESS_KEY_ID"], "READONLY_AWS_SECRET_ACCESS_KEY": keys["AWS_SECRET_ACCESS_KEY"]}
+
+
+def check_job(workflow_run, s3server, environment: str, **secrets) -> JobRun:
+    return workflow_run("_check-backups.yml", inputs={"environment": environment},
+                        secrets={"EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, **readonly_secrets(s3server), **secrets})
+
+
+def test_check_workflow_passes_and_reports_row_counts_of_the_drill(workflow_run, pg, sample_db, s3server, bucket, app_bucket, monitor):
     workflow_run("_backup-database.yml", inputs={"environment": "production"},
                  secrets={**writer_secrets(s3server), "DATABASE_URL": pg.url(sample_db)}).assert_ok()
     files_backup_job(workflow_run, s3server, app_bucket[0], "production").assert_ok()
-    keys = s3server.env()
-    job = workflow_run("_check-backups.yml", inputs={"environment": "production"},
-                       secrets={"EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, "READONLY_AWS_ACCESS_KEY_ID": keys["AWS_ACCESS_KEY_ID"],
-                                "READONLY_AWS_SECRET_ACCESS_KEY": keys["AWS_SECRET_ACCESS_KEY"]},
-                       services={"postgres": {"ports": {"5432": str(pg.port)}}},
-                       # The service container is this test's scratch database on the local cluster.
-                       overrides={"DRILL_DATABASE_URL": pg.url(scratch_db)})
+    job = check_job(workflow_run, s3server, "production", HEARTBEAT_URL_CHECK=monitor.url("check"),
+                    ALERT_WEBHOOK_URL=monitor.url("alert"))
     job.assert_ok()
-    for step_id in ("freshness-database", "freshness-files", "verify-files", "restore-drill", "drill-row-counts"):
-        assert job.step(step_id).status == "success"
+    for step_id in ("verify-files", "start-drill-server", "restore-drill", "drill-row-counts", "stop-drill-server"):
+        assert job.step(step_id).status == "success", job.report()
+    # The drill restored into its own throwaway server of the app's major version.
+    assert re.search(rf"^{pg_major(pg)}\.", job.step("start-drill-server").output.split("\n", 1)[1], re.M)
     assert "| public.applications | 1500 |" in job.summary
     assert "| public.admin_user | 1 |" in job.summary
-    assert table_fingerprint(pg, scratch_db, "applications") == table_fingerprint(pg, sample_db, "applications")
+    # The job's heartbeat: /start first, success at the end; no alert.
+    assert monitor.paths() == ["/check/start", "/check"]
+    assert job.step("alert").status == "skipped"
+    monitor.assert_never_printed(job)
+    assert not Path(job.env["DRILL_DIR"]).exists(), "the drill server's directory is removed"
 
 
-@needs_backup_files
-@needs_verify_backup
-def test_check_workflow_fails_without_backups_but_runs_every_check(workflow_run, pg, s3server, bucket, scratch_db):
-    keys = s3server.env()
-    job = workflow_run("_check-backups.yml", inputs={"environment": "staging"},
-                       secrets={"EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, "READONLY_AWS_ACCESS_KEY_ID": keys["AWS_ACCESS_KEY_ID"],
-                                "READONLY_AWS_SECRET_ACCESS_KEY": keys["AWS_SECRET_ACCESS_KEY"]},
-                       services={"postgres": {"ports": {"5432": str(pg.port)}}},
-                       overrides={"DRILL_DATABASE_URL": pg.url(scratch_db)})
+def test_check_workflow_fails_without_backups_but_runs_every_check(workflow_run, pg, s3server, bucket, monitor):
+    job = check_job(workflow_run, s3server, "staging", HEARTBEAT_URL_CHECK=monitor.url("check"),
+                    ALERT_WEBHOOK_URL=monitor.url("alert"))
     assert not job.ok
-    for step_id in ("freshness-database", "freshness-files", "verify-files", "restore-drill"):
+    for step_id in ("verify-files", "restore-drill"):
         assert job.step(step_id).status == "failure"
     assert job.step("drill-row-counts").status == "skipped"
+    assert job.step("stop-drill-server").status == "success"
+    # A later success cannot hide an earlier failure: start, then fail, and nothing else.
+    assert monitor.paths() == ["/check/start", "/check/fail", "/alert"]
+    assert monitor.requests[1].method == "POST" and monitor.requests[1].body.strip()
+    alert = monitor.alert()
+    assert alert["environment"] == "staging" and "Check backups" in alert["job"]
+    assert alert["run_url"] == "https://github.com/example/external-backups/actions/runs/1"
+    monitor.assert_never_printed(job)
+
+
+@needs_script_side_heartbeats
+def test_check_workflow_sends_the_scripts_error_lines(workflow_run, pg, s3server, bucket, monitor):
+    job = check_job(workflow_run, s3server, "staging", HEARTBEAT_URL_CHECK=monitor.url("check"),
+                    ALERT_WEBHOOK_URL=monitor.url("alert"))
+    assert not job.ok
+    fail_body = monitor.requests[1].body.decode()
+    alert = monitor.alert()
+    # One line per failing script run (files, then database), SCRIPT: MESSAGE.
+    assert len(alert["errors"]) == 2 and all(line.startswith("verify_backup") for line in alert["errors"]), alert
+    assert fail_body.splitlines() == alert["errors"]
 
 
 def test_expressions_evaluate_like_github():
@@ -695,3 +815,321 @@ def test_expressions_evaluate_like_github():
     assert interpolate("${{ inputs.a != '' && inputs.b != '' }}", context) == "false"
     with pytest.raises(AssertionError, match="inputs.typo is not defined"):
         interpolate("${{ inputs.typo }}", context)
+
+
+# --- Heartbeats and alerts ------------------------------------------------------------------
+
+def test_a_job_that_fails_before_its_script_pings_fail_and_alerts_with_the_error_lines(workflow_run, pg, sample_db, s3server, monitor):
+    job = workflow_run("_backup-database.yml", inputs={"environment": "production"},
+                       secrets={"DATABASE_URL": pg.url(sample_db), "HEARTBEAT_URL_DATABASE": monitor.url("db"),
+                                "ALERT_WEBHOOK_URL": monitor.url("alert")})
+    assert job.step("check-configuration").status == "failure"
+    assert job.step("backup-database").status == "skipped"
+    assert monitor.paths() == ["/db/fail", "/alert"]
+    fail = monitor.requests[0]
+    assert fail.method == "POST"
+    assert fail.body.decode().splitlines() == [
+        "check-configuration: GitHub Environment production is missing secret EXTERNAL_BACKUP_ENCRYPTION_KEY (see README, GitHub Actions)",
+        "check-configuration: GitHub Environment production is missing variable AWS_ROLE_TO_ASSUME or secrets AWS_ACCESS_KEY_ID "
+        "and AWS_SECRET_ACCESS_KEY (see README, GitHub Actions)",
+    ]
+    alert = monitor.alert()
+    assert alert["environment"] == "production" and alert["job"] == "Database backup"
+    assert alert["errors"] == fail.body.decode().splitlines()
+    assert alert["failed_steps"] == ["check-configuration"]
+    assert alert["run_url"] == "https://github.com/example/external-backups/actions/runs/1"
+    assert "*Database backup failed* in environment *production*" in alert["text"]
+    assert "missing secret EXTERNAL_BACKUP_ENCRYPTION_KEY" in alert["text"] and alert["text"].endswith("|Open the run>")
+    monitor.assert_never_printed(job)
+
+
+def test_the_alert_escapes_slack_control_characters(workflow_run, pg, sample_db, s3server, monitor, tmp_path):
+    """Error lines can quote object keys that whoever can write to the bucket chose: in Slack,
+    `<!channel>` would page everyone and `<https://evil|…>` would disguise a link."""
+    planted = tmp_path / "errors.txt"
+    planted.write_text("verify_backup.py: production/database/<!channel> & <https://evil.example|click>```.sql: no manifest\n")
+    job = workflow_run("_backup-database.yml", inputs={"environment": "production", "postgres-version": "15<!here>"},
+                       secrets={**writer_secrets(s3server), "DATABASE_URL": pg.url(sample_db), "ALERT_WEBHOOK_URL": monitor.url("alert")},
+                       overrides={"BACKUP_ERROR_FILE": str(planted)})
+    assert job.step("check-configuration").status == "failure"
+    alert = monitor.alert()
+    text = alert["text"]
+    assert "<!channel>" not in text and "<!here>" not in text and "<https://evil" not in text
+    assert "&lt;!channel&gt; &amp; &lt;https://evil.example|click&gt;'''.sql" in text
+    # Only the run link is a link: every other < and > is escaped.
+    assert text.count("<") == 1 and text.count(">") == 1
+    assert alert["errors"][0].startswith("verify_backup.py: production/database/<!channel>")  # the raw line, as data
+
+
+def test_a_dead_monitor_and_webhook_cost_seconds_and_never_change_the_result(workflow_run, pg, sample_db, s3server):
+    started = time.monotonic()
+    job = workflow_run("_backup-database.yml", inputs={"environment": "production"},
+                       secrets={"DATABASE_URL": pg.url(sample_db), "HEARTBEAT_URL_DATABASE": dead_url("db"),
+                                "ALERT_WEBHOOK_URL": dead_url("alert")})
+    elapsed = time.monotonic() - started
+    assert job.step("heartbeat-fail").status == "success" and job.step("alert").status == "success"
+    assert "::warning::heartbeat fail ping failed" in job.step("heartbeat-fail").output
+    assert "::warning::the alert webhook did not take the alert" in job.step("alert").output
+    assert elapsed < 20, f"{elapsed:.1f} s"
+    assert "tok-dead" not in job.report()
+
+
+def test_the_deep_check_passes_with_a_dead_monitor(workflow_run, pg, sample_db, s3server, bucket, app_bucket):
+    workflow_run("_backup-database.yml", inputs={"environment": "sandbox"},
+                 secrets={**writer_secrets(s3server), "DATABASE_URL": pg.url(sample_db)}).assert_ok()
+    files_backup_job(workflow_run, s3server, app_bucket[0], "sandbox").assert_ok()
+    job = check_job(workflow_run, s3server, "sandbox", HEARTBEAT_URL_CHECK=dead_url("check"))
+    job.assert_ok()
+    assert "::warning::heartbeat start ping failed" in job.step("heartbeat-start").output
+    assert "::warning::heartbeat success ping failed" in job.step("heartbeat-end").output
+
+
+@needs_script_side_heartbeats
+def test_database_backup_workflow_pings_start_and_success_through_the_script(workflow_run, pg, sample_db, s3server, monitor):
+    job = workflow_run("_backup-database.yml", inputs={"environment": "staging"},
+                       secrets={**writer_secrets(s3server), "DATABASE_URL": pg.url(sample_db),
+                                "HEARTBEAT_URL_DATABASE": monitor.url("db"), "ALERT_WEBHOOK_URL": monitor.url("alert")})
+    job.assert_ok()
+    assert monitor.paths() == ["/db/start", "/db"]
+    monitor.assert_never_printed(job)
+
+
+def test_a_failing_backup_script_alerts(workflow_run, pg, s3server, monitor):
+    job = workflow_run("_backup-database.yml", inputs={"environment": "staging"},
+                       secrets={**writer_secrets(s3server), "DATABASE_URL": f"postgresql://nobody@127.0.0.1:{pg.port}/no_such_database",
+                                "ALERT_WEBHOOK_URL": monitor.url("alert")})
+    assert job.step("backup-database").status == "failure"
+    # The script pings /fail itself: the job's own /fail step stays out of its way.
+    assert job.step("heartbeat-fail").status == "skipped"
+    alert = monitor.alert()
+    assert alert["failed_steps"] == ["backup-database"] and alert["environment"] == "staging"
+
+
+@needs_script_side_heartbeats
+def test_a_failing_backup_script_pings_fail_and_its_error_line_reaches_the_alert(workflow_run, pg, s3server, monitor):
+    job = workflow_run("_backup-database.yml", inputs={"environment": "staging"},
+                       secrets={**writer_secrets(s3server), "DATABASE_URL": f"postgresql://nobody@127.0.0.1:{pg.port}/no_such_database",
+                                "HEARTBEAT_URL_DATABASE": monitor.url("db"), "ALERT_WEBHOOK_URL": monitor.url("alert")})
+    assert job.step("backup-database").status == "failure"
+    # Whether /start came first depends on where the script failed; /fail and no success.
+    paths = monitor.paths()
+    assert paths[-2:] == ["/db/fail", "/alert"] and "/db" not in paths
+    fail_body = monitor.requests[paths.index("/db/fail")].body.decode()
+    assert "no_such_database" in fail_body or "nobody" in fail_body, fail_body
+    (line,) = monitor.alert()["errors"]
+    assert line.startswith("backup_database"), line  # SCRIPT: MESSAGE
+    monitor.assert_never_printed(job)
+
+
+# --- The hourly freshness check -------------------------------------------------------------
+
+def freshness_job(workflow_run, s3server, environment: str, **kwargs) -> JobRun:
+    secrets = {**readonly_secrets(s3server), **kwargs.pop("secrets", {})}
+    return workflow_run("_check-freshness.yml", inputs={"environment": environment}, secrets=secrets, **kwargs)
+
+
+def test_freshness_workflow_names_missing_configuration_and_alerts(workflow_run, s3server, monitor):
+    job = workflow_run("_check-freshness.yml", inputs={"environment": "production"},
+                       secrets={"HEARTBEAT_URL_FRESHNESS": monitor.url("fresh"), "ALERT_WEBHOOK_URL": monitor.url("alert")},
+                       variables={"BACKUP_BUCKET": ""})
+    assert job.step("check-configuration").status == "failure"
+    assert job.step("freshness").status == "skipped"
+    assert monitor.paths() == ["/fresh/fail", "/alert"]
+    assert "missing variable BACKUP_BUCKET" in monitor.requests[0].body.decode()
+    assert monitor.alert()["job"] == "Freshness check"
+
+
+@needs_script_side_heartbeats
+def test_freshness_workflow_passes_on_fresh_backups_and_alerts_on_stale_ones(workflow_run, run, pg, sample_db, s3server, bucket,
+                                                                              app_bucket, monitor):
+    run("backup_database.py", "--environment", "staging", "--database-url", pg.url(sample_db), check=True)
+    keys = s3server.env()
+    run("backup_files.py", "--environment", "staging", "--source-bucket", app_bucket[0], check=True,
+        env={"SOURCE_AWS_ACCESS_KEY_ID": keys["AWS_ACCESS_KEY_ID"], "SOURCE_AWS_SECRET_ACCESS_KEY": keys["AWS_SECRET_ACCESS_KEY"],
+             "SOURCE_AWS_ENDPOINT_URL": s3server.endpoint})
+    secrets = {"HEARTBEAT_URL_FRESHNESS": monitor.url("fresh"), "ALERT_WEBHOOK_URL": monitor.url("alert")}
+    job = freshness_job(workflow_run, s3server, "staging", secrets=secrets)
+    job.assert_ok()
+    assert monitor.paths() == ["/fresh/start", "/fresh"]
+
+    # Five hours on: the database backup (threshold 4h) is stale, the files backup (56h) is not.
+    later = (datetime.now(UTC) + timedelta(hours=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    monitor.requests.clear()
+    job = freshness_job(workflow_run, s3server, "staging", secrets=secrets, overrides={"EXTERNAL_BACKUPS_NOW": later})
+    assert job.step("freshness").status == "failure"
+    assert monitor.paths() == ["/fresh/start", "/fresh/fail", "/alert"]
+    (line,) = monitor.alert()["errors"]
+    assert line.startswith("list_backups") and "database" in line and "files:" not in line, line
+    monitor.assert_never_printed(job)
+
+
+# --- Static rules for the heartbeat, alert, runner and supply-chain parts --------------------
+
+def steps_by_id(name: str) -> dict[str, dict]:
+    (job,) = load(name)["jobs"].values()
+    return {step["id"]: step for step in job["steps"] if "id" in step}
+
+
+def test_heartbeat_and_alert_steps_are_one_text_in_every_reusable_workflow():
+    """Copied (a job cannot share steps without checking out first, and these must run when the
+    checkout failed): identical run text, so a fix in one place cannot miss another."""
+    alerts, pings = set(), set()
+    for name in REUSABLE:
+        steps = steps_by_id(name)
+        assert list(steps)[-1] == "alert", f"{name}: the alert is the last step"
+        assert steps["alert"]["if"] == "${{ failure() || cancelled() }}"
+        alerts.add(steps["alert"]["run"])
+        pings |= {step["run"] for step_id, step in steps.items() if step_id.startswith("heartbeat-")}
+        for step in steps.values():
+            assert "ALERT_WEBHOOK_URL" not in json.dumps(step.get("env", {})) or step["id"] == "alert"
+    assert len(alerts) == 1 and len(pings) == 1
+
+
+@pytest.mark.parametrize(("name", "secret", "script_step"), [("_backup-database.yml", "HEARTBEAT_URL_DATABASE", "backup-database"),
+                                                             ("_backup-files.yml", "HEARTBEAT_URL_FILES", "backup-files"),
+                                                             ("_check-freshness.yml", "HEARTBEAT_URL_FRESHNESS", "freshness"),
+                                                             ("_check-backups.yml", "HEARTBEAT_URL_CHECK", None)])
+def test_only_single_script_jobs_give_their_script_the_heartbeat(name, secret, script_step):
+    doc = load(name)
+    (job,) = doc["jobs"].values()
+    scripts = [s for s in job["steps"] if "scripts/" in s.get("run", "")]
+    given = [s["id"] for s in job["steps"] if "BACKUP_HEARTBEAT_URL" in (s.get("env") or {})]
+    if script_step:
+        assert len(scripts) == 1 and given == [script_step]
+        assert job["steps"][[s.get("id") for s in job["steps"]].index(script_step)]["env"]["BACKUP_HEARTBEAT_URL"] == f"${{{{ secrets.{secret} }}}}"
+    else:
+        # Several scripts: the job pings (start first, the end by the job's status), none of them.
+        assert len(scripts) > 1 and given == [] and job["env"]["BACKUP_HEARTBEAT_URL"] == ""
+        steps = [s.get("id") for s in job["steps"]]
+        assert steps[0] == "heartbeat-start" and steps[-2] == "heartbeat-end"
+        assert job["steps"][-2]["if"] == "always()"
+        assert job["steps"][-2]["env"]["HEARTBEAT_SIGNAL"] == "${{ job.status == 'success' && 'success' || 'fail' }}"
+    assert secret in doc["on"]["workflow_call"]["secrets"] and "ALERT_WEBHOOK_URL" in doc["on"]["workflow_call"]["secrets"]
+
+
+@pytest.mark.parametrize("name", REUSABLE)
+def test_every_ping_is_bounded_and_keeps_the_url_off_the_command_line(name):
+    for step in load(name)["jobs"][next(iter(load(name)["jobs"]))]["steps"]:
+        lines = [line for line in step.get("run", "").replace("\\\n", " ").splitlines() if not line.strip().startswith("#")]
+        calls = [m.group(0) for line in lines for m in [re.search(r"(?:^|\|)\s*(?:sudo\s+)?curl\s.*", line)] if m]
+        assert calls or step.get("id") not in ("alert", "heartbeat-start", "heartbeat-end", "heartbeat-fail")
+        for call in calls:
+            assert re.search(r"--max-time \d+", call) and re.search(r"--retry [1-3]\b", call), call
+            if step.get("id") not in SKIPPED_STEP_IDS:
+                assert "--config -" in call and "2>/dev/null" in call, call  # the URL via stdin; curl's messages dropped
+
+
+@pytest.mark.parametrize("name", REUSABLE)
+def test_runs_on_is_an_input(name):
+    doc = load(name)
+    (job,) = doc["jobs"].values()
+    assert job["runs-on"] == "${{ fromJSON(inputs.runs-on) }}"
+    assert json.loads(doc["on"]["workflow_call"]["inputs"]["runs-on"]["default"]) == "ubuntu-24.04"
+
+
+def test_database_backup_and_check_install_zstd():
+    assert "zstd" in steps_by_id("_backup-database.yml")["install-postgresql-client"]["run"]
+    assert "zstd" in steps_by_id("_check-backups.yml")["install-postgresql"]["run"]
+
+
+def test_the_check_has_no_service_container():
+    """The drill's server comes from the same apt.postgresql.org packages as the client: no
+    floating `postgres:N` image."""
+    (job,) = load("_check-backups.yml")["jobs"].values()
+    assert "services" not in job and "container" not in job
+
+
+def test_zizmor_is_clean():
+    zizmor = shutil.which("zizmor", path=SEARCH_PATH)
+    assert zizmor, "zizmor not found: pip install zizmor (requirements-dev.txt)"
+    done = subprocess.run([zizmor, "--offline", "--no-progress", str(WORKFLOWS), str(REPO / ".github" / "dependabot.yml")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_zizmor_suppression_says_why():
+    for path in [*WORKFLOWS.glob("*.yml"), REPO / ".github" / "dependabot.yml"]:
+        for line in path.read_text().splitlines():
+            match = re.search(r"zizmor: ignore\[[\w-]+\](.*)", line)
+            if match:
+                assert len(match.group(1).strip()) > 20, f"{path.name}: unexplained suppression: {line.strip()}"
+    assert not (REPO / "zizmor.yml").exists() and not (REPO / ".github" / "zizmor.yml").exists()
+
+
+def test_ci_runs_exactly_ci_run():
+    """ci.yml and .ci/run cannot drift apart: ci.yml's only run-step is .ci/run, and .ci/run runs
+    every test target of the Makefile."""
+    (job,) = load("ci.yml")["jobs"].values()
+    runs = [step["run"].strip() for step in job["steps"] if "run" in step]
+    assert runs == [".ci/run"]
+    assert os.access(REPO / ".ci" / "run", os.X_OK)
+    ci_run = (REPO / ".ci" / "run").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    targets = set(re.findall(r"^(test[\w-]*):", makefile, re.M)) - {"test-all"}  # test-all = test + test-slow
+    assert targets >= {"test", "test-slow", "test-huge"}
+    assert set(re.findall(r"^make ([\w-]+)$", ci_run, re.M)) == targets
+    for tool in ("zstd", "jq", "curl"):
+        assert f"command -v {tool} " in ci_run
+
+
+def test_requirements_lock_pins_every_runtime_requirement_with_hashes():
+    from packaging.requirements import Requirement
+
+    lock = (REPO / "requirements.lock").read_text()
+    assert "make lock" in lock  # says how it was made
+    entries = re.findall(r"^([A-Za-z0-9_.-]+)==([^\s\\]+) \\\n((?:\s+--hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)", lock, re.M)
+    pinned = {name.lower().replace("_", "-"): version for name, version, _ in entries}
+    assert len(entries) == len(re.findall(r"^[A-Za-z0-9]", lock, re.M)), "every pin carries its hashes"
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            requirement = Requirement(line)
+            name = requirement.name.lower().replace("_", "-")
+            assert name in pinned, f"{name} is not in requirements.lock: run make lock"
+            assert requirement.specifier.contains(pinned[name], prereleases=True), f"{name}=={pinned[name]} not in {requirement.specifier}"
+    for name in REUSABLE:
+        steps = steps_by_id(name)
+        install = steps["install-python-requirements"]["run"]
+        assert "--require-hashes" in install and "-r requirements.lock" in install
+        assert steps["setup-python"]["with"]["cache"] == "pip" and steps["setup-python"]["with"]["cache-dependency-path"] == "requirements.lock"
+
+
+def test_dependabot_keeps_actions_and_pip_current():
+    config = yaml.safe_load((REPO / ".github" / "dependabot.yml").read_text())
+    ecosystems = {update["package-ecosystem"]: update for update in config["updates"]}
+    assert set(ecosystems) == {"github-actions", "pip"}
+    assert all(update["directory"] == "/" and update["cooldown"]["default-days"] >= 3 for update in ecosystems.values())
+
+
+# --- What the README tells operators ----------------------------------------------------------
+
+def test_readme_documents_every_secret_and_input_of_the_reusable_workflows():
+    readme = (REPO / "README.md").read_text()
+    for name in REUSABLE:
+        call = load(name)["on"]["workflow_call"]
+        for secret in call["secrets"]:
+            assert f"`{secret}`" in readme, f"README: secret {secret} ({name})"
+        for given in call["inputs"]:
+            assert f"`{given}`" in readme, f"README: input {given} ({name})"
+
+
+def test_readme_trust_policies_keep_the_writer_and_the_reader_apart():
+    """The writer's role trusts only the backup workflows, the read-only role only the checks,
+    each by job_workflow_ref, so no job can assume the other kind's role."""
+    readme = (REPO / "README.md").read_text()
+    policies = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", readme, re.S)]
+    trusted = []
+    for policy in policies:
+        (statement,) = policy["Statement"]
+        assert statement["Action"] == "sts:AssumeRoleWithWebIdentity"
+        condition = statement["Condition"]["StringEquals"]
+        assert condition["token.actions.githubusercontent.com:aud"] == "sts.amazonaws.com"
+        subs = condition["token.actions.githubusercontent.com:sub"]
+        pattern = r"repo:OWNER/REPO:environment:production:job_workflow_ref:OWNER/REPO/\.github/workflows/_[\w-]+\.yml@refs/heads/main"
+        assert all(re.fullmatch(pattern, s) for s in subs), subs
+        trusted.append({re.search(r"workflows/([\w.-]+)@", s).group(1) for s in subs})
+    role_variable = {name: load(name)["jobs"][next(iter(load(name)["jobs"]))]["env"]["AWS_ROLE_TO_ASSUME"] for name in REUSABLE}
+    writers = {n for n, v in role_variable.items() if "vars.AWS_ROLE_TO_ASSUME" in v}
+    readers = {n for n, v in role_variable.items() if "vars.READONLY_AWS_ROLE_TO_ASSUME" in v}
+    assert writers == {"_backup-database.yml", "_backup-files.yml"} and readers == {"_check-freshness.yml", "_check-backups.yml"}
+    assert trusted == [writers, readers]
