@@ -45,12 +45,13 @@ def build_parser() -> cli.ArgumentParser:
                    help="source database URL (env DATABASE_URL; the password is passed to pg_dump via PGPASSWORD)")
     p.add_argument("--pg-dump", default=os.environ.get("PG_DUMP"),
                    help="pg_dump binary, at least the server's major version, e.g. /usr/lib/postgresql/16/bin/pg_dump (env PG_DUMP)")
+    cli.add_heartbeat_arg(p)
     cli.add_output_args(p)
     return p
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
     environment = config.environment_name(args.environment)
     bucket = config.bucket_name(args.bucket)
     passphrase = config.passphrases()[0]

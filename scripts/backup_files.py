@@ -55,12 +55,13 @@ def build_parser() -> cli.ArgumentParser:
                    help="back up only keys starting with this (env SOURCE_PREFIX; default: everything)")
     p.add_argument("--source-profile", default=None,
                    help="AWS profile for the source bucket (env SOURCE_AWS_PROFILE)")
+    cli.add_heartbeat_arg(p)
     cli.add_output_args(p)
     return p
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
     environment = config.environment_name(args.environment)
     bucket = config.bucket_name(args.bucket)
     source_bucket = config.bucket_name(args.source_bucket, "source bucket", "set SOURCE_BUCKET or pass --source-bucket")

@@ -57,6 +57,7 @@ def build_parser() -> cli.ArgumentParser:
                    help="fail when the newest usable backup is older, e.g. 2h, or per kind: database=3h "
                         "(repeat the flag for each kind)")
     p.add_argument("--no-retention", action="store_true", help="skip reading each version's retain-until date (faster)")
+    cli.add_heartbeat_arg(p)
     cli.add_output_args(p)
     return p
 
@@ -111,7 +112,7 @@ def environments(client: Any, bucket: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
     environment = config.environment_name(args.environment)
     bucket = config.bucket_name(args.bucket)
     kinds = KINDS if args.kind == "all" else (args.kind,)

@@ -59,6 +59,7 @@ def build_parser() -> cli.ArgumentParser:
     action.add_argument("--check", action="store_true", help="audit the bucket; exit 1 on any drift")
     action.add_argument("--print-policies", action="store_true", help="print the IAM policies as JSON")
     p.add_argument("--dry-run", action="store_true", help="with --apply: print what would change, change nothing")
+    cli.add_heartbeat_arg(p)
     cli.add_output_args(p)
     return p
 
@@ -103,7 +104,7 @@ def check(client: Any, settings: BucketSettings) -> tuple[bool, list[wanted_buck
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
     bucket = config.bucket_name(args.bucket)
     settings = BucketSettings(bucket, args.retention_days, args.expire_days, args.mode,
                               args.allow_plain_http).validate()

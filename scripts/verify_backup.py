@@ -65,6 +65,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--restore-into", metavar="URL",
                    help="also restore each database backup into this empty scratch database, e.g. postgresql://u:p@host/drill")
     p.add_argument("--psql", default=os.environ.get("PSQL"), help="psql binary for --restore-into (env PSQL)")
+    cli.add_heartbeat_arg(p)
     cli.add_output_args(p)
     return p
 
@@ -112,7 +113,7 @@ def outcome(backup: Backup, ok: bool, details: dict[str, Any] | None = None, rea
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
     if args.version_id and not args.key:
         raise UsageError("--version-id needs --key")
     if args.restore_into and args.kind != "database":

@@ -61,7 +61,6 @@ DOCUMENTED_VARS = (
 
 # Tests of behaviour the scripts gain in the lead's part of issue 13 (BACKUP_HEARTBEAT_URL,
 # BACKUP_ERROR_FILE, --max-age KIND=DURATION): expected to fail until that is merged.
-needs_script_side_heartbeats = pytest.mark.xfail(reason="needs the lead's script-side change", strict=False)
 
 
 def load(name: str) -> dict:
@@ -794,7 +793,6 @@ def test_check_workflow_fails_without_backups_but_runs_every_check(workflow_run,
     monitor.assert_never_printed(job)
 
 
-@needs_script_side_heartbeats
 def test_check_workflow_sends_the_scripts_error_lines(workflow_run, pg, s3server, bucket, monitor):
     job = check_job(workflow_run, s3server, "staging", HEARTBEAT_URL_CHECK=monitor.url("check"),
                     ALERT_WEBHOOK_URL=monitor.url("alert"))
@@ -884,7 +882,6 @@ def test_the_deep_check_passes_with_a_dead_monitor(workflow_run, pg, sample_db, 
     assert "::warning::heartbeat success ping failed" in job.step("heartbeat-end").output
 
 
-@needs_script_side_heartbeats
 def test_database_backup_workflow_pings_start_and_success_through_the_script(workflow_run, pg, sample_db, s3server, monitor):
     job = workflow_run("_backup-database.yml", inputs={"environment": "staging"},
                        secrets={**writer_secrets(s3server), "DATABASE_URL": pg.url(sample_db),
@@ -905,7 +902,6 @@ def test_a_failing_backup_script_alerts(workflow_run, pg, s3server, monitor):
     assert alert["failed_steps"] == ["backup-database"] and alert["environment"] == "staging"
 
 
-@needs_script_side_heartbeats
 def test_a_failing_backup_script_pings_fail_and_its_error_line_reaches_the_alert(workflow_run, pg, s3server, monitor):
     job = workflow_run("_backup-database.yml", inputs={"environment": "staging"},
                        secrets={**writer_secrets(s3server), "DATABASE_URL": f"postgresql://nobody@127.0.0.1:{pg.port}/no_such_database",
@@ -939,7 +935,6 @@ def test_freshness_workflow_names_missing_configuration_and_alerts(workflow_run,
     assert monitor.alert()["job"] == "Freshness check"
 
 
-@needs_script_side_heartbeats
 def test_freshness_workflow_passes_on_fresh_backups_and_alerts_on_stale_ones(workflow_run, run, pg, sample_db, s3server, bucket,
                                                                               app_bucket, monitor):
     run("backup_database.py", "--environment", "staging", "--database-url", pg.url(sample_db), check=True)

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from .config import SECRET_VARS, flag_secrets, url_secrets
 from .errors import BackupError, UsageError
+from .heartbeat import Heartbeat
 from .output import annotation, annotation_property, log, md_code, safe_lines, shown
 
 
@@ -79,9 +80,31 @@ def warn(message: str) -> None:
         print(f"::warning::{annotation(message)}", file=sys.stderr, flush=True)
 
 
+_heartbeat: Heartbeat | None = None
+
+
+def add_heartbeat_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heartbeat-url", default=os.environ.get("BACKUP_HEARTBEAT_URL") or None, metavar="URL",
+                   help="ping a dead-man's-switch monitor (healthchecks.io style): URL/start, then URL on success or "
+                        "URL/fail with the error line (env BACKUP_HEARTBEAT_URL; a secret: never printed)")
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse argv; with a heartbeat URL, ping its start now (work starts here)."""
+    global _heartbeat
+    args = p.parse_args(argv)
+    url = getattr(args, "heartbeat_url", None)
+    if url:
+        _heartbeat = Heartbeat(url)
+        _heartbeat.start()
+    return args
+
+
 def fail(message: str, code: int, script: str) -> NoReturn:
     message = safe_lines(redact(" ".join(message.split("\n"))))
     print(f"error: {message}", file=sys.stderr, flush=True)
+    if _heartbeat is not None:
+        _heartbeat.fail(redact(f"{script}: {message}"))
     if os.environ.get("GITHUB_ACTIONS") == "true":
         print(f"::error title={annotation_property(script)}::{annotation(message)}", file=sys.stderr, flush=True)
         step_summary(f"### {script}: failed\n\n{md_code(message)}")
@@ -168,4 +191,8 @@ def run(main: Callable[[list[str]], int], argv: list[str] | None = None) -> NoRe
         if "--debug" in argv:
             print(redact(traceback.format_exc()), file=sys.stderr)
         fail(f"unexpected failure: {type(exc).__name__}: {exc} (run with --debug for a traceback)", 1, script)
+    if _heartbeat is not None and code == 0:
+        _heartbeat.success()
+    elif _heartbeat is not None:
+        _heartbeat.fail(f"{script}: exit status {code}")
     sys.exit(code)

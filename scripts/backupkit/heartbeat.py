@@ -1,0 +1,65 @@
+"""Heartbeats to a dead-man's-switch monitor (healthchecks.io's convention, which Cronitor-style
+services accept too): `URL/start` when work starts, `URL` on success, `URL/fail` with the error
+line as the body on failure. The monitor alerts when a ping is missing or says fail, whatever
+happened to GitHub's scheduler, so it catches the backup that did not run at all.
+
+The URL carries the monitor's token: it is a secret, never printed. A ping that fails or times
+out is a warning and never changes the script's result.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit
+
+from .config import register_secret
+from .errors import UsageError
+from .output import log
+
+TIMEOUT = 3  # seconds per try: a monitor that does not answer costs at most TRIES × this
+TRIES = 2
+MAX_BODY = 4096  # the error line, at most this many bytes
+
+
+class Heartbeat:
+    def __init__(self, url: str):
+        register_secret(url)
+        try:
+            parts = urlsplit(url)
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise UsageError("BACKUP_HEARTBEAT_URL / --heartbeat-url is not an http(s) URL (not shown: it holds a token)")
+        self.url = url.rstrip("/")
+
+    def start(self) -> None:
+        self._ping("start", "/start")
+
+    def success(self) -> None:
+        self._ping("success", "")
+
+    def fail(self, message: str) -> None:
+        self._ping("fail", "/fail", message.encode()[:MAX_BODY])
+
+    def _ping(self, what: str, suffix: str, body: bytes | None = None) -> None:
+        problem = ""
+        for attempt in range(TRIES):
+            request = urllib.request.Request(  # noqa: S310 - http(s) checked in __init__
+                self.url + suffix, data=body, method="POST" if body is not None else "GET",
+                headers={"User-Agent": "external-backups-heartbeat"})
+            try:
+                with urllib.request.urlopen(request, timeout=TIMEOUT) as answer:  # noqa: S310 - http(s) checked above
+                    answer.read(1024)
+                return
+            except urllib.error.HTTPError as exc:
+                problem = f"the monitor answered {exc.code}"
+            except (OSError, ValueError) as exc:  # refused, unreachable, timed out
+                reason = getattr(exc, "reason", exc)
+                problem = type(reason).__name__ if not isinstance(reason, str) else "unreachable"
+            if attempt + 1 < TRIES:
+                time.sleep(0.5)
+        log(f"warning: heartbeat {what} ping failed ({problem}); the monitor will alert if pings stay missing. "
+            "This run's result is unchanged")

@@ -1,0 +1,130 @@
+"""Heartbeats from the scripts to a dead-man's-switch monitor: a local HTTP server stands in for
+healthchecks.io. Start, then success or fail with the error line; the URL (it carries a token)
+is never printed; a dead or slow monitor costs seconds and never changes the result."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.conftest import error_lines
+
+
+@dataclass
+class Ping:
+    method: str
+    path: str
+    body: str
+
+
+class Monitor:
+    def __init__(self, delay: float = 0.0):
+        self.pings: list[Ping] = []
+        self.token = f"hc-{os.urandom(8).hex()}"
+        pings, wait = self.pings, delay
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                length = int(self.headers.get("Content-Length") or 0)
+                pings.append(Ping(self.command, self.path, self.rfile.read(length).decode() if length else ""))
+                time.sleep(wait)
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"OK")
+
+            do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.block_on_close = False  # a slow answer still sleeping does not hold up the test
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/ping/{self.token}"
+
+    def paths(self) -> list[str]:
+        return [p.path.removeprefix(f"/ping/{self.token}") or "/" for p in self.pings]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def monitor():
+    server = Monitor()
+    yield server
+    server.close()
+
+
+def test_a_good_run_pings_start_then_success(run, pg, sample_db, monitor):
+    done = run("backup_database.py", env={"DATABASE_URL": pg.url(sample_db), "BACKUP_HEARTBEAT_URL": monitor.url})
+    assert done.returncode == 0, done.stderr
+    assert monitor.paths() == ["/start", "/"]
+    assert [p.method for p in monitor.pings] == ["GET", "GET"]
+    assert monitor.token not in done.stdout + done.stderr
+    # The flag works as the variable does.
+    monitor.pings.clear()
+    done = run("list_backups.py", "--heartbeat-url", monitor.url)
+    assert done.returncode == 0, done.stderr
+    assert monitor.paths() == ["/start", "/"]
+
+
+@pytest.mark.parametrize(("script", "args", "env"), [
+    pytest.param("list_backups.py", ["--max-age", "1h"], {}, id="check-fails"),
+    pytest.param("backup_database.py", [], {"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/app"}, id="database-unreachable"),
+    pytest.param("verify_backup.py", ["--kind", "files", "--latest"], {}, id="nothing-to-verify"),
+    pytest.param("backup_files.py", [], {"SOURCE_BUCKET": None}, id="usage-error-after-start"),
+])
+def test_each_failing_path_pings_fail_with_its_error_line(run, monitor, script, args, env, tmp_path):
+    summary = tmp_path / "summary.md"
+    done = run(script, *args, env={**env, "BACKUP_HEARTBEAT_URL": monitor.url, "GITHUB_ACTIONS": "true",
+                                   "GITHUB_STEP_SUMMARY": str(summary)})
+    assert done.returncode in (1, 2), done.stderr
+    assert monitor.paths() == ["/start", "/fail"]
+    fail = monitor.pings[1]
+    [line] = error_lines(done.stderr)
+    assert fail.method == "POST" and fail.body == f"{script}: {line.removeprefix('error: ')}"
+    assert monitor.token not in done.stdout + done.stderr + (summary.read_text() if summary.exists() else "")
+
+
+def test_an_empty_variable_means_no_heartbeat(run, monitor):
+    done = run("list_backups.py", "--max-age", "1h", env={"BACKUP_HEARTBEAT_URL": ""})
+    assert done.returncode == 1 and monitor.pings == []
+
+
+def test_a_url_that_is_not_http_is_a_usage_error_that_does_not_show_it(run):
+    done = run("list_backups.py", env={"BACKUP_HEARTBEAT_URL": "ftp://hc-secret-token@example.org/x"})
+    assert done.returncode == 2
+    assert "hc-secret-token" not in done.stderr and "BACKUP_HEARTBEAT_URL" in error_lines(done.stderr)[0]
+
+
+@pytest.mark.parametrize("monitor_state", ["dead", pytest.param("slow", marks=pytest.mark.slow)])
+def test_a_dead_or_slow_monitor_costs_seconds_and_never_fails_a_backup(run, pg, sample_db, monitor_state):
+    slow = Monitor(delay=30) if monitor_state == "slow" else None
+    url = slow.url if slow else "http://127.0.0.1:9/ping/hc-dead-token"
+    try:
+        started = time.monotonic()
+        done = run("backup_database.py", "--json", env={"DATABASE_URL": pg.url(sample_db), "BACKUP_HEARTBEAT_URL": url})
+        elapsed = time.monotonic() - started
+        quick = time.monotonic()
+        run("backup_database.py", "--json", env={"DATABASE_URL": pg.url(sample_db)}, check=True)
+        baseline = time.monotonic() - quick
+    finally:
+        if slow:
+            slow.close()
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("warning: heartbeat") == 2  # start and success, each a warning
+    assert "hc-dead-token" not in done.stderr and (slow is None or slow.token not in done.stderr)
+    # Two pings, each at most 2 tries × 3 s (+ 0.5 s between tries).
+    assert elapsed - baseline < 2 * (2 * 3 + 0.5) + 2, f"{elapsed:.1f} s against {baseline:.1f} s without a monitor"
