@@ -354,6 +354,23 @@ def test_passphrase_as_the_original_shell_line_made_it(pg, sample_db, bucket, s3
     assert_same_tables(pg, sample_db, scratch_db)
 
 
+def test_checks_during_the_overlap_count_only_toolkit_backups(original_dump, run, pg, sample_db):
+    """Both systems write to the same folder: freshness and --latest see only complete backups;
+    verify --since takes every backup in its window and fails on the original ones."""
+    key, _ = original_dump
+    env = {"EXTERNAL_BACKUP_ENCRYPTION_KEY": ORIGINAL_PASSPHRASE}
+    stale = run("list_backups.py", "--kind", "database", "--max-age", "2h", env=env)
+    assert stale.returncode == 1 and "no complete backup" in stale.stderr
+    ours = json.loads(run("backup_database.py", "--database-url", pg.url(sample_db), "--json", env=env, check=True).stdout)
+    run("list_backups.py", "--kind", "database", "--max-age", "2h", env=env, check=True)
+    latest = json.loads(run("verify_backup.py", "--kind", "database", "--latest", "--json", env=env, check=True).stdout)
+    assert [r["key"] for r in latest["results"]] == [ours["key"]]
+    since = run("verify_backup.py", "--kind", "database", "--since", "1d", "--json", env=env)
+    assert since.returncode == 1
+    results = {r["key"]: r for r in json.loads(since.stdout)["results"]}
+    assert results[ours["key"]]["ok"] and not results[key]["ok"] and "incomplete" in results[key]["reason"]
+
+
 @pytest.fixture
 def dump_with_owner_roles(pg, bucket, s3server, tmp_path, scratch_db):
     """An original dump of a database whose tables belong to roles the restoring server lacks
