@@ -9,8 +9,8 @@ The original system is the public repository ukgov-equality-hub/gender-recogniti
   then `aws s3 cp` to `<cf space>/database/$(date +"%Y-%m-%d--%H-%M-%S").sql.encrypted`. No manifest.
 - files, `admin/jobs/__init__.py` (`backup_files`, `zip_encrypt_and_save_to_external_aws`), started
   daily by `backup-files-to-external-s3.yml` with a curl to the admin app: every object of the app
-  bucket (list_objects_v2, all pages), in chunks of at most 100,000,000 bytes of objects, each chunk
-  a ZIP made by aiozipstream 0.4 (`ZipStream(files, chunksize=32768)`: stored members named by the
+  bucket (list_objects_v2, all pages), in chunks of up to 100,000,000 bytes of objects (a larger
+  object alone in its chunk), each chunk a ZIP made by aiozipstream 0.4 (`ZipStream(files, chunksize=32768)`: stored members named by the
   object key, no comments, no extra fields, data descriptors, ZIP32 only), encrypted in memory with
   `pyAesCrypt.encryptStream(fin, fout, key, 64 * 1024)` and streamed up with smart_open to
   `<space>/files/<YYYY-MM-DD--HH-MM-SS>--part-<N>.zip.encrypted`. No manifest, no ContentType.
