@@ -18,6 +18,7 @@ from .errors import VerificationError
 LOCAL_SIG = b"PK\x03\x04"
 CENTRAL_SIG = b"PK\x01\x02"
 DESCRIPTOR_SIG = b"PK\x07\x08"
+DESCRIPTOR_SIGS = (DESCRIPTOR_SIG, DESCRIPTOR_SIG[::-1])
 ZIP64_END_SIG = b"PK\x06\x06"
 ZIP64_LOCATOR_SIG = b"PK\x06\x07"
 END_SIG = b"PK\x05\x06"
@@ -248,20 +249,22 @@ class ZipStreamChecker:
             self._state = self._descriptor
             return True
         # Stored with a data descriptor: the data ends at the first descriptor signature followed
-        # by this member's own CRC and sizes (zipfile's streaming mode writes exactly this).
-        at = self._buf.find(DESCRIPTOR_SIG)
-        if at < 0:
+        # by this member's own CRC and sizes (zipfile's streaming mode writes exactly this; the
+        # original system's writer, aiozipstream 0.4, wrote the signature's bytes reversed).
+        found = [at for at in (self._buf.find(sig) for sig in DESCRIPTOR_SIGS) if at >= 0]
+        if not found:
             keep = len(DESCRIPTOR_SIG) - 1
             if len(self._buf) > keep:
                 self._data(self._take(len(self._buf) - keep))
             return False
+        at = min(found)
         if at:
             self._data(self._take(at))
         if len(self._buf) < DESCRIPTOR64.size:
             return False
         if self._match_descriptor():
             return True
-        self._data(self._take(len(DESCRIPTOR_SIG)))  # the signature's bytes were member data
+        self._data(self._take(1))  # the signature's first byte was member data
         return True
 
     def _match_descriptor(self) -> bool:
