@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Back up one PostgreSQL database: pg_dump → openssl enc → streamed upload → manifest."""
+"""Back up one PostgreSQL database: pg_dump → zstd → openssl enc → streamed upload → manifest."""
 
 from __future__ import annotations
 
@@ -8,20 +8,28 @@ import subprocess
 import time
 
 from backupkit import cli, config, crypto, s3
-from backupkit.manifest import backup_key, build_manifest, write_manifest
+from backupkit.compression import DEFAULT_LEVEL, LEVELS, check_zstd, start_zstd
+from backupkit.errors import UsageError
+from backupkit.manifest import COMPRESSIONS, backup_key, build_manifest, write_manifest
 from backupkit.output import log, md_code, shown
 from backupkit.pipeline import Pipeline, Tally, copy
 from backupkit.postgres import check_dump_client, client_binary
 from backupkit.progress import Progress, human_bytes
 from backupkit.upload import StreamingUpload
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 Dump a PostgreSQL database with pg_dump (plain SQL, --clean --if-exists --no-owner
---no-privileges), encrypt it with openssl enc -aes-256-cbc -pbkdf2, and stream it to
-s3://BUCKET/ENVIRONMENT/database/YYYY-MM-DD--HH-MM-SS.sql.encrypted, then write its manifest.
+--no-privileges), compress it with zstd, encrypt it with openssl enc -aes-256-cbc -pbkdf2, and
+stream it to s3://BUCKET/ENVIRONMENT/database/YYYY-MM-DD--HH-MM-SS.sql.zst.encrypted, then write
+its manifest (with the SQL's and the compressed stream's sizes and SHA-256).
 
-Nothing plaintext touches the disk. The upload is completed only when pg_dump and openssl both
-exited 0; otherwise it is aborted, no manifest is written and the exit status is 1.
+--compression none leaves zstd out and writes YYYY-MM-DD--HH-MM-SS.sql.encrypted, byte-compatible
+with the original system's restore (openssl enc -d … -out database-backup.sql). The default level,
+{DEFAULT_LEVEL}, gave the fastest backup on an application-like dump (bench/RESULTS.md); higher levels
+store fewer bytes and take longer.
+
+Nothing plaintext touches the disk. The upload is completed only when pg_dump, zstd and openssl
+all exited 0; otherwise it is aborted, no manifest is written and the exit status is 1.
 The writer needs only s3:PutObject on the bucket (setup_bucket.py --print-policies).
 """
 
@@ -31,6 +39,8 @@ environment:
   DATABASE_URL                    postgresql://USER:PASSWORD@HOST:PORT/DB (else libpq's PG* variables)
   BACKUP_BUCKET, BACKUP_ENVIRONMENT, AWS_* (credentials, region, AWS_ENDPOINT_URL)
   PG_DUMP                         the pg_dump to use (default: pg_dump on PATH)
+  BACKUP_COMPRESSION, BACKUP_COMPRESSION_LEVEL   as --compression, --compression-level
+  ZSTD                            the zstd to use (default: zstd on PATH; apt-get install zstd)
 
 example:
   export EXTERNAL_BACKUP_ENCRYPTION_KEY=… DATABASE_URL=postgresql://app:…@db:5432/app
@@ -45,29 +55,46 @@ def build_parser() -> cli.ArgumentParser:
                    help="source database URL (env DATABASE_URL; the password is passed to pg_dump via PGPASSWORD)")
     p.add_argument("--pg-dump", default=os.environ.get("PG_DUMP"),
                    help="pg_dump binary, at least the server's major version, e.g. /usr/lib/postgresql/16/bin/pg_dump (env PG_DUMP)")
+    p.add_argument("--compression", default=os.environ.get("BACKUP_COMPRESSION") or "zstd", metavar="zstd|none",
+                   help="zstd (default) or none, the original format (env BACKUP_COMPRESSION)")
+    p.add_argument("--compression-level", default=os.environ.get("BACKUP_COMPRESSION_LEVEL") or str(DEFAULT_LEVEL), metavar="N",
+                   help=f"zstd level {LEVELS.start}-{LEVELS.stop - 1} (default {DEFAULT_LEVEL}; env BACKUP_COMPRESSION_LEVEL)")
     cli.add_heartbeat_arg(p)
     cli.add_output_args(p)
     return p
+
+
+def compression_settings(name: str, level: str) -> tuple[str, int | None]:
+    if name not in COMPRESSIONS:
+        raise UsageError(f"--compression / BACKUP_COMPRESSION '{shown(name)}': use zstd or none")
+    if name == "none":
+        return name, None
+    if not level.strip().isdigit() or int(level) not in LEVELS:
+        raise UsageError(f"--compression-level / BACKUP_COMPRESSION_LEVEL '{shown(level)}': use {LEVELS.start} to {LEVELS.stop - 1}")
+    return name, int(level)
 
 
 def main(argv: list[str]) -> int:
     args = cli.parse_args(build_parser(), argv)
     environment = config.environment_name(args.environment)
     bucket = config.bucket_name(args.bucket)
+    compression, level = compression_settings(args.compression, args.compression_level)
     passphrase = config.passphrases()[0]
     database = config.database_target(args.database_url)
     pg_dump = args.pg_dump or "pg_dump"
     psql = client_binary("psql", beside=pg_dump)
+    if level is not None:
+        check_zstd()
 
     client_version, server_version = check_dump_client(pg_dump, database, psql)
     client = s3.external_client()
     started = config.utcnow()
     began = time.monotonic()
-    key = backup_key(environment, "database", started)
-    log(f"backing up database '{shown(database.database)}' (server {server_version}, pg_dump {client_version}) "
-        f"to s3://{bucket}/{key}")
+    key = backup_key(environment, "database", started, compression)
+    log(f"backing up database '{shown(database.database)}' (server {server_version}, pg_dump {client_version}"
+        f"{f', zstd -{level}' if level else ''}) to s3://{bucket}/{key}")
 
-    plaintext = Tally()
+    plaintext, compressed = Tally(), Tally()
     progress = Progress("uploaded")
     with StreamingUpload(client, bucket, key) as upload, Pipeline() as pipeline:
         dump = pipeline.start(
@@ -76,9 +103,14 @@ def main(argv: list[str]) -> int:
             env=database.env(),
         )
         encrypt = crypto.start_openssl(pipeline, passphrase, decrypt=False, stdin=subprocess.PIPE)
-        pipeline.pump(dump.stdout, encrypt.stdin, plaintext)
+        if level is None:
+            pipeline.pump(dump.stdout, encrypt.stdin, plaintext)
+        else:
+            squeeze = start_zstd(pipeline, level=level)
+            pipeline.pump(dump.stdout, squeeze.stdin, plaintext)
+            pipeline.pump(squeeze.stdout, encrypt.stdin, compressed)
         copy(encrypt.stdout, upload.write, progress=progress.update)
-        pipeline.finish()  # raises unless pg_dump and openssl both exited 0
+        pipeline.finish()  # raises unless every stage exited 0
         version_id = upload.complete()
     progress.done()
 
@@ -95,20 +127,27 @@ def main(argv: list[str]) -> int:
         plaintext_size=plaintext.size,
         plaintext_sha256=plaintext.hexdigest(),
         source={"database": database.database, "server_version": server_version, "pg_dump_version": client_version},
+        compression=None if level is None else {"compression": "zstd", "compressed_size": compressed.size,
+                                                "compressed_sha256": compressed.hexdigest()},
     )
     write_manifest(client, bucket, manifest)
-    seconds = time.monotonic() - began
+    report(manifest, args.json, time.monotonic() - began, bucket)
+    return 0
+
+
+def report(manifest: dict, as_json: bool, seconds: float, bucket: str) -> None:
+    sql, stored = manifest["plaintext_size"], manifest["encrypted_size"]
+    ratio = f" ({sql / stored:.1f}× smaller)" if manifest.get("compression") == "zstd" and stored else ""
     cli.step_summary(
-        f"### Database backup: {environment}\n\n| key | version | dump | encrypted | time |\n|---|---|---|---|---|\n"
-        f"| {md_code(key)} | {md_code(version_id)} | {human_bytes(plaintext.size)} | {human_bytes(upload.size)} | {seconds:.0f} s |"
+        f"### Database backup: {manifest['environment']}\n\n| key | version | dump | stored | time |\n|---|---|---|---|---|\n"
+        f"| {md_code(manifest['key'])} | {md_code(manifest['version_id'])} | {human_bytes(sql)} | {human_bytes(stored)}{ratio} | {seconds:.0f} s |"
     )
     cli.print_result(
         manifest,
-        args.json,
-        f"backed up database '{shown(database.database)}' to s3://{bucket}/{key} (version {version_id}): "
-        f"{human_bytes(plaintext.size)} dump, {human_bytes(upload.size)} encrypted, in {seconds:.1f} s",
+        as_json,
+        f"backed up database '{shown(manifest['source']['database'])}' to s3://{bucket}/{manifest['key']} (version "
+        f"{manifest['version_id']}): {human_bytes(sql)} dump, {human_bytes(stored)} stored{ratio}, in {seconds:.1f} s",
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ def iso(moment: datetime) -> str:
 
 
 def database_backup(run, started_at: datetime | None = None, passphrase: str | None = None, sample_db: str = "app",
-                    pg=None) -> dict:
+                    pg=None, compression: str | None = None) -> dict:
     """Run backup_database.py (as the hourly job does); returns its manifest."""
-    env = {"DATABASE_URL": pg.url(sample_db)}
+    env = {"DATABASE_URL": pg.url(sample_db), "BACKUP_COMPRESSION": compression}
     if started_at is not None:
         env["EXTERNAL_BACKUPS_NOW"] = iso(started_at)
     if passphrase is not None:

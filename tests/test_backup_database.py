@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import threading
@@ -9,6 +10,7 @@ import time
 
 import pytest
 
+from dev.harness import table_fingerprint
 from dev.measure import TreeMemory
 from tests.conftest import PASSPHRASE, error_lines, versions
 
@@ -17,29 +19,40 @@ ENV = "production"
 
 def only_backup(client, bucket):
     objects = versions(client, bucket)
-    data = [v for v in objects if v["Key"].endswith(".sql.encrypted")]
+    data = [v for v in objects if v["Key"].endswith((".sql.encrypted", ".sql.zst.encrypted"))]
     manifests = [v for v in objects if v["Key"].endswith(".manifest.json")]
     return data, manifests
 
 
-def test_backup_writes_object_and_manifest_that_match(run, pg, sample_db, s3server, bucket):
-    done = run("backup_database.py", "--database-url", pg.url(sample_db), "--json", check=True)
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_backup_writes_object_and_manifest_that_match(run, pg, sample_db, s3server, bucket, tmp_path, compression):
+    done = run("backup_database.py", "--database-url", pg.url(sample_db), "--compression", compression, "--json", check=True)
     manifest = json.loads(done.stdout)
     client = s3server.client()
     data, manifests = only_backup(client, bucket)
     assert len(data) == 1 and len(manifests) == 1
     assert data[0]["Key"] == manifest["key"]
-    assert manifest["key"].startswith(f"{ENV}/database/") and manifest["key"].endswith(".sql.encrypted")
+    suffix = ".sql.zst.encrypted" if compression == "zstd" else ".sql.encrypted"
+    assert manifest["key"].startswith(f"{ENV}/database/") and manifest["key"].endswith(suffix)
     assert manifest["version_id"] == data[0]["VersionId"]
     stored = json.loads(client.get_object(Bucket=bucket, Key=manifest["key"] + ".manifest.json")["Body"].read())
     assert stored == manifest
     body = client.get_object(Bucket=bucket, Key=manifest["key"])["Body"].read()
     assert body.startswith(b"Salted__")
     assert len(body) == manifest["encrypted_size"]
-    import hashlib
-
     assert hashlib.sha256(body).hexdigest() == manifest["encrypted_sha256"]
-    assert manifest["encryption"] == "openssl-aes-256-cbc-pbkdf2"
+    assert manifest["encryption"] == "openssl-aes-256-cbc-pbkdf2" and manifest["compression"] == compression
+    # The SQL (end to end) and, when compressed, the zstd stream that openssl encrypted.
+    sql = subprocess.run(["bash", "-c", "set -o pipefail; openssl enc -d -aes-256-cbc -pbkdf2 -pass env:K | tee stream | zstd -dcf"],
+                         input=body, capture_output=True, check=True, env={"K": PASSPHRASE, "PATH": "/usr/bin:/bin"},
+                         cwd=tmp_path).stdout
+    stream = (tmp_path / "stream").read_bytes()
+    assert (len(sql), hashlib.sha256(sql).hexdigest()) == (manifest["plaintext_size"], manifest["plaintext_sha256"])
+    if compression == "zstd":
+        assert (len(stream), hashlib.sha256(stream).hexdigest()) == (manifest["compressed_size"], manifest["compressed_sha256"])
+        assert len(stream) * 2 < len(sql)
+    else:
+        assert stream == sql and "compressed_size" not in manifest
     assert manifest["source"] == {"database": sample_db, "server_version": manifest["source"]["server_version"],
                                   "pg_dump_version": manifest["source"]["pg_dump_version"]}
     assert len(manifest["key_id"]) == 16 and PASSPHRASE not in json.dumps(manifest)
@@ -47,8 +60,10 @@ def test_backup_writes_object_and_manifest_that_match(run, pg, sample_db, s3serv
 
 
 def test_stock_openssl_decrypts_to_sql_that_psql_restores(run, pg, sample_db, s3server, bucket, scratch_db, tmp_path):
-    """The SPEC's promise: `openssl enc -d -aes-256-cbc -pbkdf2 -in F -out database-backup.sql -pass pass:PASSWORD`."""
-    manifest = json.loads(run("backup_database.py", "--database-url", pg.url(sample_db), "--json", check=True).stdout)
+    """The SPEC's promise for --compression none, the original format:
+    `openssl enc -d -aes-256-cbc -pbkdf2 -in F -out database-backup.sql -pass pass:PASSWORD`."""
+    manifest = json.loads(run("backup_database.py", "--database-url", pg.url(sample_db), "--compression", "none", "--json",
+                              check=True).stdout)
     encrypted = tmp_path / "backup.sql.encrypted"
     encrypted.write_bytes(s3server.client().get_object(Bucket=bucket, Key=manifest["key"])["Body"].read())
     plain = tmp_path / "database-backup.sql"
@@ -57,13 +72,9 @@ def test_stock_openssl_decrypts_to_sql_that_psql_restores(run, pg, sample_db, s3
     sql = plain.read_bytes()
     assert b"-- PostgreSQL database dump complete" in sql[-1024:]
     assert b"DROP TABLE IF EXISTS" in sql and b"OWNER TO" not in sql and b"GRANT " not in sql
-    import hashlib
-
     assert hashlib.sha256(sql).hexdigest() == manifest["plaintext_sha256"]
     subprocess.run([str(pg.bin / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction",
                     "-f", str(plain), pg.url(scratch_db)], check=True, capture_output=True)
-    from dev.harness import table_fingerprint
-
     for table in ("applications", "admin_user"):
         assert table_fingerprint(pg, scratch_db, table) == table_fingerprint(pg, sample_db, table)
 
@@ -108,6 +119,10 @@ def test_missing_bucket_fails_and_leaves_nothing(run, pg, sample_db):
         (["--bucket", "Not_A_Bucket"], {}, "invalid bucket name"),
         ([], {"EXTERNAL_BACKUP_ENCRYPTION_KEY": None}, "EXTERNAL_BACKUP_ENCRYPTION_KEY"),
         (["--database-url", "mysql://x@y/z"], {}, "not a PostgreSQL URL"),
+        (["--compression", "gzip"], {}, "use zstd or none"),
+        ([], {"BACKUP_COMPRESSION": "lz4"}, "use zstd or none"),
+        (["--compression-level", "0"], {}, "use 1 to 19"),
+        ([], {"BACKUP_COMPRESSION_LEVEL": "fast"}, "use 1 to 19"),
     ],
 )
 def test_usage_errors_exit_2(run, pg, sample_db, s3server, bucket, args, env, expect):

@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from dev.harness import table_fingerprint
+from tests.backup_factory import at, iso
 from tests.conftest import PASSPHRASE, Runner, base_env, error_lines, versions
 from tests.faultproxy import FaultProxy
 from tests.procwatch import ProcWatch
@@ -33,11 +34,13 @@ BOUND = 120  # seconds: any failure must end within this
 # -- fixtures ------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def big_db(pg):
-    """A database whose dump (~40 MB) spans several 8 MiB parts; each row carries MARKER."""
+    """A database whose dump (~60 MB, ~46 MB compressed: its payload is base64 of hash output)
+    spans several 8 MiB parts, compressed or not; each row carries MARKER."""
     pg.create_database(BIG_DB)
     pg.psql(
         "CREATE TABLE big (id int PRIMARY KEY, payload text NOT NULL);"
-        f"INSERT INTO big SELECT i, '{MARKER} ' || repeat(md5(i::text), 7) FROM generate_series(1, 160000) AS i;",
+        f"INSERT INTO big SELECT i, '{MARKER} ' || encode(sha512(i::text::bytea) || sha512((-i)::text::bytea) "
+        "|| sha512((i * 7)::text::bytea), 'base64') FROM generate_series(1, 220000) AS i;",
         BIG_DB,
     )
     return BIG_DB
@@ -280,7 +283,7 @@ def no_openssl_path(tmp_path):
 
 
 def test_backup_without_openssl(run, pg, sample_db, s3server, bucket, no_openssl_path):
-    proc, watch = start_backup(run, pg, sample_db, {"PATH": no_openssl_path})
+    proc, watch = start_backup(run, pg, sample_db, {"PATH": no_openssl_path, "BACKUP_COMPRESSION": "none"})
     done = finish(proc, watch)
     assert done.returncode == 1
     one_error(done, "openssl", "not found")
@@ -289,6 +292,31 @@ def test_backup_without_openssl(run, pg, sample_db, s3server, bucket, no_openssl
     while watch.alive() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert watch.alive() == []
+
+
+def test_zstd_missing_is_one_clear_error_naming_the_package(run, pg, sample_db, scratch_db, s3server, bucket, tmp_path):
+    """Backing up compressed, restoring or decrypting a compressed backup without the zstd command:
+    one error line that names the package; nothing stored, nothing committed, no output left."""
+    missing = {"ZSTD": "/nonexistent/zstd"}
+    done = run("backup_database.py", env={"DATABASE_URL": pg.url(sample_db), **missing})
+    assert done.returncode == 1
+    one_error(done, "zstd", "not found", "apt-get install zstd", "--compression none")
+    nothing_stored(s3server, bucket)
+
+    manifest = backup(run, pg, sample_db)
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), env=missing)
+    assert done.returncode == 1
+    one_error(done, "zstd", "not found", "apt-get install zstd")
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+
+    encrypted = download(s3server, bucket, manifest, tmp_path / "backup.sql.zst.encrypted", with_manifest=True)
+    openssl_only = tmp_path / "openssl-only"
+    openssl_only.mkdir()
+    (openssl_only / "openssl").symlink_to(shutil.which("openssl"))
+    done = run("./decrypt.py", "-i", str(encrypted), "-o", str(tmp_path / "out.sql"), env={"PATH": str(openssl_only)})
+    assert done.returncode == 1
+    one_error(done, "zstd", "not found", "apt-get install zstd")
+    assert not (tmp_path / "out.sql").exists()
 
 
 def test_restore_and_decrypt_without_openssl(run, pg, sample_db, scratch_db, s3server, bucket, no_openssl_path, tmp_path):
@@ -327,19 +355,26 @@ def flip_middle_byte(data: bytes) -> bytes:
     return data[:middle] + bytes([data[middle] ^ 0x40]) + data[middle + 1:]
 
 
+def zstd(data: bytes, decompress: bool = False) -> bytes:
+    return subprocess.run(["zstd", "-d" if decompress else "-1", "-q", "-c"], input=data, capture_output=True, check=True).stdout
+
+
 def cut_at_statement_boundary(data: bytes, passphrase: str) -> bytes:
-    """A valid encryption of the dump cut right after a complete COPY block: psql alone would
-    commit it happily, only the missing trailer tells."""
+    """A valid encryption of the dump (compressed again if it was) cut right after a complete COPY
+    block: psql alone would commit it happily, only the missing trailer tells."""
     plaintext = openssl(data, passphrase, decrypt=True)
-    end = plaintext.rindex(b"\n\\.\n") + 4
-    assert b"database dump complete" not in plaintext[:end]
-    return openssl(plaintext[:end], passphrase)
+    compressed = plaintext.startswith(b"\x28\xb5\x2f\xfd")
+    sql = zstd(plaintext, decompress=True) if compressed else plaintext
+    end = sql.rindex(b"\n\\.\n") + 4
+    assert b"database dump complete" not in sql[:end]
+    return openssl(zstd(sql[:end]) if compressed else sql[:end], passphrase)
 
 
 BROKEN_FILES = [
     # (id, make(data) -> bytes, manifest beside the file? (None: untouched, "match": hashes of the
     #  broken bytes, as if the manifest had been written for them), passphrase, words)
-    pytest.param(flip_middle_byte, "match", PASSPHRASE, ("plaintext SHA-256",), id="corrupt-byte-manifest-agrees-on-ciphertext"),
+    # (compressed, zstd's own checksum or decoder refuses it first; plain, the SHA-256 of the SQL)
+    pytest.param(flip_middle_byte, "match", PASSPHRASE, ("corrupted",), id="corrupt-byte-manifest-agrees-on-ciphertext"),
     pytest.param(flip_middle_byte, "original", PASSPHRASE, ("SHA-256", "corrupted"), id="corrupt-byte-with-manifest"),
     pytest.param(lambda d: d[: len(d) // 2 // 16 * 16], None, PASSPHRASE, (), id="truncated-no-manifest"),
     pytest.param(lambda d: d[: len(d) - 1000], "original", PASSPHRASE, ("truncated",), id="truncated-with-manifest"),
@@ -350,13 +385,13 @@ BROKEN_FILES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sample_backup(s3server, pg, sample_db, tmp_path_factory):
-    """One backup of the sample database, as a local file and its manifest (made once: restoring
-    with --file needs no bucket)."""
-    bucket = s3server.create_bucket(f"ext-backups-files-{os.getpid()}")
+@pytest.fixture(scope="module", params=["zstd", "none"])
+def sample_backup(s3server, pg, sample_db, tmp_path_factory, request):
+    """One backup of the sample database, compressed or not, as a local file and its manifest
+    (made once: restoring with --file needs no bucket)."""
+    bucket = s3server.create_bucket(f"ext-backups-files-{os.getpid()}-{request.param}")
     env = {**base_env(), **s3server.env(), "BACKUP_BUCKET": bucket, "BACKUP_ENVIRONMENT": "production",
-           "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, "PG_DUMP": str(pg.bin / "pg_dump")}
+           "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, "PG_DUMP": str(pg.bin / "pg_dump"), "BACKUP_COMPRESSION": request.param}
     manifest = backup(Runner(env), pg, sample_db)
     return download(s3server, bucket, manifest, tmp_path_factory.mktemp("sample-backup") / "backup.sql.encrypted"), manifest
 
@@ -501,12 +536,13 @@ def test_restore_killed_half_way_commits_nothing(run, pg, sample_db, target, tmp
 
 # -- concurrency -----------------------------------------------------------------------------------
 def test_two_backups_in_the_same_second_both_survive(run, pg, sample_db, s3server, bucket, scratch_db):
-    env = {"DATABASE_URL": pg.url(sample_db), "EXTERNAL_BACKUPS_NOW": "2026-11-29T10:00:00Z"}
+    moment = at(1)
+    env = {"DATABASE_URL": pg.url(sample_db), "EXTERNAL_BACKUPS_NOW": iso(moment)}
     procs = [run.popen("backup_database.py", "--json", env=env) for _ in range(2)]
     results = [p.communicate(timeout=BOUND) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     manifests = [json.loads(out) for out, _ in results]
-    assert manifests[0]["key"] == manifests[1]["key"] == "production/database/2026-11-29--10-00-00.sql.encrypted"
+    assert manifests[0]["key"] == manifests[1]["key"] == f"production/database/{moment:%Y-%m-%d--%H-%M-%S}.sql.zst.encrypted"
     assert manifests[0]["version_id"] != manifests[1]["version_id"]
 
     listed = json.loads(run("list_backups.py", "--json", check=True).stdout)
@@ -696,17 +732,18 @@ def test_decrypt_wrong_passphrase_or_truncated_leaves_nothing(run, tmp_path, pas
 
 
 def test_manifest_write_failing_leaves_an_incomplete_backup_that_readers_skip(run, pg, sample_db, proxy, via, s3server, bucket, scratch_db):
-    earlier = backup(run, pg, sample_db, EXTERNAL_BACKUPS_NOW="2026-11-29T09:00:00Z")
+    first, then = at(2), at(1)
+    earlier = backup(run, pg, sample_db, EXTERNAL_BACKUPS_NOW=iso(first))
     proxy.add("PutObject", fault="500", after=1)  # the object goes up, its manifest never does
-    done, elapsed = timed(run, "backup_database.py", env={"DATABASE_URL": pg.url(sample_db), "EXTERNAL_BACKUPS_NOW": "2026-11-29T10:00:00Z", **via})
+    done, elapsed = timed(run, "backup_database.py", env={"DATABASE_URL": pg.url(sample_db), "EXTERNAL_BACKUPS_NOW": iso(then), **via})
     assert done.returncode == 1 and elapsed < BOUND
     one_error(done, "manifest", "incomplete")
     listed = json.loads(run("list_backups.py", "--json", check=True).stdout)
     assert [(b["key"].rsplit("/", 1)[1], b["complete"]) for b in listed] == [
-        ("2026-11-29--10-00-00.sql.encrypted", False), ("2026-11-29--09-00-00.sql.encrypted", True)]
+        (f"{then:%Y-%m-%d--%H-%M-%S}.sql.zst.encrypted", False), (f"{first:%Y-%m-%d--%H-%M-%S}.sql.zst.encrypted", True)]
     done = run("restore_database.py", "--latest", "--json", "--target-database-url", pg.url(scratch_db), check=True)
     assert json.loads(done.stdout)["version_id"] == earlier["version_id"]
-    assert "10-00-00" in " ".join(s["key"] for s in json.loads(done.stdout)["skipped"])
+    assert [s["key"] for s in json.loads(done.stdout)["skipped"]] == [f"production/database/{then:%Y-%m-%d--%H-%M-%S}.sql.zst.encrypted"]
 
 
 @pytest.mark.parametrize("fault", ["cut", pytest.param("stall-body", marks=pytest.mark.slow)])

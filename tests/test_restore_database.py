@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from dev.harness import table_fingerprint
+from tests.backup_factory import at, iso
 from tests.conftest import PASSPHRASE, error_lines
 
 TABLES = ("applications", "admin_user")
@@ -23,7 +24,12 @@ def backed_up(run, pg, sample_db):
     return json.loads(run("backup_database.py", "--database-url", pg.url(sample_db), "--json", check=True).stdout)
 
 
-def test_latest_round_trip_restores_every_row(run, pg, sample_db, backed_up, scratch_db):
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_latest_round_trip_restores_every_row(run, pg, sample_db, scratch_db, compression):
+    backed_up = json.loads(run("backup_database.py", "--database-url", pg.url(sample_db), "--compression", compression, "--json",
+                               check=True).stdout)
+    assert backed_up.get("compression") == compression
+    assert (backed_up["plaintext_size"] > 2 * backed_up["encrypted_size"]) == (compression == "zstd")
     done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), "--json", check=True)
     result = json.loads(done.stdout)
     assert result["key"] == backed_up["key"] and result["version_id"] == backed_up["version_id"]
@@ -59,7 +65,7 @@ def test_target_with_tables_is_refused_without_replace(run, pg, sample_db, backe
 
 
 def test_key_and_version_id_select_one_backup(run, pg, sample_db, scratch_db, s3server, bucket):
-    same_second = {"EXTERNAL_BACKUPS_NOW": "2026-11-29T10:00:00Z"}
+    same_second = {"EXTERNAL_BACKUPS_NOW": iso(at(1))}
     first = json.loads(run("backup_database.py", "--database-url", pg.url(sample_db), "--json", env=same_second, check=True).stdout)
     pg.psql("INSERT INTO admin_user (email) VALUES ('second@backup')", sample_db)
     try:
@@ -76,7 +82,7 @@ def test_key_and_version_id_select_one_backup(run, pg, sample_db, scratch_db, s3
     run("restore_database.py", "--key", first["key"], "--version-id", first["version_id"],
         "--target-database-url", pg.url(scratch_db), check=True)
     assert pg.psql("SELECT count(*) FROM admin_user", scratch_db) == "1"
-    run("restore_database.py", "--key", "2026-11-29--10-00-00.sql.encrypted", "--version-id", second["version_id"],
+    run("restore_database.py", "--key", second["key"].rsplit("/", 1)[1], "--version-id", second["version_id"],
         "--target-database-url", pg.url(scratch_db), "--replace", check=True)
     assert pg.psql("SELECT count(*) FROM admin_user", scratch_db) == "2"
 

@@ -250,9 +250,11 @@ def test_tampering_with_a_recomputed_manifest_is_caught_by_decryption(run, pg, s
     # Whoever can PutObject can also write a manifest with the tampered object's own hashes; without
     # the passphrase they cannot fix the AES Crypt HMAC or the plaintext SHA-256.
     client = s3server.client()
-    files = upload_archive(client, bucket, at(2), streamed_zip(OBJECTS), PASSPHRASE, len(OBJECTS))
-    dump = database_backup(run, pg=pg, started_at=at(1))
-    for manifest, reason in ((files, "Bad HMAC"), (dump, "does not match the manifest's plaintext SHA-256")):
+    files = upload_archive(client, bucket, at(3), streamed_zip(OBJECTS), PASSPHRASE, len(OBJECTS))
+    plain = database_backup(run, pg=pg, started_at=at(2), compression="none")
+    compressed = database_backup(run, pg=pg, started_at=at(1))
+    for manifest, reason in ((files, "Bad HMAC"), (plain, "does not match the manifest's plaintext SHA-256"),
+                             (compressed, "decompression failed: the backup is corrupted")):
         body = flip_byte(read_object(client, bucket, manifest["key"], manifest["version_id"]), 4000)
         bad = put_with_manifest(client, bucket, manifest["key"], body,
                                 {**manifest, "encrypted_size": len(body), "encrypted_sha256": sha256(body)})

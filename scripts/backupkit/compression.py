@@ -4,18 +4,31 @@ its own, on another core), so what it writes is what `zstd -d` reads anywhere.""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from typing import Any
 
 from .config import child_env
+from .errors import BackupError
 from .pipeline import Pipeline, Stage
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # every zstd frame starts with it
 INSTALL_HINT = "install the zstd package (apt-get install zstd), or set ZSTD to its path"
+LEVELS = range(1, 20)  # zstd's regular levels (20-22 need --ultra and much more memory)
+# The level with the fastest backup on an application-like dump: zstd runs beside pg_dump on
+# another core, and at this level it keeps up with pg_dump while cutting the bytes that openssl
+# encrypts and S3 receives to about a third (bench/RESULTS.md, "compression levels").
+DEFAULT_LEVEL = 1
 
 
 def zstd_binary() -> str:
     return os.environ.get("ZSTD") or "zstd"
+
+
+def check_zstd() -> None:
+    """Before anything starts: the zstd command is there."""
+    if shutil.which(zstd_binary()) is None:
+        raise BackupError(f"zstd: command not found: {zstd_binary()} ({INSTALL_HINT}; or back up with --compression none)")
 
 
 def start_zstd(pipeline: Pipeline, *, level: int | None = None, stdin: Any = subprocess.PIPE) -> Stage:
