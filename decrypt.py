@@ -279,7 +279,22 @@ def decrypt(infile: str, outfile: str, passphrases: list[str], manifest: dict | 
     return kind
 
 
+def use_the_checkouts_venv() -> None:
+    """In a checkout (README: python3 -m venv .venv && .venv/bin/pip install -r requirements.txt),
+    run again with the venv's Python when this one lacks pyAesCrypt; copied alone, go on."""
+    from importlib.util import find_spec
+
+    venv = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".venv")
+    python = os.path.join(venv, "bin", "python")
+    if (find_spec("pyAesCrypt") is None and os.path.exists(python) and not os.environ.get("BACKUPKIT_REEXECUTED")
+            and os.path.realpath(sys.prefix) != os.path.realpath(venv)):
+        os.environ["BACKUPKIT_REEXECUTED"] = "1"
+        os.execv(python, [python, os.path.abspath(__file__), *sys.argv[1:]])  # noqa: S606 - this script, the checkout's Python
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        use_the_checkouts_venv()
     parser = ArgumentParser(
         prog="decrypt.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -14,7 +14,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "scripts"
 
 
 def free_port() -> int:
@@ -182,7 +181,7 @@ class S3Server:
             "AWS_DEFAULT_REGION": "us-east-1",
         }
 
-    def client(self):  # noqa: ANN201
+    def client(self):
         import boto3
 
         env = self.env()

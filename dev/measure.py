@@ -9,7 +9,6 @@ exec), and the tree's summed RSS is sampled while it runs.
 from __future__ import annotations
 
 import threading
-import time
 
 import psutil
 
@@ -25,7 +24,41 @@ def _hwm_kib(pid: int) -> int:
     return 0
 
 
-class TreeMemory:
+class Poller:
+    """A thread that calls `poll()` every `interval` seconds from start() (or `with`) until stop(),
+    and once more when stopped: the shape of every watcher the tests and the bench use."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
+
+    def start(self) -> Poller:
+        self._thread.start()
+        return self
+
+    def stop(self) -> Poller:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll()
+            self._stop.wait(self.interval)
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+
+class TreeMemory(Poller):
     """Samples a process and its descendants until stopped.
 
     `peak_process_kib`: the largest VmHWM any process of the tree reached (the script itself).
@@ -33,42 +66,32 @@ class TreeMemory:
     """
 
     def __init__(self, pid: int, interval: float = 0.1):
+        super().__init__(interval)
         self.pid = pid
-        self.interval = interval
         self.peak_process_kib = 0
         self.peak_tree_kib = 0
         self.per_name: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> TreeMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
         try:
-            root = psutil.Process(self.pid)
+            self._root: psutil.Process | None = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            self._root = None
+
+    def poll(self) -> None:
+        if self._root is None:
+            return
+        try:
+            procs = [self._root, *self._root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return
-        while not self._stop.is_set():
+        total = 0
+        for proc in procs:
             try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            total = 0
-            for proc in procs:
-                try:
-                    rss = proc.memory_info().rss // 1024
-                    name = proc.name()
-                except psutil.Error:
-                    continue
-                total += rss
-                hwm = _hwm_kib(proc.pid)
-                self.peak_process_kib = max(self.peak_process_kib, hwm)
-                self.per_name[name] = max(self.per_name.get(name, 0), hwm)
-            self.peak_tree_kib = max(self.peak_tree_kib, total)
-            time.sleep(self.interval)
+                rss = proc.memory_info().rss // 1024
+                name = proc.name()
+            except psutil.Error:
+                continue
+            total += rss
+            hwm = _hwm_kib(proc.pid)
+            self.peak_process_kib = max(self.peak_process_kib, hwm)
+            self.per_name[name] = max(self.per_name.get(name, 0), hwm)
+        self.peak_tree_kib = max(self.peak_tree_kib, total)

@@ -10,11 +10,12 @@ import time
 from backupkit import cli, config, crypto, s3
 from backupkit.compression import DEFAULT_LEVEL, LEVELS, check_zstd, start_zstd
 from backupkit.errors import UsageError
-from backupkit.manifest import COMPRESSIONS, backup_key, build_manifest, write_manifest
+from backupkit.manifest import COMPRESSIONS, backup_key, for_upload, write_manifest
 from backupkit.output import log, md_code, shown
-from backupkit.pipeline import Pipeline, Tally, copy
+from backupkit.pipeline import Pipeline
 from backupkit.postgres import check_dump_client, client_binary
 from backupkit.progress import Progress, human_bytes
+from backupkit.streams import Tally, copy
 from backupkit.upload import StreamingUpload
 
 DESCRIPTION = f"""\
@@ -80,6 +81,7 @@ def main(argv: list[str]) -> int:
     bucket = config.bucket_name(args.bucket)
     compression, level = compression_settings(args.compression, args.compression_level)
     passphrase = config.passphrases()[0]
+    crypto.start_key_ids([passphrase])  # for the manifest, derived while the dump runs
     database = config.database_target(args.database_url)
     pg_dump = args.pg_dump or "pg_dump"
     psql = client_binary("psql", beside=pg_dump)
@@ -111,21 +113,11 @@ def main(argv: list[str]) -> int:
             pipeline.pump(squeeze.stdout, encrypt.stdin, compressed)
         copy(encrypt.stdout, upload.write, progress=progress.update)
         pipeline.finish()  # raises unless every stage exited 0
-        version_id = upload.complete()
+        upload.complete()
     progress.done()
 
-    manifest = build_manifest(
-        kind="database",
-        environment=environment,
-        key=key,
-        version_id=version_id,
-        started_at=started,
-        completed_at=config.utcnow(),
-        key_id=crypto.key_id(passphrase),
-        encrypted_size=upload.size,
-        encrypted_sha256=upload.sha256.hexdigest(),
-        plaintext_size=plaintext.size,
-        plaintext_sha256=plaintext.hexdigest(),
+    manifest = for_upload(
+        upload, plaintext, kind="database", environment=environment, started_at=started, key_id=crypto.key_id(passphrase),
         source={"database": database.database, "server_version": server_version, "pg_dump_version": client_version},
         compression=None if level is None else {"compression": "zstd", "compressed_size": compressed.size,
                                                 "compressed_sha256": compressed.hexdigest()},

@@ -7,9 +7,9 @@ import os
 import time
 
 from backupkit import cli, config, crypto, s3
-from backupkit.archive import ArchiveWriter, EncryptingSink
-from backupkit.manifest import MAX_SKIPPED_LISTED, backup_key, build_manifest, write_manifest
-from backupkit.objects import PREFETCH_WORKERS, archive_objects, list_objects
+from backupkit.archive import ArchiveWriter, EncryptingSink, archive_objects
+from backupkit.manifest import MAX_SKIPPED_LISTED, backup_key, for_upload, write_manifest
+from backupkit.objects import PREFETCH_WORKERS, list_objects
 from backupkit.output import log, md_code, shown
 from backupkit.progress import Progress, human_bytes
 from backupkit.upload import StreamingUpload
@@ -67,6 +67,7 @@ def main(argv: list[str]) -> int:
     source_bucket = config.bucket_name(args.source_bucket, "source bucket", "set SOURCE_BUCKET or pass --source-bucket")
     prefix = args.source_prefix or ""
     passphrase = config.passphrases()[0]
+    crypto.start_key_ids([passphrase])  # for the manifest, derived while the backup runs
 
     client = s3.external_client()
     source = s3.source_client(args.source_profile, max_pool_connections=PREFETCH_WORKERS + 4)
@@ -84,45 +85,40 @@ def main(argv: list[str]) -> int:
             result = archive_objects(source, source_bucket, listing.objects, writer, progress.update)
             writer.close()
             sink.close()  # raises unless the encryption ended cleanly
-        version_id = upload.complete()
+        upload.complete()
     progress.done()
-    for left_out, why in result.skipped[:MAX_SKIPPED_LISTED]:
-        cli.warn(f"s3://{source_bucket}/{shown(left_out)} is not in this backup: {why}")
-    if len(result.skipped) > MAX_SKIPPED_LISTED:
-        cli.warn(f"{len(result.skipped) - MAX_SKIPPED_LISTED} more objects are not in this backup (not listed)")
 
-    manifest = build_manifest(
-        kind="files",
-        environment=environment,
-        key=key,
-        version_id=version_id,
-        started_at=started,
-        completed_at=config.utcnow(),
-        key_id=crypto.key_id(passphrase),
-        encrypted_size=upload.size,
-        encrypted_sha256=upload.sha256.hexdigest(),
-        plaintext_size=sink.plaintext.size,
-        plaintext_sha256=sink.plaintext.hexdigest(),
+    manifest = for_upload(
+        upload, sink.plaintext, kind="files", environment=environment, started_at=started, key_id=crypto.key_id(passphrase),
         source={"bucket": source_bucket, "prefix": prefix, "object_count": result.object_count,
                 "total_bytes": result.total_bytes, "skipped": [left_out for left_out, _ in result.skipped[:MAX_SKIPPED_LISTED]],
                 "skipped_count": len(result.skipped)},
     )
     write_manifest(client, bucket, manifest)
-    seconds = time.monotonic() - began
-    rate = result.total_bytes / seconds / 1024 / 1024 if seconds else 0
+    report(manifest, result.skipped, time.monotonic() - began, bucket, args.json)
+    return 0
+
+
+def report(manifest: dict, skipped: list[tuple[str, str]], seconds: float, bucket: str, as_json: bool) -> None:
+    source = manifest["source"]
+    where = f"s3://{source['bucket']}/{shown(source['prefix'])}"
+    for left_out, why in skipped[:MAX_SKIPPED_LISTED]:
+        cli.warn(f"s3://{source['bucket']}/{shown(left_out)} is not in this backup: {why}")
+    if len(skipped) > MAX_SKIPPED_LISTED:
+        cli.warn(f"{len(skipped) - MAX_SKIPPED_LISTED} more objects are not in this backup (not listed)")
+    rate = source["total_bytes"] / seconds / 1024 / 1024 if seconds else 0
     cli.step_summary(
-        f"### Files backup: {environment}\n\n| key | version | objects | bytes | encrypted | skipped | time |\n"
-        f"|---|---|---|---|---|---|---|\n| {md_code(key)} | {md_code(version_id)} | {result.object_count} | "
-        f"{human_bytes(result.total_bytes)} | {human_bytes(upload.size)} | {len(result.skipped)} | {seconds:.0f} s |"
+        f"### Files backup: {manifest['environment']}\n\n| key | version | objects | bytes | encrypted | skipped | time |\n"
+        f"|---|---|---|---|---|---|---|\n| {md_code(manifest['key'])} | {md_code(manifest['version_id'])} | {source['object_count']} | "
+        f"{human_bytes(source['total_bytes'])} | {human_bytes(manifest['encrypted_size'])} | {len(skipped)} | {seconds:.0f} s |"
     )
     cli.print_result(
         manifest,
-        args.json,
-        f"backed up {result.object_count} objects ({human_bytes(result.total_bytes)}) of s3://{source_bucket}/{shown(prefix)} "
-        f"to s3://{bucket}/{key} (version {version_id}): {human_bytes(upload.size)} encrypted, "
-        f"{len(result.skipped)} skipped, in {seconds:.1f} s ({rate:.1f} MiB/s)",
+        as_json,
+        f"backed up {source['object_count']} objects ({human_bytes(source['total_bytes'])}) of {where} "
+        f"to s3://{bucket}/{manifest['key']} (version {manifest['version_id']}): {human_bytes(manifest['encrypted_size'])} "
+        f"encrypted, {len(skipped)} skipped, in {seconds:.1f} s ({rate:.1f} MiB/s)",
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def build_parser() -> cli.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
     if args.version_id and not args.key:
         raise UsageError("--version-id needs --key")
     if args.without_manifest and not args.file:
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
         environment = config.environment_name(args.environment)
         bucket = config.bucket_name(args.bucket)
     check_restore_psql(client_version(psql)[1], psql)
-    tables = user_tables(target, psql)
+    tables = user_tables(target, psql, restore_target=True)
     if tables and not args.replace:
         raise BackupError(
             f"the target database '{shown(target.database)}' already has {len(tables)} tables "

@@ -16,9 +16,9 @@ from backupkit import cli, config, s3
 from backupkit.archive import ArchiveContents, FileSection, read_archive, unsafe_name
 from backupkit.errors import BackupError, UsageError
 from backupkit.output import log, md_code, shown
-from backupkit.pipeline import CHUNK
 from backupkit.progress import Progress, human_bytes
 from backupkit.retrieve import BucketReader, Fetched, Retrieved, local_format, open_local, private_directory
+from backupkit.streams import CHUNK
 
 DESCRIPTION = """\
 Restore a files backup into TARGET_BUCKET: the backup is downloaded and checked against its
@@ -299,7 +299,7 @@ class Restore:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
     if args.version_id and not args.key:
         raise UsageError("--version-id needs --key")
     target_bucket = config.bucket_name(args.target_bucket, "target bucket", "set TARGET_BUCKET or pass --target-bucket")

@@ -6,9 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from backupkit import bucket as wanted_bucket
-from backupkit import cli, config, s3
-from backupkit.bucket import BucketSettings
+from backupkit import bucket_state, cli, config, s3
+from backupkit.bucket_state import BucketSettings
 from backupkit.errors import BackupError, UsageError
 from backupkit.output import log
 
@@ -20,8 +19,8 @@ read-only policy is enough). --print-policies prints the IAM policies as JSON.
 The wanted state:
   versioning on; Object Lock with default retention MODE (COMPLIANCE) for --retention-days (35);
   lifecycle: current versions expire after --expire-days (40), noncurrent versions are deleted
-  {wanted_bucket.NONCURRENT_DAYS} day after, expired delete markers are removed, incomplete multipart uploads are
-  aborted after {wanted_bucket.ABORT_INCOMPLETE_UPLOADS_DAYS} days; all public access blocked; default encryption
+  {bucket_state.NONCURRENT_DAYS} day after, expired delete markers are removed, incomplete multipart uploads are
+  aborted after {bucket_state.ABORT_INCOMPLETE_UPLOADS_DAYS} days; all public access blocked; default encryption
   (SSE-S3, AES256); a bucket policy denying any request not made over TLS.
 
 Policies: write_only (s3:PutObject only: what the backup scripts need), write_only_recommended
@@ -43,11 +42,11 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--bucket", default=os.environ.get("BACKUP_BUCKET"),
                    help="the external backup bucket (env BACKUP_BUCKET)")
     p.add_argument("--region", help="where to create the bucket (default: AWS_REGION / the profile's region)")
-    p.add_argument("--retention-days", type=int, default=wanted_bucket.DEFAULT_RETENTION_DAYS,
+    p.add_argument("--retention-days", type=int, default=bucket_state.DEFAULT_RETENTION_DAYS,
                    help="Object Lock default retention in days (default: %(default)s)")
-    p.add_argument("--expire-days", type=int, default=wanted_bucket.DEFAULT_EXPIRE_DAYS,
+    p.add_argument("--expire-days", type=int, default=bucket_state.DEFAULT_EXPIRE_DAYS,
                    help="lifecycle expiry of current versions in days; must exceed --retention-days (default: %(default)s)")
-    p.add_argument("--mode", choices=wanted_bucket.MODES, default="COMPLIANCE",
+    p.add_argument("--mode", choices=bucket_state.MODES, default="COMPLIANCE",
                    help="Object Lock mode: COMPLIANCE (nobody, not even the root user, can delete early) or "
                         "GOVERNANCE (users with s3:BypassGovernanceRetention can) (default: %(default)s)")
     p.add_argument("--allow-plain-http", action="store_true", default=os.environ.get("BACKUP_ALLOW_PLAIN_HTTP") == "1",
@@ -66,40 +65,43 @@ def build_parser() -> cli.ArgumentParser:
 
 def apply(client: Any, settings: BucketSettings, region: str | None, dry_run: bool) -> dict[str, Any]:
     bucket = settings.bucket
-    wanted = wanted_bucket.wanted_state(settings)
+    wanted = bucket_state.wanted_state(settings)
     done: list[str] = []
-    created = not wanted_bucket.bucket_exists(client, bucket)
+    created = not bucket_state.bucket_exists(client, bucket)
     if created:
         done.append(f"create s3://{bucket} in {region or 'us-east-1'} with Object Lock enabled")
     if created and dry_run:
-        found = wanted_bucket.NEW_BUCKET_STATE
+        found = bucket_state.NEW_BUCKET_STATE
     else:
         if created:
             log(f"creating s3://{bucket} in {region or 'us-east-1'} with Object Lock enabled")
-            wanted_bucket.create_bucket(client, bucket, region)
-        found = wanted_bucket.read_state(client, bucket)
-    findings = wanted_bucket.compare(wanted, found)
-    for prop in wanted_bucket.changes(findings):
+            bucket_state.create_bucket(client, bucket, region)
+        found = bucket_state.read_state(client, bucket)
+    findings = bucket_state.compare(wanted, found)
+    for prop in bucket_state.changes(findings):
         for finding in findings:
             if finding.prop == prop and not finding.ok:
                 done.append(f"set {finding.name}: {finding.found} → {finding.wanted}")
         if not dry_run:
             log(f"setting {prop.replace('_', ' ')}")
-            wanted_bucket.write_property(client, bucket, prop, wanted[prop])
+            value = wanted[prop]
+            if prop == "policy" and value is None:  # --allow-plain-http: drop what refuses plain HTTP
+                value = bucket_state.without_tls_only(found["policy"])
+            bucket_state.write_property(client, bucket, prop, value)
 
     if done and not dry_run:
         # Read back what S3 now holds: a store that accepted a setting but ignores it must not pass.
-        still = [f for f in wanted_bucket.compare(wanted, wanted_bucket.read_state(client, bucket)) if not f.ok]
+        still = [f for f in bucket_state.compare(wanted, bucket_state.read_state(client, bucket)) if not f.ok]
         if still:
             raise BackupError(f"s3://{bucket} still differs after --apply: "
                               + "; ".join(f"{f.name}: wanted {f.wanted}, found {f.found}" for f in still))
     return {"bucket": bucket, "dry_run": dry_run, "created": created and not dry_run, "changes": done}
 
 
-def check(client: Any, settings: BucketSettings) -> tuple[bool, list[wanted_bucket.Finding]]:
-    if not wanted_bucket.bucket_exists(client, settings.bucket):
+def check(client: Any, settings: BucketSettings) -> tuple[bool, list[bucket_state.Finding]]:
+    if not bucket_state.bucket_exists(client, settings.bucket):
         return False, []
-    findings = wanted_bucket.compare(wanted_bucket.wanted_state(settings), wanted_bucket.read_state(client, settings.bucket))
+    findings = bucket_state.compare(bucket_state.wanted_state(settings), bucket_state.read_state(client, settings.bucket))
     return True, findings
 
 
@@ -112,11 +114,16 @@ def main(argv: list[str]) -> int:
         raise UsageError("--dry-run goes with --apply")
 
     if args.print_policies:
-        cli.print_result(wanted_bucket.policies(bucket), True, "")
+        cli.print_result(bucket_state.policies(bucket), True, "")
         return 0
 
     client = s3.external_client(region=args.region)
     region = args.region or client.meta.region_name
+    if (client.meta.endpoint_url or "").startswith("http://") and not settings.allow_plain_http:
+        raise UsageError(
+            f"the S3 endpoint {client.meta.endpoint_url} is plain HTTP: the bucket policy this tool sets refuses every "
+            "request that is not TLS, so every backup would fail with 403. For a local S3-compatible store (drills, "
+            "tests) pass --allow-plain-http (or BACKUP_ALLOW_PLAIN_HTTP=1); for AWS, use its https:// endpoint")
 
     if args.apply:
         result = apply(client, settings, region, args.dry_run)
@@ -138,7 +145,8 @@ def main(argv: list[str]) -> int:
         cli.step_summary(f"### External bucket check: {bucket}\n\n"
                          + "\n".join(f"- FAIL {f.name}: wanted {f.wanted}; found {f.found}" for f in failed))
         raise BackupError(f"s3://{bucket} drifted from the wanted state ({', '.join(f.name for f in failed)}): "
-                          f"review the FAIL lines, then run setup_bucket.py --bucket {bucket} --apply")
+                          f"whoever administers the backup account fixes it with setup_bucket.py --bucket {bucket} --apply "
+                          "(read-only credentials cannot). This does not block a restore: the backups stored stay readable")
     return 0
 
 

@@ -126,7 +126,7 @@ def main(argv: list[str]) -> int:
     if args.restore_into:
         target = config.database_target(args.restore_into, "--restore-into")
         check_restore_psql(client_version(psql)[1], psql)
-        tables = user_tables(target, psql)
+        tables = user_tables(target, psql, restore_target=True)
         if tables:
             raise BackupError(f"--restore-into '{shown(target.database)}' already has {len(tables)} tables: "
                               "give an empty scratch database (this check never restores over data)")

@@ -9,18 +9,13 @@ import io
 import json
 import os
 import subprocess
-import sys
 import zipfile
 from datetime import UTC, datetime, timedelta
 
 import pyAesCrypt
 
-from dev.harness import SCRIPTS
-
-sys.path.insert(0, str(SCRIPTS))
-
-from backupkit import crypto  # noqa: E402
-from backupkit.manifest import backup_key, build_manifest, key_time, manifest_key, write_manifest  # noqa: E402
+from backupkit import crypto
+from backupkit.manifest import backup_key, build_manifest, key_time, manifest_key, write_manifest
 
 ENVIRONMENT = "production"
 
@@ -35,15 +30,23 @@ def iso(moment: datetime) -> str:
 
 
 def database_backup(run, started_at: datetime | None = None, passphrase: str | None = None, sample_db: str = "app",
-                    pg=None, compression: str | None = None) -> dict:
-    """Run backup_database.py (as the hourly job does); returns its manifest."""
-    env = {"DATABASE_URL": pg.url(sample_db), "BACKUP_COMPRESSION": compression}
+                    pg=None, compression: str | None = None, **env: str) -> dict:
+    """Run backup_database.py (as the hourly job does), with more variables in `env`; returns its
+    manifest."""
+    env = {"DATABASE_URL": pg.url(sample_db), **({"BACKUP_COMPRESSION": compression} if compression else {}), **env}
     if started_at is not None:
         env["EXTERNAL_BACKUPS_NOW"] = iso(started_at)
     if passphrase is not None:
         env["EXTERNAL_BACKUP_ENCRYPTION_KEY"] = passphrase
     done = run("backup_database.py", "--json", env=env, check=True)
     return json.loads(done.stdout)
+
+
+def files_backup(run, source: str, *args: str, check: bool = True):
+    """Run backup_files.py (as the daily job does) on the app bucket `source`; returns its manifest
+    (or the finished process, when it failed and `check` is false)."""
+    done = run("backup_files.py", "--source-bucket", source, "--json", *args, check=check)
+    return json.loads(done.stdout) if done.returncode == 0 else done
 
 
 def read_object(client, bucket: str, key: str, version_id: str | None = None) -> bytes:

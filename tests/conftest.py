@@ -117,3 +117,15 @@ def versions(client, bucket: str, prefix: str = "") -> list[dict]:
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def one_error(done, *words: str) -> str:
+    """Exactly one `error:` line, no traceback; the line names the problem (each of `words`)."""
+    stderr = done.stderr
+    assert "Traceback" not in stderr, stderr
+    lines = error_lines(stderr)
+    assert len(lines) == 1, stderr
+    print(lines[0])  # shown with -s: read them as an operator would
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
+    return lines[0]

@@ -7,23 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import subprocess
-import sys
-import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyAesCrypt
-
-from dev.harness import REPO
-
-# The scripts import their library as `backupkit`; so do the unit tests.
-if str(REPO / "scripts") not in sys.path:
-    sys.path.insert(0, str(REPO / "scripts"))
 
 MIB = 1024 * 1024
 
@@ -122,101 +111,3 @@ def decrypt_bytes(data: bytes, passphrase: str) -> bytes:
     return out.getvalue()
 
 
-class CuttableProxy:
-    """A TCP proxy to an S3 endpoint that can be cut: `cut()` stops listening and resets every
-    open connection, as when the source endpoint goes away mid-run. Counts bytes sent back."""
-
-    def __init__(self, target_port: int):
-        self.target = ("127.0.0.1", target_port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.bytes_down = 0
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._cut = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._cut:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self._cut:
-                client.close()
-                return
-            upstream = socket.create_connection(self.target)
-            with self._lock:
-                self._sockets += [client, upstream]
-            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, down: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-                if down:
-                    self.bytes_down += len(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def cut(self) -> None:
-        self._cut = True
-        self.listener.close()
-        with self._lock:
-            for sock in self._sockets:
-                try:
-                    # shutdown() wakes the proxy threads blocked in recv(); close() alone would not.
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
-
-
-@dataclass
-class Measured:
-    returncode: int
-    max_rss: int  # bytes, the script's peak resident memory
-    seconds: float
-    stdout: str
-    stderr: str
-
-
-def run_measured(runner, script: str, *args: str, env: dict | None = None, timeout: float = 900) -> Measured:
-    """Run a script like `runner` does and return its peak RSS: the kernel's high-water mark
-    (VmHWM), read until it exits. (os.wait4's ru_maxrss would not do: it survives exec, so it
-    reports the forking test process's own size, moto's stored objects included.)"""
-    merged = {k: v for k, v in {**runner.env, **(env or {})}.items() if v is not None}
-    out_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"measured-{uuid.uuid4().hex}"
-    began = time.monotonic()
-    peak = 0
-    with open(f"{out_path}.out", "w+") as out, open(f"{out_path}.err", "w+") as err:
-        proc = subprocess.Popen(runner.command(script, *args), env=merged, cwd=runner.cwd, stdout=out, stderr=err)
-        status = Path(f"/proc/{proc.pid}/status")
-        cmdline = Path(f"/proc/{proc.pid}/cmdline")
-        while proc.poll() is None:
-            try:
-                if script.encode() in cmdline.read_bytes():  # after exec: the script's own memory
-                    for line in status.read_text().splitlines():
-                        if line.startswith("VmHWM:"):
-                            peak = max(peak, int(line.split()[1]) * 1024)
-            except (OSError, ValueError):
-                pass
-            if time.monotonic() - began > timeout:
-                proc.kill()
-                raise AssertionError(f"{script} did not finish in {timeout} s")
-            time.sleep(0.02)
-        seconds = time.monotonic() - began
-        out.seek(0)
-        err.seek(0)
-        result = Measured(proc.returncode, peak, seconds, out.read(), err.read())
-    for suffix in (".out", ".err"):
-        os.unlink(f"{out_path}{suffix}")
-    return result

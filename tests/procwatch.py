@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from dev.measure import Poller
 
 WATCHED = ("pg_dump", "psql", "openssl")
 
@@ -31,37 +32,15 @@ class Seen:
         return dict(self.environ)
 
 
-class ProcWatch:
+class ProcWatch(Poller):
     """Snapshots of every descendant of `pid`, taken every `interval` seconds until stop()."""
 
     def __init__(self, pid: int, interval: float = 0.003):
+        super().__init__(interval)
         self.root = psutil.Process(pid)
-        self.interval = interval
         self.seen: set[Seen] = set()
         self.pids: set[int] = set()
         self._procs: dict[int, psutil.Process] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="procwatch", daemon=True)
-
-    def start(self) -> ProcWatch:
-        self._thread.start()
-        return self
-
-    def stop(self) -> ProcWatch:
-        self._stop.set()
-        self._thread.join()
-        return self
-
-    def __enter__(self) -> ProcWatch:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.poll()
-            self._stop.wait(self.interval)
 
     def poll(self) -> None:
         try:
@@ -152,31 +131,15 @@ class SpyBin:
         return out
 
 
-class DirWatch:
+class DirWatch(Poller):
     """Polls directories: every path seen with its mode, and any file whose content held `marker`."""
 
     def __init__(self, directories: list[Path], marker: bytes | None = None, interval: float = 0.005):
+        super().__init__(interval)
         self.directories = directories
         self.marker = marker
-        self.interval = interval
         self.modes: dict[str, int] = {}
         self.with_marker: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dirwatch", daemon=True)
-
-    def __enter__(self) -> DirWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.poll()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.poll()
-            self._stop.wait(self.interval)
 
     def poll(self) -> None:
         for top in self.directories:

@@ -14,10 +14,16 @@ from datetime import UTC, datetime
 import pyAesCrypt
 import pytest
 
+from backupkit import archive as archive_module
+from backupkit.archive import ArchiveWriter, EncryptingSink, archive_objects, decode_attributes
+from backupkit.crypto import AESCRYPT_BUFFER, FullReader
+from backupkit.objects import SourceObject
+from dev.measure import TreeMemory
+from tests.backup_factory import files_backup as backup
 from tests.conftest import PASSPHRASE, error_lines, versions
+from tests.faultproxy import FaultProxy
 from tests.files_helpers import (
     MIB,
-    CuttableProxy,
     Obj,
     awkward_objects,
     decrypt_bytes,
@@ -27,21 +33,8 @@ from tests.files_helpers import (
     lower,
     manifests,
     new_bucket,
-    run_measured,
     snapshot,
 )
-
-# isort: split
-# backupkit is importable once files_helpers put scripts/ on the path.
-from backupkit import archive as archive_module
-from backupkit.archive import ArchiveWriter, EncryptingSink, decode_attributes
-from backupkit.crypto import AESCRYPT_BUFFER, FullReader
-from backupkit.objects import SourceObject, archive_objects
-
-
-def backup(run, source: str, *args: str, check: bool = True):
-    done = run("backup_files.py", "--source-bucket", source, "--json", *args, check=check)
-    return json.loads(done.stdout) if done.returncode == 0 else done
 
 
 def test_round_trip_of_awkward_content(run, s3server, bucket, tmp_path):
@@ -107,13 +100,6 @@ def test_empty_source_gives_a_valid_empty_archive(run, s3server, bucket):
     body = client.get_object(Bucket=bucket, Key=manifest["key"])["Body"].read()
     with zipfile.ZipFile(io.BytesIO(decrypt_bytes(body, PASSPHRASE))) as archive:
         assert archive.namelist() == []
-
-
-def test_usage_errors_exit_2(run):
-    done = run("backup_files.py")
-    assert done.returncode == 2 and error_lines(done.stderr)
-    done = run("backup_files.py", "--source-bucket", "Not_A_Bucket")
-    assert done.returncode == 2 and "source bucket" in done.stderr
 
 
 # -- the archive's mechanics, without S3 ---------------------------------------------------------
@@ -245,13 +231,13 @@ def test_source_gone_mid_run_fails_without_completing(run, s3server, bucket):
     client = s3server.client()
     source = new_bucket(s3server)
     fill(client, source, {f"obj/{i:03d}": Obj(os.urandom(2 * MIB)) for i in range(40)})
-    proxy = CuttableProxy(s3server.port)
-    proc = run.popen("backup_files.py", "--source-bucket", source, env={"SOURCE_AWS_ENDPOINT_URL": proxy.endpoint})
-    deadline = time.monotonic() + 60
-    while proxy.bytes_down < 10 * MIB and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proxy.cut()
-    stdout, stderr = proc.communicate(timeout=120)
+    with FaultProxy(s3server.endpoint) as proxy:
+        proc = run.popen("backup_files.py", "--source-bucket", source, env={"SOURCE_AWS_ENDPOINT_URL": proxy.endpoint})
+        deadline = time.monotonic() + 60
+        while proxy.count("GetObject") < 5 and proc.poll() is None and time.monotonic() < deadline:  # ≥ 10 MiB in
+            time.sleep(0.01)
+        proxy.go_down()
+        stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr
     assert len(error_lines(stderr)) == 1 and "s3://" + source in stderr, stderr
     assert versions(client, bucket) == []  # nothing completed, no manifest
@@ -296,11 +282,13 @@ def test_memory_stays_bounded_and_flat(run, s3server, bucket, capsys):
     figures = []
     add_objects(client, source, 0, large=3, small=212)  # 512 MiB
     for label in ("0.5 GiB", "1 GiB"):
-        measured = run_measured(run, "backup_files.py", "--source-bucket", source, "--json")
-        assert measured.returncode == 0, measured.stderr
-        manifest = json.loads(measured.stdout)
-        size = manifest["source"]["total_bytes"]
-        figures.append((label, size, measured.max_rss, measured.seconds))
+        began = time.monotonic()
+        proc = run.popen("backup_files.py", "--source-bucket", source, "--json")
+        with TreeMemory(proc.pid, interval=0.02) as memory:
+            stdout, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, stderr
+        size = json.loads(stdout)["source"]["total_bytes"]
+        figures.append((label, size, memory.peak_process_kib * 1024, time.monotonic() - began))
         if label == "0.5 GiB":
             add_objects(client, source, 1000, large=3, small=212)  # another 512 MiB
     with capsys.disabled():

@@ -200,3 +200,34 @@ def test_manifest_key_id_of_a_secret_stored_with_a_newline_still_picks_it(tmp_pa
     out = tmp_path / "o"
     subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(out)], env=env(), check=True, capture_output=True)
     assert out.read_bytes() == PLAIN
+
+
+def test_decrypt_py_is_standalone():
+    """It imports only the standard library and pyAesCrypt, so it can be copied alone."""
+    import ast
+    import sys
+
+    tree = ast.parse((REPO / "decrypt.py").read_text())
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert modules - {"__future__", "pyAesCrypt"} <= set(sys.stdlib_module_names)
+
+
+def test_decrypt_py_copies_of_the_librarys_constants_agree():
+    """decrypt.py is standalone on purpose, so it copies a few constants: they must not drift."""
+    import importlib.util
+
+    from backupkit import compression, config, crypto, manifest, postgres
+
+    spec = importlib.util.spec_from_file_location("decrypt_standalone", REPO / "decrypt.py")
+    standalone = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standalone)
+    assert standalone.OPENSSL_ARGS == crypto.OPENSSL_CIPHER_ARGS
+    assert (standalone.KEY_ID_SALT, standalone.KEY_ID_ITERATIONS) == (crypto.KEY_ID_SALT, crypto.KEY_ID_ITERATIONS)
+    assert standalone.MAX_MANIFEST_BYTES == manifest.MAX_MANIFEST_BYTES
+    assert standalone.ZSTD_MAGIC == compression.ZSTD_MAGIC
+    assert standalone.TRAILER == postgres.TRAILER
+    assert set(standalone.SECRET_VARIABLES) == set(config.SECRET_VARS)
+    for passphrase in ("correct horse", "x" * 100):
+        assert standalone.key_id(passphrase) == crypto.key_id(passphrase)
+    assert standalone.one_line("a\n", "x") == config.passphrase("a\n")

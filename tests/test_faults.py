@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 from dev.harness import table_fingerprint
-from tests.backup_factory import at, iso
-from tests.conftest import PASSPHRASE, Runner, base_env, error_lines, versions
+from tests.backup_factory import at, database_backup, iso
+from tests.conftest import PASSPHRASE, Runner, base_env, one_error, versions
 from tests.faultproxy import FaultProxy
 from tests.procwatch import ProcWatch
 
@@ -76,18 +76,6 @@ def unchanged(pg, database: str) -> None:
     assert pg.psql("SELECT note FROM keep_me", database) == "before the restore"
 
 
-def one_error(done, *words: str) -> str:
-    """Exactly one `error:` line, no traceback; the line names the problem."""
-    stderr = done.stderr
-    assert "Traceback" not in stderr, stderr
-    lines = error_lines(stderr)
-    assert len(lines) == 1, stderr
-    print(lines[0])  # shown with -s: read them as an operator would
-    for word in words:
-        assert word.lower() in lines[0].lower(), lines[0]
-    return lines[0]
-
-
 def nothing_stored(s3server, bucket: str) -> None:
     """No object version at all: no completed backup, no manifest."""
     assert [v["Key"] for v in versions(s3server.client(), bucket)] == []
@@ -97,11 +85,6 @@ def no_uploads_left(s3server, bucket: str) -> None:
     assert s3server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
-def backup(run, pg, database: str, **env: str) -> dict:
-    done = run("backup_database.py", "--json", env={"DATABASE_URL": pg.url(database), **env}, check=True)
-    return json.loads(done.stdout)
-
-
 def timed(run, *args, **kwargs):
     began = time.monotonic()
     done = run(*args, timeout=BOUND + 60, **kwargs)
@@ -109,7 +92,7 @@ def timed(run, *args, **kwargs):
 
 
 def test_readme_states_the_retry_policy():
-    from scripts.backupkit import s3
+    from backupkit import s3
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert s3.MAX_ATTEMPTS == 5
@@ -126,7 +109,7 @@ def test_backup_and_restore_survive_transient_s3_faults(run, pg, big_db, proxy, 
     proxy.add("UploadPart", fault="stall", after=4, limit=1, per_request=1, seconds=20)
     proxy.add("CompleteMultipartUpload", fault="503", limit=1)
     proxy.add("PutObject", fault="500", limit=1)  # the manifest
-    manifest = backup(run, pg, big_db, **via, BACKUP_S3_READ_TIMEOUT="2")
+    manifest = database_backup(run, pg=pg, sample_db=big_db, **via, BACKUP_S3_READ_TIMEOUT="2")
 
     injected = proxy.faults()
     assert injected["503"] >= 2 and injected["500"] == 2 and injected["reset"] == 2 and injected["stall"] == 1, injected
@@ -303,7 +286,7 @@ def test_zstd_missing_is_one_clear_error_naming_the_package(run, pg, sample_db, 
     one_error(done, "zstd", "not found", "apt-get install zstd", "--compression none")
     nothing_stored(s3server, bucket)
 
-    manifest = backup(run, pg, sample_db)
+    manifest = database_backup(run, pg=pg, sample_db=sample_db)
     done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), env=missing)
     assert done.returncode == 1
     one_error(done, "zstd", "not found", "apt-get install zstd")
@@ -320,7 +303,7 @@ def test_zstd_missing_is_one_clear_error_naming_the_package(run, pg, sample_db, 
 
 
 def test_restore_and_decrypt_without_openssl(run, pg, sample_db, scratch_db, s3server, bucket, no_openssl_path, tmp_path):
-    manifest = backup(run, pg, sample_db)
+    manifest = database_backup(run, pg=pg, sample_db=sample_db)
     done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), env={"PATH": no_openssl_path})
     assert done.returncode == 1
     one_error(done, "openssl", "not found")
@@ -392,7 +375,7 @@ def sample_backup(s3server, pg, sample_db, tmp_path_factory, request):
     bucket = s3server.create_bucket(f"ext-backups-files-{os.getpid()}-{request.param}")
     env = {**base_env(), **s3server.env(), "BACKUP_BUCKET": bucket, "BACKUP_ENVIRONMENT": "production",
            "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, "PG_DUMP": str(pg.bin / "pg_dump"), "BACKUP_COMPRESSION": request.param}
-    manifest = backup(Runner(env), pg, sample_db)
+    manifest = database_backup(Runner(env), pg=pg, sample_db=sample_db)
     return download(s3server, bucket, manifest, tmp_path_factory.mktemp("sample-backup") / "backup.sql.encrypted"), manifest
 
 
@@ -416,7 +399,7 @@ def test_restore_of_a_broken_file_commits_nothing(run, pg, sample_backup, target
 
 def test_restore_of_a_corrupt_version_in_the_bucket(run, pg, sample_db, s3server, bucket, target):
     """A newer version whose bytes do not match its manifest: --key refuses it, --latest skips it."""
-    good = backup(run, pg, sample_db)
+    good = database_backup(run, pg=pg, sample_db=sample_db)
     client = s3server.client()
     body = client.get_object(Bucket=bucket, Key=good["key"], VersionId=good["version_id"])["Body"].read()
     bad_version = client.put_object(Bucket=bucket, Key=good["key"], Body=flip_middle_byte(body))["VersionId"]
@@ -452,7 +435,7 @@ def install_gate(pg, database: str, action: str) -> None:
 
 
 def test_restore_failing_half_way_through_psql_leaves_the_target_as_it_was(run, pg, sample_db, target):
-    backup(run, pg, sample_db)
+    database_backup(run, pg=pg, sample_db=sample_db)
     install_gate(pg, target, "RAISE EXCEPTION 'injected conflict half-way through the restore';")
     done = run("restore_database.py", "--latest", "--replace", "--target-database-url", pg.url(target))
     assert done.returncode == 1
@@ -492,7 +475,7 @@ def wait_until(condition, timeout: float = 60, what: str = "condition") -> None:
 def test_restore_killed_half_way_commits_nothing(run, pg, sample_db, target, tmp_path, victim):
     """psql killed, or the restore itself killed (psql then dies with it, PR_SET_PDEATHSIG, instead
     of reading EOF on its input and committing) or stopped by a signal, while psql is half-way."""
-    backup(run, pg, sample_db)
+    database_backup(run, pg=pg, sample_db=sample_db)
     install_gate(pg, target, f"PERFORM pg_advisory_xact_lock({GATE_LOCK});")
     gate = HeldLock(pg, target, GATE_LOCK)
     try:
@@ -559,163 +542,7 @@ def test_two_backups_in_the_same_second_both_survive(run, pg, sample_db, s3serve
         pg.drop_database(f"{scratch_db}_b")
 
 
-# -- bad input: a usage error (2) or an operational one (1) that names the problem, never a traceback
-# The least each script needs on top of what the `run` fixture sets (bucket, environment, passphrase).
-VALID_ARGS = {
-    "backup_database.py": [],
-    "restore_database.py": ["--latest", "--target-database-url", "postgresql://postgres@127.0.0.1:1/nowhere"],
-    "list_backups.py": [],
-}
-SCRIPTS_WITH_TARGET = list(VALID_ARGS)
-BAD_ENVIRONMENTS = ["prod/uction", "..", "../etc", "Production", "-prod", "prod_1", "a" * 64, " prod", "prod\n"]
-BAD_BUCKETS = ["Bad_Bucket", "ab", "bucket..name", "-bucket", "192.168.1.1", "s3://bucket", "bucket/prefix", "bucket-name\n"]
-
-
-def bad_run(run, script: str, *args: str, env: dict | None = None):
-    return run(script, *args, env=env, input="", timeout=120)
-
-
-def usage_error(done, code: int, *words: str) -> None:
-    assert done.returncode == code, (done.returncode, done.stderr)
-    one_error(done, *words)
-
-
-@pytest.mark.parametrize("name", BAD_ENVIRONMENTS)
-def test_bad_environment_names_are_refused(name):
-    """The whole list against the validator; each script's wiring is checked below."""
-    from scripts.backupkit import config, errors
-
-    with pytest.raises(errors.UsageError, match="invalid environment"):
-        config.environment_name(name)
-
-
-@pytest.mark.parametrize("name", BAD_BUCKETS)
-def test_bad_bucket_names_are_refused(name):
-    from scripts.backupkit import config, errors
-
-    with pytest.raises(errors.UsageError, match="invalid bucket"):
-        config.bucket_name(name)
-
-
-@pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
-@pytest.mark.parametrize(("name", "how"), [("prod/uction", "env"), ("..", "flag"), ("Production", "env"), ("-prod", "flag"),
-                                           ("prod\n", "env")])
-def test_bad_environment_name(run, script, name, how):
-    args = [f"--environment={name}"] if how == "flag" else []
-    env = {"BACKUP_ENVIRONMENT": name} if how == "env" else {}
-    usage_error(bad_run(run, script, *VALID_ARGS[script], *args, env=env), 2, "invalid environment")
-
-
-@pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
-@pytest.mark.parametrize(("name", "how"), [("Bad_Bucket", "env"), ("s3://bucket", "flag")])
-def test_bad_bucket_name(run, script, name, how):
-    args = [f"--bucket={name}"] if how == "flag" else []
-    env = {"BACKUP_BUCKET": name} if how == "env" else {}
-    usage_error(bad_run(run, script, *VALID_ARGS[script], *args, env=env), 2, "invalid bucket")
-
-
-@pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
-@pytest.mark.parametrize(("variable", "words"), [
-    ("BACKUP_ENVIRONMENT", ("no environment", "BACKUP_ENVIRONMENT")),
-    ("BACKUP_BUCKET", ("no bucket", "BACKUP_BUCKET")),
-])
-def test_missing_variable(run, script, variable, words):
-    usage_error(bad_run(run, script, *VALID_ARGS[script], env={variable: None}), 2, *words)
-
-
-@pytest.mark.parametrize(("script", "variable", "value"), [
-    ("backup_database.py", "EXTERNAL_BACKUPS_NOW", "yesterday"),
-    ("list_backups.py", "EXTERNAL_BACKUPS_NOW", "2026-13-45"),
-    *[(script, "BACKUP_S3_READ_TIMEOUT", "soon") for script in SCRIPTS_WITH_TARGET],
-    *[(script, "BACKUP_S3_CONNECT_TIMEOUT", "-1") for script in SCRIPTS_WITH_TARGET],
-])
-def test_malformed_variable(run, pg, sample_db, script, variable, value):
-    # A reachable database, so the variable is the only thing wrong.
-    live = {"DATABASE_URL": pg.url(sample_db), "TARGET_DATABASE_URL": pg.url("postgres")}
-    args = ["--latest"] if script == "restore_database.py" else []
-    usage_error(bad_run(run, script, *args, env={**live, variable: value}), 2, variable)
-
-
-@pytest.mark.parametrize("script", SCRIPTS_WITH_TARGET)
-def test_unknown_flag(run, script):
-    usage_error(bad_run(run, script, *VALID_ARGS[script], "--frobnicate"), 2, "frobnicate")
-
-
-BAD_URLS = ["not a url", "mysql://user:pw@db/app", "postgresql://", "app"]
-
-
-@pytest.mark.parametrize("url", BAD_URLS)
-def test_database_url_that_is_not_a_url(run, url):
-    usage_error(bad_run(run, "backup_database.py", env={"DATABASE_URL": url}), 2, "DATABASE_URL")
-    usage_error(bad_run(run, "backup_database.py", "--database-url", url), 2, "DATABASE_URL")
-    usage_error(bad_run(run, "restore_database.py", "--latest", "--target-database-url", url), 2, "TARGET_DATABASE_URL")
-    usage_error(bad_run(run, "restore_database.py", "--latest", env={"TARGET_DATABASE_URL": url}), 2, "TARGET_DATABASE_URL")
-    assert "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE" in run.calls[-1].stderr  # not garbled by redaction
-
-
-@pytest.mark.parametrize(("script", "args", "env", "code", "words"), [
-    pytest.param("backup_database.py", [], {"EXTERNAL_BACKUP_ENCRYPTION_KEY": None}, 2, ("passphrase", "EXTERNAL_BACKUP_ENCRYPTION_KEY"),
-                 id="backup-no-passphrase"),
-    pytest.param("backup_database.py", [], {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/app"}, 1, ("cannot query the database",),
-                 id="backup-database-unreachable"),
-    pytest.param("backup_database.py", [], {"PG_DUMP": "/nonexistent/pg_dump"}, 1, ("/nonexistent/pg_dump", "not found"),
-                 id="backup-pg_dump-missing"),
-    pytest.param("restore_database.py", [], {}, 2, ("one of the arguments",), id="restore-no-source"),
-    pytest.param("restore_database.py", ["--latest"], {"TARGET_DATABASE_URL": None}, 2, ("no target database",), id="restore-no-target"),
-    pytest.param("restore_database.py", ["--latest", "--version-id", "v1", "--target-database-url", "postgresql://u@h/d"], {}, 2,
-                 ("--version-id",), id="restore-version-without-key"),
-    pytest.param("restore_database.py", ["--latest", "--target-database-url", "postgresql://u@h/d"],
-                 {"EXTERNAL_BACKUP_ENCRYPTION_KEY": None}, 2, ("passphrase",), id="restore-no-passphrase"),
-    pytest.param("list_backups.py", ["--max-age", "soon"], {}, 2, ("invalid duration", "soon"), id="list-max-age-word"),
-    pytest.param("list_backups.py", ["--max-age", "0h"], {}, 2, ("invalid duration",), id="list-max-age-zero"),
-    pytest.param("list_backups.py", ["--max-age", "2 hours"], {}, 2, ("invalid duration",), id="list-max-age-spelled"),
-    pytest.param("list_backups.py", ["--max-age", "-1h"], {}, 2, ("--max-age",), id="list-max-age-negative"),
-    pytest.param("list_backups.py", ["--kind", "logs"], {}, 2, ("--kind", "logs"), id="list-bad-kind"),
-    pytest.param("list_backups.py", ["--max-age", "1h"], {}, 1, ("no backups under",), id="list-max-age-nothing-there"),
-])
-def test_bad_input(run, script, args, env, code, words):
-    usage_error(bad_run(run, script, *args, env=env), code, *words)
-
-
-@pytest.fixture
-def not_backups(tmp_path):
-    (tmp_path / "empty.sql.encrypted").write_bytes(b"")
-    (tmp_path / "notes.txt").write_text("this is not a backup\n" * 10)
-    (tmp_path / "a-directory").mkdir()
-    return tmp_path
-
-
-@pytest.mark.parametrize(("name", "restore_words", "decrypt_words"), [
-    ("does-not-exist.sql.encrypted", ("no such file",), ("no such file",)),
-    ("a-directory", ("no such file",), ("no such file",)),
-    ("empty.sql.encrypted", ("empty",), ("empty",)),
-    ("notes.txt", ("not an encrypted database backup",), ("not an encrypted backup",)),
-])
-def test_file_that_is_not_a_backup(run, pg, not_backups, name, restore_words, decrypt_words):
-    path = str(not_backups / name)
-    done = bad_run(run, "restore_database.py", "--file", path, "--target-database-url", pg.url("postgres"))
-    usage_error(done, 2, *restore_words)
-    done = bad_run(run, "./decrypt.py", "-i", path, "-o", str(not_backups / "out"))
-    usage_error(done, 1, *decrypt_words)
-    assert not (not_backups / "out").exists()
-
-
-@pytest.mark.parametrize(("args", "env", "code", "words"), [
-    pytest.param([], {}, 2, ("required",), id="no-arguments"),
-    pytest.param(["-i", "x"], {}, 2, ("required",), id="no-output"),
-    pytest.param(["-i", "SELF", "-o", "OUT", "--bogus"], {}, 2, ("--bogus",), id="unknown-flag"),
-    pytest.param(["-i", "SELF", "-o", "SELF"], {}, 1, ("differ",), id="same-input-and-output"),
-    pytest.param(["-i", "SELF", "-o", "/nonexistent/dir/out"], {}, 1, ("No such file",), id="output-directory-missing"),
-    pytest.param(["-i", "SELF", "-o", "OUT"], {"EXTERNAL_BACKUP_ENCRYPTION_KEY": None}, 1, ("no passphrase",), id="no-passphrase"),
-])
-def test_decrypt_bad_input(run, tmp_path, args, env, code, words):
-    encrypted = tmp_path / "backup.sql.encrypted"
-    encrypted.write_bytes(openssl(b"SELECT 1;\n", PASSPHRASE))
-    args = [{"SELF": str(encrypted), "OUT": str(tmp_path / "out.sql")}.get(a, a) for a in args]
-    usage_error(bad_run(run, "./decrypt.py", *args, env=env), code, *words)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup.sql.encrypted"]
-
-
+# -- decrypt.py faults ----------------------------------------------------------------------------
 @pytest.mark.parametrize("passphrase_source", ["env", "flag"])
 def test_decrypt_wrong_passphrase_or_truncated_leaves_nothing(run, tmp_path, passphrase_source):
     good = openssl(b"SELECT 1;\n" * 1000, PASSPHRASE)
@@ -725,7 +552,7 @@ def test_decrypt_wrong_passphrase_or_truncated_leaves_nothing(run, tmp_path, pas
         path.write_bytes(data)
         args = ["--password", passphrase] if passphrase_source == "flag" else []
         env = {"EXTERNAL_BACKUP_ENCRYPTION_KEY": None if passphrase_source == "flag" else passphrase}
-        done = bad_run(run, "./decrypt.py", "-i", str(path), "-o", str(tmp_path / "out.sql"), *args, env=env)
+        done = run("./decrypt.py", "-i", str(path), "-o", str(tmp_path / "out.sql"), *args, env=env, input="")
         assert done.returncode == 1, (name, done.stderr)
         one_error(done, "cannot decrypt")
         assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".encrypted")) == [], name
@@ -733,7 +560,7 @@ def test_decrypt_wrong_passphrase_or_truncated_leaves_nothing(run, tmp_path, pas
 
 def test_manifest_write_failing_leaves_an_incomplete_backup_that_readers_skip(run, pg, sample_db, proxy, via, s3server, bucket, scratch_db):
     first, then = at(2), at(1)
-    earlier = backup(run, pg, sample_db, EXTERNAL_BACKUPS_NOW=iso(first))
+    earlier = database_backup(run, pg=pg, sample_db=sample_db, EXTERNAL_BACKUPS_NOW=iso(first))
     proxy.add("PutObject", fault="500", after=1)  # the object goes up, its manifest never does
     done, elapsed = timed(run, "backup_database.py", env={"DATABASE_URL": pg.url(sample_db), "EXTERNAL_BACKUPS_NOW": iso(then), **via})
     assert done.returncode == 1 and elapsed < BOUND
@@ -750,7 +577,7 @@ def test_manifest_write_failing_leaves_an_incomplete_backup_that_readers_skip(ru
 def test_restore_survives_downloads_breaking_off(run, pg, big_db, proxy, via, s3server, bucket, target, tmp_path, fault):
     """A body cut short or stalled after its headers came (botocore does not retry those): the
     manifest's GET and the backup's GET are each hit once; both are fetched again."""
-    backup(run, pg, big_db)
+    database_backup(run, pg=pg, sample_db=big_db)
     proxy.add("GetObject", fault=fault, per_request=1, seconds=10)
     done, elapsed = timed(run, "restore_database.py", "--latest", "--replace", "--target-database-url", pg.url(target),
                           env={**via, "TMPDIR": str(tmp_path), "BACKUP_S3_READ_TIMEOUT": "2"})
@@ -763,7 +590,7 @@ def test_restore_survives_downloads_breaking_off(run, pg, big_db, proxy, via, s3
 
 @pytest.mark.slow  # ~10 s of back-off
 def test_restore_fails_cleanly_when_downloads_keep_breaking_off(run, pg, sample_db, proxy, via, target, tmp_path):
-    backup(run, pg, sample_db)
+    database_backup(run, pg=pg, sample_db=sample_db)
     proxy.add("GetObject", fault="cut", after=1)  # the manifest reads fine, the backup never does
     done, elapsed = timed(run, "restore_database.py", "--latest", "--replace", "--target-database-url", pg.url(target),
                           env={**via, "TMPDIR": str(tmp_path)})
@@ -804,7 +631,7 @@ def test_decrypt_stopped_mid_way_leaves_nothing(run, tmp_path, sig, code):
 def test_list_backups_survives_transient_faults(run, pg, sample_db, proxy, via):
     """A listing or manifest read failing once must not make a complete backup look incomplete
     (that would trip the --max-age alarm, or send a restore to an older backup)."""
-    backup(run, pg, sample_db)
+    database_backup(run, pg=pg, sample_db=sample_db)
     proxy.add("ListObjectVersions", fault="503", limit=1)
     proxy.add("GetObject", fault="cut", limit=1)
     proxy.add("HeadObject", fault="500", limit=1)  # the retain-until date

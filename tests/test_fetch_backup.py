@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from dev.harness import REPO, table_fingerprint
+from dev.harness import table_fingerprint
 from tests.backup_factory import at, database_backup, flip_byte, put_with_manifest, read_object, streamed_zip, upload_archive
 from tests.conftest import PASSPHRASE, error_lines
 
@@ -98,18 +98,3 @@ def test_a_corrupt_backup_leaves_nothing_behind(run, pg, sample_db, s3server, bu
     assert list(tmp_path.iterdir()) == []
 
 
-def test_usage_errors(run, tmp_path):
-    assert run("fetch_backup.py", "--kind", "database", "--latest").returncode == 2
-    assert run("fetch_backup.py", "--kind", "database", "--latest", "--version-id", "x", "--out", "f").returncode == 2
-    assert run("fetch_backup.py", "--kind", "database", "--latest", "--out", str(tmp_path / "no" / "f")).returncode == 2
-
-
-def test_decrypt_py_is_standalone():
-    """It imports only the standard library and pyAesCrypt, so it can be copied alone."""
-    import ast
-    import sys
-
-    tree = ast.parse((REPO / "decrypt.py").read_text())
-    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert modules - {"__future__", "pyAesCrypt"} <= set(sys.stdlib_module_names)

@@ -29,7 +29,7 @@ class Monitor:
         pings, wait = self.pings, delay
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
+            def do_GET(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 pings.append(Ping(self.command, self.path, self.rfile.read(length).decode() if length else ""))
                 time.sleep(wait)

@@ -484,20 +484,6 @@ def test_kind_mismatches_are_clear_errors(run, pg, sample_db, s3server, bucket, 
 
 
 # -- 11. bad input ends in one error line, never "unexpected failure" ------------------------------
-@pytest.mark.parametrize(("args", "env", "code"), [
-    (["list_backups.py", "--max-age", "99999999999w"], {}, 2),
-    (["verify_backup.py", "--kind", "database", "--since", "99999999999w"], {}, 2),
-    (["backup_database.py"], {"DATABASE_URL": "postgresql://[::1"}, 2),
-    (["backup_database.py"], {"DATABASE_URL": "postgresql://u:pw@db:notaport/app"}, 2),
-    (["list_backups.py"], {"AWS_ENDPOINT_URL": "htp//bad endpoint"}, 2),
-    (["list_backups.py"], {"AWS_ENDPOINT_URL": "http://127.0.0.1:notaport"}, 2),
-    (["fetch_backup.py", "--kind", "database", "--latest", "--out", "/proc/x"], {}, 2),
-    (["restore_database.py", "--latest", "--target-database-url", "postgresql://u@h/d"], {"EXTERNAL_BACKUP_ENCRYPTION_KEY": "a\nb"}, 2),
-])
-def test_bad_input_is_one_clear_error(run, args, env, code):
-    done = run(*args, env=env)
-    assert done.returncode == code, done.stderr
-    assert len(error_lines(done.stderr)) == 1 and "unexpected failure" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_manifest_json_nested_too_deep_is_a_bad_manifest(run, pg, sample_db, s3server, bucket, genuine_dump):

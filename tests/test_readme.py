@@ -32,3 +32,20 @@ def test_readme_commands_run(s3server):
     skipped = sum(1 for marker, _ in found if marker)
     print(f"\nran {ran} README blocks, skipped {skipped}: {sorted({m for m, _ in found if m})}")
     assert ran >= 2
+
+
+def test_links_resolve_inside_the_repository():
+    """Every relative link of the README and the docs names a file of this repository: a clone
+    must not point at anything outside it."""
+    import re
+
+    documents = [REPO / "README.md", REPO / "runbook.md", *sorted((REPO / "docs").glob("*.md"))]
+    checked = 0
+    for document in documents:
+        for target in re.findall(r"\]\(([^)\s]+)\)", document.read_text()):
+            if re.match(r"[a-z]+://|mailto:|#", target):
+                continue
+            path = (document.parent / target.split("#")[0]).resolve()
+            assert path.is_relative_to(REPO) and path.exists(), f"{document.name}: link to {target} does not resolve in the repository"
+            checked += 1
+    assert checked >= 4

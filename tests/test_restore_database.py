@@ -8,8 +8,8 @@ import subprocess
 import pytest
 
 from dev.harness import table_fingerprint
-from tests.backup_factory import at, iso
-from tests.conftest import PASSPHRASE, error_lines
+from tests.backup_factory import at, database_backup, iso, upload_dump
+from tests.conftest import PASSPHRASE, error_lines, one_error
 
 TABLES = ("applications", "admin_user")
 
@@ -102,12 +102,38 @@ def test_restore_from_local_file_needs_its_manifest(run, pg, sample_db, backed_u
     assert_same(pg, sample_db, scratch_db)
 
 
-def test_wrong_passphrase_commits_nothing(run, pg, backed_up, scratch_db):
-    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db),
-               env={"EXTERNAL_BACKUP_ENCRYPTION_KEY": "not-the-passphrase"})
+def test_wrong_passphrase_commits_nothing_and_says_so_once(run, pg, sample_db, backed_up, scratch_db):
+    wrong = {"EXTERNAL_BACKUP_ENCRYPTION_KEY": "not-the-passphrase"}
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), env=wrong)
     assert done.returncode == 1
-    assert backed_up["key_id"] in done.stderr
+    [line] = error_lines(done.stderr)
+    assert backed_up["key_id"] in line and "mistyped" in line and "the only backup found" in line
+    assert "skipped" not in done.stderr and "reasons are above" not in done.stderr  # one backup, one reason, said once
     assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+    # With several, each is skipped on its own line and the error line sums them up.
+    database_backup(run, pg=pg, sample_db=sample_db)
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), env=wrong)
+    [line] = error_lines(done.stderr)
+    assert "none of the 2 backups was made with the passphrase(s) given: mistyped" in line
+    assert done.stderr.count("skipped ") == 2
+
+
+def test_a_missing_target_database_says_how_to_create_it(run, pg, backed_up):
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url("not_created_yet"))
+    assert done.returncode == 1
+    line = one_error(done, "not_created_yet", "does not exist", "CREATE DATABASE")
+    assert pg.password not in line
+
+
+def test_replace_over_a_newer_schema_that_depends_on_backed_up_tables_changes_nothing(run, pg, sample_db, backed_up, scratch_db):
+    """A newer app added a table with a foreign key to a table the backup drops and recreates."""
+    run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), check=True)
+    pg.psql("CREATE TABLE audit (id int PRIMARY KEY, admin int REFERENCES admin_user (id)); INSERT INTO audit VALUES (1, 1)",
+            scratch_db)
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), "--replace")
+    assert done.returncode == 1
+    one_error(done, "rolled back", "depend", "new, empty database")
+    assert pg.psql("SELECT count(*) FROM audit", scratch_db) == "1"
 
 
 def test_truncated_local_file_commits_nothing(run, pg, backed_up, scratch_db, s3server, bucket, tmp_path):
@@ -136,20 +162,19 @@ def test_dump_without_trailer_commits_nothing(run, pg, sample_db, scratch_db, tm
     assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
 
 
-@pytest.mark.parametrize(
-    "args, expect, code",
-    [
-        (["--latest", "--key", "x"], "not allowed with", 2),
-        ([], "one of the arguments", 2),
-        (["--file", "/no/such/file"], "no such file", 2),
-        (["--latest", "--environment", "../x"], "invalid environment name", 2),
-    ],
-)
-def test_usage_errors(run, pg, scratch_db, args, expect, code):
-    done = run("restore_database.py", "--target-database-url", pg.url(scratch_db), *args)
-    assert done.returncode == code and expect in done.stderr and "Traceback" not in done.stderr
-
-
 def test_no_backup_at_all_is_a_clear_error(run, pg, scratch_db):
     done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db))
     assert done.returncode == 1 and "no database backup found" in done.stderr
+
+
+def test_latest_takes_the_older_good_backup(run, pg, sample_db, scratch_db, s3server, bucket):
+    client = s3server.client()
+    older = database_backup(run, pg=pg, started_at=at(2))
+    newer = upload_dump(client, bucket, at(1), b"-- not a whole dump\nSELECT 1;\n", PASSPHRASE)
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["key"] == older["key"]
+    [skipped] = result["skipped"]
+    assert skipped["key"] == newer["key"] and "trailer" in skipped["reason"] and skipped["problem"] == "bad content"
+    assert pg.psql("SELECT count(*) FROM applications", scratch_db) == "1500"

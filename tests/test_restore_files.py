@@ -214,3 +214,49 @@ def test_signals_remove_temporary_files(run, s3server, bucket, tmp_path, sig, co
 def test_missing_target_bucket_fails_early(run, backed_up):
     _, done = restore(run, "--latest", "--target-bucket", "no-such-target-bucket", "--dry-run")
     assert done.returncode == 1 and "does not exist" in done.stderr
+
+
+# -- recognising identical objects: the ETags S3 gives single and multipart uploads ----------------
+def test_part_hasher_computes_the_etags_s3_gives():
+    import hashlib
+
+    from restore_files import PartHasher, part_sizes
+
+    data = os.urandom(12 * MIB + 5)
+    whole = PartHasher(None)
+    whole.update(data)
+    assert whole.etag() == hashlib.md5(data, usedforsecurity=False).hexdigest()
+    parts = [data[i:i + 5 * MIB] for i in range(0, len(data), 5 * MIB)]
+    expected = hashlib.md5(b"".join(hashlib.md5(p, usedforsecurity=False).digest() for p in parts), usedforsecurity=False).hexdigest()
+    chunked = PartHasher(5 * MIB)
+    for i in range(0, len(data), 777_777):  # chunks that straddle part boundaries
+        chunked.update(data[i:i + 777_777])
+    assert chunked.etag() == f"{expected}-3"
+    assert 5 * MIB in part_sizes(len(data), f"{expected}-3")
+    assert part_sizes(len(data), "abc") == [None]
+
+
+def test_an_interrupted_restore_says_how_many_objects_are_in_and_a_rerun_finishes(run, s3server, bucket):
+    client = s3server.client()
+    source = new_bucket(s3server)
+    fill(client, source, {f"docs/{i:04d}.bin": Obj(os.urandom(64 * 1024), "application/pdf") for i in range(600)})
+    run("backup_files.py", "--source-bucket", source, check=True)
+    target = new_bucket(s3server, "restored")
+    proc = run.popen("restore_files.py", "--latest", "--target-bucket", target)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if client.list_objects_v2(Bucket=target, MaxKeys=50).get("KeyCount", 0) >= 40:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    [line] = error_lines(stderr)
+    uploaded = int(line.split(" of 600 objects were uploaded")[0].rsplit(" ", 1)[1])
+    assert 40 <= uploaded < 600 and "run the same command again" in line
+    in_target = sum(page.get("KeyCount", 0) for page in client.get_paginator("list_objects_v2").paginate(Bucket=target))
+    assert in_target >= uploaded  # each counted object is complete (one PutObject); one more may have finished
+    result, done = restore(run, "--latest", "--target-bucket", target)
+    assert done.returncode == 0, done.stderr
+    assert result["identical"] == in_target and result["uploaded"] == 600 - in_target
+    assert len(snapshot(client, target)) == 600

@@ -31,9 +31,21 @@ def test_runbook_blocks_are_marked_only_as_allowed():
         assert "pass:" not in body and "PGPASSWORD=" not in body and " -p " not in body.replace("read -rsp", "")
 
 
+@pytest.fixture(scope="session")
+def bare_python(tmp_path_factory):
+    """A python3 with nothing but the standard library, as on a fresh machine: the runbook's
+    first block installs requirements.txt into the checkout's .venv, and the scripts find it."""
+    bare = tmp_path_factory.mktemp("bare-python")
+    subprocess.run([sys.executable, "-m", "venv", str(bare)], check=True)
+    lacking = subprocess.run([str(bare / "bin" / "python3"), "-c", "import boto3"], capture_output=True)
+    assert lacking.returncode != 0, "the bare python must not have boto3"
+    return bare / "bin"
+
+
 @pytest.fixture
-def incident(pg, s3server, tmp_path):
-    """Backups exist in the external bucket; the app's database and files are gone."""
+def incident(pg, s3server, tmp_path, bare_python):
+    """Backups exist in the external bucket; the app's database and files are gone. The checkout is
+    a bare clone: only what git tracks, no .venv, and python3 has no packages."""
     work = tmp_path / "checkout"
     listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for name in listed + ["runbook.md", "scripts/restore_files.py", "scripts/backup_files.py"]:
@@ -47,6 +59,7 @@ def incident(pg, s3server, tmp_path):
         "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, "PGPASSWORD": pg.password,
         "PATH": f"{pg.bin}:{base_env()['PATH']}",
     }
+    runbook_path = f"{bare_python}:{pg.bin}:/usr/local/bin:/usr/bin:/bin"
     env.pop("PYTHONPATH", None)
     script = [sys.executable]
     subprocess.run([*script, "scripts/setup_bucket.py", "--bucket", bucket, "--apply"], cwd=work, env=env, check=True,
@@ -63,10 +76,11 @@ def incident(pg, s3server, tmp_path):
     if has_files:
         subprocess.run([*script, "scripts/backup_files.py", "--source-bucket", app_files], cwd=work, env=env, check=True,
                        capture_output=True)
-    pg.create_database("runbook_target")
-    pg.create_database("runbook_drill")
+    for name in ("runbook_target", "runbook_drill"):  # the runbook creates them
+        pg.drop_database(name)
     s3server.create_bucket("runbook-restored-files", object_lock=False)
     env.update({
+        "PATH": runbook_path,
         "TARGET_DATABASE_URL": pg.url("runbook_target", password=False),  # the password is in PGPASSWORD
         "SCRATCH_DATABASE_URL": pg.url("runbook_drill", password=False),
         "TARGET_BUCKET": "runbook-restored-files",
@@ -105,4 +119,5 @@ def test_runbook_restores_database_and_files(incident, pg, s3server):
     restored = s3server.client().list_objects_v2(Bucket="runbook-restored-files").get("Contents", [])
     assert {o["Key"] for o in restored} == {"invoices/2026/0001.pdf", "avatars/zoë.png"}
     assert not list(work.glob("*.sql")) and not list(work.glob("files*.zip*"))
+    assert (work / ".venv" / "bin" / "python").exists()  # made by the runbook's first block, and used by the scripts
     assert PASSPHRASE not in done.stdout + done.stderr and pg.password not in done.stdout + done.stderr

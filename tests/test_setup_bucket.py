@@ -25,8 +25,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from backupkit import bucket_state
 from dev.harness import table_fingerprint
-from scripts.backupkit import bucket as wanted_bucket
 from tests.conftest import PASSPHRASE, Runner, base_env, error_lines
 from tests.iam_helpers import IamS3Server, User, error_code
 
@@ -77,20 +77,21 @@ def make_setup(server: IamS3Server, extra_env: dict | None = None) -> Setup:
 
 @pytest.fixture
 def setup(iam_server):
-    return make_setup(iam_server)
+    """The endpoint is plain HTTP: every run says so (BACKUP_ALLOW_PLAIN_HTTP), as a drill would."""
+    return make_setup(iam_server, {"BACKUP_ALLOW_PLAIN_HTTP": "1"})
 
 
 # -- pure data ------------------------------------------------------------------------------------
 
 def test_write_only_policy_is_exactly_put_object():
-    assert wanted_bucket.write_only("b-1") == {"Version": "2012-10-17", "Statement": [
+    assert bucket_state.write_only("b-1") == {"Version": "2012-10-17", "Statement": [
         {"Sid": "WriteBackups", "Effect": "Allow", "Action": ["s3:PutObject"], "Resource": ["arn:aws:s3:::b-1/*"]}]}
-    recommended = wanted_bucket.write_only_recommended("b-1")["Statement"]
+    recommended = bucket_state.write_only_recommended("b-1")["Statement"]
     assert [s["Action"] for s in recommended] == [["s3:PutObject", "s3:AbortMultipartUpload"]]
 
 
 def test_read_only_policy_reads_and_never_writes():
-    actions = {a for s in wanted_bucket.read_only("b-1")["Statement"] for a in s["Action"]}
+    actions = {a for s in bucket_state.read_only("b-1")["Statement"] for a in s["Action"]}
     assert {"s3:ListBucket", "s3:ListBucketVersions", "s3:GetObject", "s3:GetObjectVersion", "s3:GetObjectRetention",
             "s3:GetBucketVersioning", "s3:GetBucketObjectLockConfiguration", "s3:GetLifecycleConfiguration",
             "s3:GetBucketPublicAccessBlock", "s3:GetEncryptionConfiguration", "s3:GetBucketPolicy"} <= actions
@@ -98,14 +99,14 @@ def test_read_only_policy_reads_and_never_writes():
 
 
 def test_compare_names_each_drifted_property():
-    settings = wanted_bucket.BucketSettings("b-1")
-    wanted = wanted_bucket.wanted_state(settings)
-    assert all(f.ok for f in wanted_bucket.compare(wanted, wanted))
+    settings = bucket_state.BucketSettings("b-1")
+    wanted = bucket_state.wanted_state(settings)
+    assert all(f.ok for f in bucket_state.compare(wanted, wanted))
     found = {**wanted, "versioning": {"Status": "Suspended"}, "encryption": None, "policy": "AccessDenied"}
-    failed = {f.name: f for f in wanted_bucket.compare(wanted, found) if not f.ok}
+    failed = {f.name: f for f in bucket_state.compare(wanted, found) if not f.ok}
     assert set(failed) == {"versioning", "default encryption", "bucket policy"}
     assert failed["bucket policy"].found == "unreadable (AccessDenied)"
-    assert wanted_bucket.changes(list(failed.values())) == ["versioning", "encryption", "policy"]
+    assert bucket_state.changes(list(failed.values())) == ["versioning", "encryption", "policy"]
 
 
 # -- usage errors (exit 2, before any request) ------------------------------------------------------
@@ -139,7 +140,7 @@ def test_apply_creates_then_changes_nothing_and_check_passes(setup):
     result = json.loads(first.stdout)
     assert result["created"] is True
     assert result["changes"] == [line.strip() for line in dry.stdout.splitlines()[1:]]  # as the dry run said
-    assert len(result["changes"]) == 9
+    assert len(result["changes"]) == 8
 
     second = operator(SCRIPT, "--apply", check=True)
     assert second.stdout.strip() == f"no changes: s3://{setup.bucket} is already in the wanted state"
@@ -149,6 +150,7 @@ def test_apply_creates_then_changes_nothing_and_check_passes(setup):
     lines = check.stdout.splitlines()
     assert len(lines) == 10 and all(line.startswith("PASS") for line in lines), check.stdout
     assert "PASS  object lock: enabled, COMPLIANCE 35 days" in lines
+    assert "PASS  bucket policy: no statement refusing plain HTTP (--allow-plain-http)" in lines
 
     client = setup.admin.client()
     lock = client.get_object_lock_configuration(Bucket=setup.bucket)["ObjectLockConfiguration"]
@@ -162,8 +164,7 @@ def test_apply_creates_then_changes_nothing_and_check_passes(setup):
     assert all(client.get_public_access_block(Bucket=setup.bucket)["PublicAccessBlockConfiguration"].values())
     encryption = client.get_bucket_encryption(Bucket=setup.bucket)["ServerSideEncryptionConfiguration"]
     assert encryption["Rules"][0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
-    policy = json.loads(client.get_bucket_policy(Bucket=setup.bucket)["Policy"])
-    assert policy["Statement"][0]["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert error_code(client.get_bucket_policy, Bucket=setup.bucket) == "NoSuchBucketPolicy"
 
 
 def test_check_fails_naming_the_property_changed_by_hand(setup):
@@ -278,8 +279,9 @@ def test_reader_lists_restores_and_checks_but_cannot_write(backed_up, pg, sample
         assert table_fingerprint(pg, scratch_db, table) == table_fingerprint(pg, sample_db, table)
 
     checked = reader(SCRIPT, "--check", "--allow-plain-http", check=True)
-    assert "bucket policy" not in checked.stdout
-    assert reader(SCRIPT, "--check").returncode == 1  # without the flag the TLS policy is wanted
+    assert "PASS  bucket policy: no statement refusing plain HTTP" in checked.stdout
+    refused = reader(SCRIPT, "--check")  # a plain-HTTP endpoint without the flag: said before anything
+    assert refused.returncode == 2 and "plain HTTP" in error_lines(refused.stderr)[0]
 
     client = setup.reader.client()
     assert error_code(client.put_object, Bucket=setup.bucket, Key="production/database/x", Body=b"x",
@@ -311,21 +313,58 @@ def test_compliance_locked_backup_cannot_be_deleted_by_anyone(backed_up):
     assert retain_until.strftime("%Y-%m-%dT%H:%M") in table
 
 
-def test_tls_policy_refuses_plain_http_object_requests(setup):
-    """Over plain HTTP the deny-insecure-transport policy refuses even the admin (on AWS as on
-    moto; moto would refuse HTTPS too, as it ignores the condition)."""
-    setup.runner(setup.operator)(SCRIPT, "--apply", check=True)
+def test_plain_http_is_refused_before_anything_changes_and_allowed_it_removes_the_tls_policy(setup, pg, sample_db):
+    """A bucket set up for TLS (by --apply against https, or by hand) refuses every plain-HTTP
+    request, as AWS does (moto refuses even TLS: it ignores the condition). Against a plain-HTTP
+    endpoint, --apply without --allow-plain-http changes nothing and says why; with it, --apply
+    removes the TLS-only statement and keeps the owner's others; a 403 names both checks."""
+    operator = setup.runner(setup.operator)
+    operator(SCRIPT, "--apply", check=True)
     admin = setup.admin.client()
+    other = {"Sid": "OwnersOwn", "Effect": "Deny", "Principal": "*", "Action": "s3:PutBucketAcl",
+             "Resource": f"arn:aws:s3:::{setup.bucket}"}
+    tls_only = bucket_state.deny_insecure_transport(setup.bucket)
+    bucket_state.write_property(admin, setup.bucket, "policy", {**tls_only, "Statement": [*tls_only["Statement"], other]})
     assert error_code(admin.put_object, Bucket=setup.bucket, Key="production/database/x", Body=b"x",
                       ChecksumAlgorithm="CRC32") in ("403", "AccessDenied")
-    assert error_code(admin.get_object, Bucket=setup.bucket, Key="production/database/x") in ("403", "AccessDenied")
+
+    writer = setup.runner(setup.writer)
+    done = writer("backup_database.py", env={"DATABASE_URL": pg.url(sample_db), "PG_DUMP": str(pg.bin / "pg_dump")})
+    assert done.returncode == 1
+    line = error_lines(done.stderr)[0]
+    assert "denied by a bucket policy or missing s3:PutObject" in line and "--check" in line and "--print-policies" in line
+
+    refused = operator(SCRIPT, "--apply", env={"BACKUP_ALLOW_PLAIN_HTTP": None})
+    assert refused.returncode == 2 and "--allow-plain-http" in error_lines(refused.stderr)[0]
+    assert len(json.loads(admin.get_bucket_policy(Bucket=setup.bucket)["Policy"])["Statement"]) == 2  # unchanged
+    check = setup.runner(setup.reader)(SCRIPT, "--check")
+    assert check.returncode == 1 and "FAIL  bucket policy" in check.stdout and "does not block a restore" in check.stderr
+
+    fixed = operator(SCRIPT, "--apply", check=True)
+    assert "set bucket policy: a statement refusing every plain-HTTP request" in fixed.stdout
+    assert json.loads(admin.get_bucket_policy(Bucket=setup.bucket)["Policy"])["Statement"] == [other]
+    writer("backup_database.py", env={"DATABASE_URL": pg.url(sample_db), "PG_DUMP": str(pg.bin / "pg_dump")}, check=True)
+    assert operator(SCRIPT, "--apply", check=True).stdout.startswith("no changes")
+
+
+def test_the_tls_policy_is_written_and_read_back_as_wanted(setup):
+    """What --apply writes against an https endpoint, through the same functions."""
+    setup.runner(setup.operator)(SCRIPT, "--apply", check=True)
+    admin = setup.admin.client()
+    wanted = bucket_state.wanted_state(bucket_state.BucketSettings(setup.bucket))
+    bucket_state.write_property(admin, setup.bucket, "policy", wanted["policy"])
+    found = bucket_state.read_state(admin, setup.bucket)
+    assert all(f.ok for f in bucket_state.compare(wanted, found))
+    plain = bucket_state.wanted_state(bucket_state.BucketSettings(setup.bucket, allow_plain_http=True))
+    [policy] = [f for f in bucket_state.compare(plain, found) if f.prop == "policy"]
+    assert not policy.ok and bucket_state.without_tls_only(found["policy"]) is None
 
 
 @pytest.mark.parametrize("policy", ["write_only", "write_only_recommended"])
 def test_write_only_multipart_upload_and_abort(iam_server, policy, capsys):
     """The streamed multipart upload needs nothing but s3:PutObject; aborting a failed one needs
     s3:AbortMultipartUpload, and without it the upload is left for the lifecycle rule."""
-    from scripts.backupkit.upload import MIB, StreamingUpload
+    from backupkit.upload import MIB, StreamingUpload
 
     setup = make_setup(iam_server)
     setup.runner(setup.operator)(SCRIPT, "--apply", "--allow-plain-http", check=True)

@@ -134,19 +134,6 @@ def test_latest_skips_a_newer_corrupt_backup(run, pg, sample_db, s3server, bucke
     assert older["key"] not in done.stdout
 
 
-def test_restore_database_latest_takes_the_older_good_backup(run, pg, sample_db, scratch_db, s3server, bucket):
-    client = s3server.client()
-    older = database_backup(run, pg=pg, started_at=at(2))
-    newer = upload_dump(client, bucket, at(1), b"-- not a whole dump\nSELECT 1;\n", PASSPHRASE)
-    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), "--json")
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
-    assert result["key"] == older["key"]
-    [skipped] = result["skipped"]
-    assert skipped["key"] == newer["key"] and "trailer" in skipped["reason"] and skipped["problem"] == "bad content"
-    assert pg.psql("SELECT count(*) FROM applications", scratch_db) == "1500"
-
-
 def test_two_versions_in_the_same_second_are_both_checked(run, pg, sample_db):
     moment = at(0)
     first = database_backup(run, pg=pg, started_at=moment)

@@ -46,7 +46,7 @@ SKIPPED_STEP_IDS = {
 NOT_EXECUTED = {"ci.yml": "its one run-step is .ci/run, i.e. this test suite"}
 REUSABLE = ("_backup-database.yml", "_backup-files.yml", "_check-freshness.yml", "_check-backups.yml")
 
-# The SPEC's scripts: a workflow naming anything else has a typo.
+# The contract's scripts: a workflow naming anything else has a typo.
 KNOWN_SCRIPTS = {
     "backup_database", "backup_files", "list_backups", "verify_backup", "fetch_backup",
     "restore_database", "restore_files", "setup_bucket",
@@ -475,7 +475,7 @@ class Monitor:
         recorded = self.requests
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
+            def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 recorded.append(Request(self.command, self.path, self.rfile.read(length) if length else b""))
                 self.send_response(200)

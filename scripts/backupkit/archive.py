@@ -1,8 +1,9 @@
 """The files backup's archive: S3 objects as members of one ZIP, encrypted with AES Crypt v2.
 
-Writing: `ArchiveWriter` streams members into a ZIP on a non-seekable sink (stored, data
-descriptors, ZIP64 where needed); `EncryptingSink` is that sink: it encrypts in a thread and hands
-the ciphertext on (to a StreamingUpload). Reading: `read_archive`, the one check shared by
+Writing: `archive_objects` writes the source bucket's objects, fetched in order, into an
+`ArchiveWriter`, which streams them into a ZIP on a non-seekable sink (stored, data descriptors,
+ZIP64 where needed); `EncryptingSink` is that sink: it encrypts in a thread and hands the
+ciphertext on (to a StreamingUpload). Reading: `read_archive`, the one check shared by
 verify_backup.py and restore_files.py, and `unsafe_name` for the restore.
 """
 
@@ -18,17 +19,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
 
-import pyAesCrypt
-
-from .crypto import AESCRYPT_BUFFER, FullReader
+from .crypto import AESCRYPT_BUFFER, FullReader, aescrypt_decrypt, aescrypt_encrypt
 from .errors import BackupError, Problem, VerificationError
+from .objects import SourceObject, fetch_in_order
 from .output import has_unsafe_characters, shown
-from .pipeline import CHUNK, Tally
 from .retrieve import Fetched, check_plaintext
+from .s3 import explain
+from .streams import CHUNK, Tally, enlarge_pipe
 from .zipcheck import ZipStreamChecker
 
-ZIP_MAGIC = b"PK"
-# Headers kept with each object besides its bytes. ContentType and Metadata are what the SPEC
+# Headers kept with each object besides its bytes. ContentType and Metadata are what the contract
 # asks for; the other standard headers change how browsers serve a file, so they come along.
 ATTRIBUTES = ("ContentType", "Metadata", "CacheControl", "ContentDisposition", "ContentEncoding", "ContentLanguage")
 # Members this large are written with ZIP64 headers from the start: zipfile decides at 2 GiB
@@ -36,8 +36,6 @@ ATTRIBUTES = ("ContentType", "Metadata", "CacheControl", "ContentDisposition", "
 ZIP64_FROM = 1024 * 1024 * 1024
 EARLIEST = datetime(1980, 1, 1, tzinfo=UTC)  # ZIP's DOS dates cannot say anything earlier
 LATEST = datetime(2107, 12, 31, 23, 59, 58, tzinfo=UTC)
-# A bigger pipe means fewer wake-ups between the ZIP writer and the encryption thread.
-PIPE_SIZE = 1024 * 1024
 
 
 # -- member comments ----------------------------------------------------------------------------
@@ -139,6 +137,42 @@ class ArchiveWriter:
         self._zip.close()
 
 
+@dataclass
+class ArchiveResult:
+    object_count: int
+    total_bytes: int
+    skipped: list[tuple[str, str]]  # (key, why)
+
+
+def archive_objects(client: Any, bucket: str, objects: Iterable[SourceObject], writer: ArchiveWriter,
+                    progress: Callable[..., None] | None = None, **fetch_options: int) -> ArchiveResult:
+    """Write every object into `writer`, in order; vanished and archived objects are skipped and
+    named. `progress(nbytes=…, objects=…)` is called as bytes and objects are done."""
+    skipped: list[tuple[str, str]] = []
+
+    def advance(nbytes: int) -> None:
+        if progress is not None:
+            progress(nbytes=nbytes)
+
+    for fetched in fetch_in_order(client, bucket, objects, **fetch_options):
+        key = fetched.source.key
+        if fetched.skipped:
+            skipped.append((key, fetched.skipped))
+            if progress is not None:
+                progress(objects=1)
+            continue
+        try:
+            writer.add(key, fetched.size, fetched.head.get("LastModified") or fetched.source.last_modified,
+                       encode_attributes(fetched.head), fetched.chunks(), advance)
+        except BackupError:
+            raise
+        except Exception as exc:
+            raise explain(exc, f"download s3://{bucket}/{shown(key)}") from exc
+        if progress is not None:
+            progress(objects=1)
+    return ArchiveResult(writer.members, writer.bytes, skipped)
+
+
 class EncryptingSink:
     """A file-like sink: bytes written to it are encrypted with pyAesCrypt.encryptStream in a
     thread and the ciphertext is passed to `out` (e.g. StreamingUpload.write).
@@ -154,21 +188,16 @@ class EncryptingSink:
         self._error: BaseException | None = None
         self._cancelled = False
         read_end, write_end = os.pipe()
-        try:
-            import fcntl
-
-            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except (ImportError, AttributeError, OSError):
-            pass  # not Linux, or over the user's pipe limit: the default size only costs speed
-        self._reader = open(read_end, "rb", buffering=0)  # noqa: SIM115 - closed by the thread
-        self._writer = open(write_end, "wb")  # noqa: SIM115 - closed by close()/cancel()
+        enlarge_pipe(write_end)  # fewer wake-ups between the ZIP writer and the encryption thread
+        self._reader = open(read_end, "rb", buffering=0)  # closed by the thread
+        self._writer = open(write_end, "wb")  # closed by close()/cancel()
         self._thread = threading.Thread(target=self._encrypt, args=(passphrase, buffer_size),
                                         name="encrypt", daemon=True)
         self._thread.start()
 
     def _encrypt(self, passphrase: str, buffer_size: int) -> None:
         try:
-            pyAesCrypt.encryptStream(FullReader(self._reader), _Forward(self), passphrase, buffer_size)
+            aescrypt_encrypt(FullReader(self._reader), _Forward(self), passphrase, buffer_size)
         except BaseException as exc:  # noqa: BLE001 - raised in the writer's thread by close()
             self._error = exc
         finally:
@@ -287,11 +316,7 @@ def read_archive(fetched: Fetched, keep: str | None = None,
                 while chunk := source.read(CHUNK):
                     sink.write(chunk)
             else:
-                try:
-                    pyAesCrypt.decryptStream(source, sink, fetched.passphrase, AESCRYPT_BUFFER)
-                except (ValueError, IndexError) as exc:
-                    raise VerificationError(f"decryption failed, wrong passphrase or corrupted backup (AES Crypt: {exc})",
-                                            Problem.UNDECRYPTABLE) from None
+                aescrypt_decrypt(source, sink, fetched.passphrase)
     finally:
         if handle is not None:
             handle.close()
@@ -300,9 +325,6 @@ def read_archive(fetched: Fetched, keep: str | None = None,
     members: list[ArchiveMember] = []
     seen: set[str] = set()
     for member in summary.members:
-        if member.method != 0:
-            raise VerificationError(f"the ZIP member '{shown(member.name)}' is compressed: not an archive this tool wrote",
-                                    Problem.BAD_CONTENT)
         if member.name in seen:
             raise VerificationError(f"the ZIP holds '{shown(member.name)}' twice: not an archive this tool wrote",
                                     Problem.BAD_CONTENT)
@@ -340,7 +362,7 @@ class FileSection:
     """A read-only, seekable window on part of a file (a member's bytes), for boto3 bodies."""
 
     def __init__(self, path: str, offset: int, length: int):
-        self._handle = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._handle = open(path, "rb")  # closed by close()
         self._offset = offset
         self._length = length
         self._position = 0

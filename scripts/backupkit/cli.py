@@ -81,6 +81,7 @@ def warn(message: str) -> None:
 
 
 _heartbeat: Heartbeat | None = None
+_debug = False  # --debug: a traceback with an unexpected failure
 
 
 def add_heartbeat_arg(p: argparse.ArgumentParser) -> None:
@@ -91,8 +92,9 @@ def add_heartbeat_arg(p: argparse.ArgumentParser) -> None:
 
 def parse_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse argv; with a heartbeat URL, ping its start now (work starts here)."""
-    global _heartbeat
+    global _heartbeat, _debug
     args = p.parse_args(argv)
+    _debug = bool(getattr(args, "debug", False))
     url = getattr(args, "heartbeat_url", None)
     if url:
         _heartbeat = Heartbeat(url)
@@ -183,12 +185,12 @@ def run(main: Callable[[list[str]], int], argv: list[str] | None = None) -> NoRe
     except KeyboardInterrupt:
         fail(f"interrupted (SIGINT): stopped; {_stopped()}", 130, script)
     except OSError as exc:
-        if "--debug" in argv:
+        if _debug:
             print(redact(traceback.format_exc()), file=sys.stderr)
         where = f": {shown(exc.filename)}" if exc.filename else ""
         fail(f"{exc.strerror or type(exc).__name__}{where}", 1, script)
     except Exception as exc:  # noqa: BLE001 - last resort: one line, never a traceback by default
-        if "--debug" in argv:
+        if _debug:
             print(redact(traceback.format_exc()), file=sys.stderr)
         fail(f"unexpected failure: {type(exc).__name__}: {exc} (run with --debug for a traceback)", 1, script)
     if _heartbeat is not None and code == 0:

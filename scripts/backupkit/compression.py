@@ -34,6 +34,9 @@ def check_zstd() -> None:
 def start_zstd(pipeline: Pipeline, *, level: int | None = None, stdin: Any = subprocess.PIPE) -> Stage:
     """`zstd -d` when `level` is None, else compression at `level`; stdin → stdout. zstd writes a
     checksum of the content into each frame and checks it when decompressing."""
-    mode = ["-d"] if level is None else [f"-{level}", "--no-progress"]
+    # --single-thread: one thread for I/O and compression. zstd's default also starts an I/O thread
+    # and buffers for it: 16 MiB of memory instead of 4, and more CPU, for no gain while pg_dump
+    # is slower than zstd -1 anyway (bench/RESULTS.md, "compression").
+    mode = ["-d"] if level is None else [f"-{level}", "--single-thread", "--no-progress"]
     return pipeline.start("zstd", [zstd_binary(), *mode, "-q", "-c"], env=child_env(), stdin=stdin,
                           missing_hint=INSTALL_HINT)

@@ -1,6 +1,7 @@
 """Configuration: environment variables and flags turned into validated values.
 
-Every script reads the environment; a flag overrides its variable (see SPEC, "Configuration").
+Every script reads the environment; a flag overrides its variable (docs/contract.md, "What the
+scripts promise").
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
 from .errors import UsageError
 from .output import shown
@@ -241,6 +242,7 @@ def database_target(url: str | None, what: str = "DATABASE_URL") -> DatabaseTarg
     netloc = parts.netloc.rpartition("@")[2]
     if parts.username is not None:
         netloc = f"{parts.username}@{netloc}"
-    clean = urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), ""))
+    # Not urlunsplit: it drops the '//' of an empty host (postgresql:///db?host=/socket), which libpq needs.
+    clean = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{urlencode(query)}" if query else "")
     database = unquote(parts.path.lstrip("/")) or unquote(parts.username or "") or os.environ.get("PGDATABASE", "")
     return DatabaseTarget(clean, password, database)

@@ -6,10 +6,12 @@ passphrase a backup needs.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import subprocess
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from .config import child_env
@@ -31,11 +33,35 @@ KEY_ID_SALT = b"external-backups key id"
 KEY_ID_ITERATIONS = 600_000
 
 
-@functools.lru_cache(maxsize=8)
-def key_id(passphrase: str) -> str:
-    """16 hex chars naming a passphrase; slow on purpose (PBKDF2, 600k rounds)."""
+def _derive_key_id(passphrase: str) -> str:
     digest = hashlib.pbkdf2_hmac("sha256", passphrase.encode(), KEY_ID_SALT, KEY_ID_ITERATIONS)
     return digest[:8].hex()
+
+
+# Each key_id is derived once, in the background: PBKDF2 releases the GIL, so its third of a
+# second overlaps with listing, downloading or dumping instead of adding to them.
+_key_ids: dict[str, Future[str]] = {}
+_key_ids_lock = threading.Lock()
+_key_id_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="key-id")
+
+
+def start_key_ids(passphrases: Iterable[str]) -> None:
+    """Begin deriving these passphrases' key_ids now; key_id() then waits for the result."""
+    for passphrase in passphrases:
+        _key_id_future(passphrase)
+
+
+def _key_id_future(passphrase: str) -> Future[str]:
+    with _key_ids_lock:
+        future = _key_ids.get(passphrase)
+        if future is None:
+            future = _key_ids[passphrase] = _key_id_pool.submit(_derive_key_id, passphrase)
+        return future
+
+
+def key_id(passphrase: str) -> str:
+    """16 hex chars naming a passphrase; slow on purpose (PBKDF2, 600k rounds)."""
+    return _key_id_future(passphrase).result()
 
 
 def pick_passphrase(wanted_key_id: str, candidates: list[str]) -> str:
@@ -118,3 +144,22 @@ class FullReader:
             parts.append(chunk)
             missing -= len(chunk)
         return b"".join(parts)
+
+
+def aescrypt_encrypt(reader: BinaryIO, writer: Any, passphrase: str, buffer_size: int = AESCRYPT_BUFFER) -> None:
+    """AES Crypt v2 from `reader` (which must return full buffers: FullReader) to `writer`."""
+    import pyAesCrypt  # here: database-only use never needs it
+
+    pyAesCrypt.encryptStream(reader, writer, passphrase, buffer_size)
+
+
+def aescrypt_decrypt(reader: BinaryIO, writer: Any, passphrase: str) -> None:
+    """AES Crypt v2 from `reader` to `writer`. The HMAC is checked only at the very end: what
+    `writer` got means nothing unless this returns."""
+    import pyAesCrypt
+
+    try:
+        pyAesCrypt.decryptStream(reader, writer, passphrase, AESCRYPT_BUFFER)
+    except (ValueError, IndexError) as exc:
+        raise VerificationError(f"decryption failed, wrong passphrase or corrupted backup (AES Crypt: {exc})",
+                                Problem.UNDECRYPTABLE) from None

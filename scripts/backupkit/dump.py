@@ -28,9 +28,10 @@ from .config import DatabaseTarget
 from .crypto import start_openssl
 from .errors import BackupError, Problem, VerificationError
 from .output import shown
-from .pipeline import CHUNK, Pipeline, Tally
+from .pipeline import Pipeline
 from .postgres import TRAILER, TRAILER_WINDOW, has_trailer
 from .retrieve import Fetched, check_plaintext
+from .streams import CHUNK, Tally
 
 HOLD_BACK = 64 * 1024  # plaintext kept from psql until verified; holds pg_dump's trailer
 # pg_dump writes `\restrict KEY` after its header comments: it is dropped only if it is the first
@@ -245,5 +246,9 @@ def restore_dump(fetched: Fetched, target: DatabaseTarget, psql: str) -> Restore
                     f"the restore was refused and rolled back: {message} — the dump holds psql commands (\\! would run "
                     "a shell command here), which pg_dump never writes: this backup was not made by the backup job; "
                     "keep it out of restores and tell the team", Problem.BAD_CONTENT)
+            if "other objects depend on it" in message:
+                message += (" — the target holds objects the backup does not (the app's newer tables, say) that depend "
+                            "on tables the backup replaces: restore into a new, empty database instead, or drop those "
+                            "objects first (runbook, 'Over a database the app has already started')")
             raise BackupError(f"the restore failed and was rolled back: {message}")
     return Restored(plaintext.size, time.monotonic() - began)

@@ -10,8 +10,6 @@ out is a warning and never changes the script's result.
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 from urllib.parse import urlsplit
 
 from .config import register_secret
@@ -45,6 +43,9 @@ class Heartbeat:
         self._ping("fail", "/fail", message.encode()[:MAX_BODY])
 
     def _ping(self, what: str, suffix: str, body: bytes | None = None) -> None:
+        import urllib.error  # here: most runs have no heartbeat, and http.client is not small
+        import urllib.request
+
         problem = ""
         for attempt in range(TRIES):
             request = urllib.request.Request(  # noqa: S310 - http(s) checked in __init__

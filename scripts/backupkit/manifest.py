@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import __version__
-from .config import ENVIRONMENT_RE
+from .config import ENVIRONMENT_RE, utcnow
 from .crypto import AESCRYPT_FORMAT, OPENSSL_FORMAT
 from .errors import BackupError, Problem, VerificationError
 from .output import shown
@@ -140,6 +140,16 @@ def build_manifest(
     }
     validate_manifest(manifest)
     return manifest
+
+
+def for_upload(upload: Any, plaintext: Any, *, kind: str, environment: str, started_at: datetime, key_id: str,
+               source: dict[str, Any], compression: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of a completed StreamingUpload (its key, version, size and SHA-256) whose
+    plaintext went through the Tally `plaintext`, completed now."""
+    return build_manifest(kind=kind, environment=environment, key=upload.key, version_id=upload.version_id,
+                          started_at=started_at, completed_at=utcnow(), key_id=key_id, encrypted_size=upload.size,
+                          encrypted_sha256=upload.sha256.hexdigest(), plaintext_size=plaintext.size,
+                          plaintext_sha256=plaintext.hexdigest(), source=source, compression=compression)
 
 
 def _text(value: Any, limit: int = _MAX_TEXT) -> bool:
@@ -367,7 +377,7 @@ def catalogue(client: Any, bucket: str, environment: str, kinds: tuple[str, ...]
     """Every version of every backup of `kinds`, newest first, each with its manifest or a problem."""
     backups: list[Backup] = []
     others: list[str] = []
-    manifests: list[tuple[str, str | None, str, int, datetime]] = []  # key, version, kind, size, stored
+    manifests: list[tuple[str, str | None, str, int, datetime, int]] = []  # key, version, kind, size, stored, order
     for kind in kinds:
         for version in _versions(client, bucket, f"{environment}/{kind}/"):
             key = version["Key"]
@@ -378,12 +388,12 @@ def catalogue(client: Any, bucket: str, environment: str, kinds: tuple[str, ...]
             if not match or match.group("kind") != kind or key_time(backup_part) is None:
                 others.append(key)
             elif key.endswith(MANIFEST_SUFFIX):
-                manifests.append((backup_part, vid, kind, version["Size"], version["LastModified"]))
+                manifests.append((backup_part, vid, kind, version["Size"], version["LastModified"], len(manifests)))
             else:
                 backups.append(Backup(key, kind, vid, version["LastModified"], version["Size"]))
 
-    def fetch(item: tuple[str, str | None, str, int, datetime]) -> tuple[dict[str, Any] | None, str | None]:
-        key, vid, kind, size, _ = item
+    def fetch(item: tuple[str, str | None, str, int, datetime, int]) -> tuple[dict[str, Any] | None, str | None]:
+        key, vid, kind, size, _, _ = item
         if size > MAX_MANIFEST_BYTES:
             return None, f"its manifest is {size} bytes, over the {MAX_MANIFEST_BYTES // 1024} KiB a manifest can be: not read"
         if size == 0:
@@ -394,12 +404,13 @@ def catalogue(client: Any, bucket: str, environment: str, kinds: tuple[str, ...]
             return None, str(exc)
 
     # The first valid manifest S3 stored for a backup version is its own: one written later (by
-    # any writer) cannot replace it.
-    manifests.sort(key=lambda m: m[4])
+    # any writer) cannot replace it. LastModified has whole seconds; within one, S3 lists the
+    # versions of a key newest first, so the later in the listing is the earlier stored.
+    manifests.sort(key=lambda m: (m[4], -m[5]))
     by_version: dict[tuple[str, str | None], dict[str, Any]] = {}
     problems: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=16) as pool:
-        for (key, _, _, _, _), (manifest, problem) in zip(manifests, pool.map(fetch, manifests)):
+        for (key, *_), (manifest, problem) in zip(manifests, pool.map(fetch, manifests)):
             if manifest is not None:
                 by_version.setdefault((key, manifest["version_id"]), manifest)
             elif problem:

@@ -12,17 +12,15 @@ the run.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .archive import ArchiveWriter, encode_attributes
-from .errors import BackupError
 from .output import shown
-from .pipeline import CHUNK
 from .s3 import error_code, explain, s3_errors
+from .streams import CHUNK
 
 PREFETCH_WORKERS = 8  # GETs in flight: hides per-request latency for buckets of small files
 PREFETCH_BYTES = 16 * 1024 * 1024  # bytes fetched ahead and not yet written, at most
@@ -135,37 +133,3 @@ def fetch_in_order(client: Any, bucket: str, objects: Iterable[SourceObject], *,
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-@dataclass
-class ArchiveResult:
-    object_count: int
-    total_bytes: int
-    skipped: list[tuple[str, str]]  # (key, why)
-
-
-def archive_objects(client: Any, bucket: str, objects: Iterable[SourceObject], writer: ArchiveWriter,
-                    progress: Callable[..., None] | None = None, **fetch_options: int) -> ArchiveResult:
-    """Write every object into `writer`, in order; vanished and archived objects are skipped and
-    named. `progress(nbytes=…, objects=…)` is called as bytes and objects are done."""
-    skipped: list[tuple[str, str]] = []
-
-    def advance(nbytes: int) -> None:
-        if progress is not None:
-            progress(nbytes=nbytes)
-
-    for fetched in fetch_in_order(client, bucket, objects, **fetch_options):
-        key = fetched.source.key
-        if fetched.skipped:
-            skipped.append((key, fetched.skipped))
-            if progress is not None:
-                progress(objects=1)
-            continue
-        try:
-            writer.add(key, fetched.size, fetched.head.get("LastModified") or fetched.source.last_modified,
-                       encode_attributes(fetched.head), fetched.chunks(), advance)
-        except BackupError:
-            raise
-        except Exception as exc:
-            raise explain(exc, f"download s3://{bucket}/{shown(key)}") from exc
-        if progress is not None:
-            progress(objects=1)
-    return ArchiveResult(writer.members, writer.bytes, skipped)

@@ -9,45 +9,17 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import fcntl
-import hashlib
 import os
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import IO, Any
 
 from .errors import BackupError
+from .streams import Tally, copy, enlarge_pipe
 
-CHUNK = 256 * 1024  # bytes per read between stages: Python's per-call cost is negligible at this size
-# Pipes between stages: Linux's default 64 KiB makes every stage wake up and every Python read
-# return at most 64 KiB; 1 MiB (the default pipe-max-size) cuts the switches and reads 16-fold.
-PIPE_SIZE = 1024 * 1024
 STDERR_TAIL = 64 * 1024  # keep this much of a stage's stderr for its error message
-
-
-class Tally:
-    """Size and SHA-256 of the bytes that went past."""
-
-    def __init__(self) -> None:
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def update(self, data: bytes) -> None:
-        self.sha256.update(data)
-        self.size += len(data)
-
-    def hexdigest(self) -> str:
-        return self.sha256.hexdigest()
-
-    @classmethod
-    def of_file(cls, path: str) -> Tally:
-        tally = cls()
-        with open(path, "rb") as handle:
-            while chunk := handle.read(CHUNK):
-                tally.update(chunk)
-        return tally
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -101,10 +73,6 @@ class Stage:
         detail = f": {stderr.splitlines()[-1] if len(stderr) > 300 else stderr}" if stderr else ""
         return f"{self.name} failed ({status}){detail}".replace("\n", " | ")
 
-    def check(self) -> None:
-        if self.wait() != 0:
-            raise BackupError(self.describe_failure())
-
     def terminate(self, grace: float = 5.0) -> None:
         if self.proc.poll() is not None:
             return
@@ -156,7 +124,7 @@ class Pipeline:
                 os.close(fd)
         for pipe in (proc.stdin, proc.stdout):
             if pipe is not None:
-                _enlarge(pipe)
+                enlarge_pipe(pipe.fileno())
         stage = Stage(name, argv, proc)
         self.stages.append(stage)
         return stage
@@ -221,51 +189,3 @@ class Pipeline:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
             self.terminate()
-
-
-def _enlarge(pipe: IO[bytes]) -> None:
-    try:
-        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass  # over the user's pipe quota or pipe-max-size: the default size still works
-
-
-def copy(src: IO[bytes], write: Callable[[bytes], Any], tally: Tally | None = None,
-         progress: Callable[[int], None] | None = None) -> int:
-    """Copy until EOF in CHUNK reads; returns the byte count."""
-    total = 0
-    read = getattr(src, "read1", src.read)
-    while True:
-        chunk = read(CHUNK)
-        if not chunk:
-            return total
-        if tally is not None:
-            tally.update(chunk)
-        write(chunk)
-        total += len(chunk)
-        if progress is not None:
-            progress(len(chunk))
-
-
-HOLD_BACK = 64 * 1024  # plaintext kept from psql until verified; holds pg_dump's trailer
-
-
-def hold_back(src: IO[bytes], dst: IO[bytes], tally: Tally, keep: int = HOLD_BACK) -> tuple[bytes, bool]:
-    """Copy src → dst except the last `keep` bytes, which are returned for the caller to release
-    only once the whole stream verified (psql commits when its input ends). If dst breaks (its
-    reader died), src is still read to the end and hashed. Returns (held tail, dst broken)."""
-    held = bytearray()
-    broken = False
-    read = getattr(src, "read1", src.read)
-    while chunk := read(CHUNK):
-        tally.update(chunk)
-        held += chunk
-        if len(held) > keep:
-            release = len(held) - keep
-            if not broken:
-                try:
-                    dst.write(held[:release])
-                except BrokenPipeError:
-                    broken = True
-            del held[:release]
-    return bytes(held), broken

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 
 from .config import DatabaseTarget, child_env
 from .errors import BackupError
+from .output import shown
 
 TRAILER = b"-- PostgreSQL database dump complete"
 # pg_dump 15.14+/16.10+/17.6+ write `\unrestrict KEY` after the trailer: look near the end.
@@ -45,8 +45,9 @@ def client_version(binary: str) -> tuple[int, str]:
     return int(match.group(1)), ".".join(g for g in match.groups() if g)
 
 
-def query(target: DatabaseTarget, sql: str, psql: str = "psql", timeout: float = 60) -> str:
-    """Run one SQL statement through psql; its unaligned, tuples-only output."""
+def query(target: DatabaseTarget, sql: str, psql: str = "psql", timeout: float = 60, *, restore_target: bool = False) -> str:
+    """Run one SQL statement through psql; its unaligned, tuples-only output. For a
+    `restore_target`, a database that does not exist gets the command that creates it."""
     argv = [psql, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", *target.args(), "-c", sql]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, env=target.env(), timeout=timeout,
@@ -57,7 +58,11 @@ def query(target: DatabaseTarget, sql: str, psql: str = "psql", timeout: float =
         raise BackupError(f"the database did not answer within {timeout:.0f} s ({target.describe()})") from None
     if done.returncode != 0:
         detail = " ".join(done.stderr.split()) or f"psql exit status {done.returncode}"
-        raise BackupError(f"cannot query the database {target.describe()}: {detail}")
+        hint = ""
+        if restore_target and re.search(r'database "[^"]*" does not exist', detail):
+            hint = (f"; create it first, e.g. psql -X \"${{TARGET_DATABASE_URL%/*}}/postgres\" -c 'CREATE DATABASE "
+                    f"{shown(target.database)}' (or with your platform's tools)")
+        raise BackupError(f"cannot query the database {target.describe()}: {shown(detail)}{hint}")
     return done.stdout.strip()
 
 
@@ -80,7 +85,7 @@ def check_dump_client(pg_dump: str, target: DatabaseTarget, psql: str) -> tuple[
     return client_text, server_text
 
 
-def user_tables(target: DatabaseTarget, psql: str = "psql") -> list[str]:
+def user_tables(target: DatabaseTarget, psql: str = "psql", *, restore_target: bool = False) -> list[str]:
     """Schema-qualified names of the tables outside the system schemas."""
     out = query(
         target,
@@ -88,6 +93,7 @@ def user_tables(target: DatabaseTarget, psql: str = "psql") -> list[str]:
         "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
         "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' ORDER BY 1",
         psql,
+        restore_target=restore_target,
     )
     return [line for line in out.splitlines() if line]
 
@@ -115,5 +121,3 @@ def _ident(qualified: str) -> str:
     return ".".join('"' + part.replace('"', '""') + '"' for part in (schema, name))
 
 
-def which(name: str) -> str | None:
-    return shutil.which(name)

@@ -20,13 +20,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .crypto import AESCRYPT_FORMAT, OPENSSL_FORMAT, detect_format, pick_passphrase
+from .crypto import AESCRYPT_FORMAT, OPENSSL_FORMAT, detect_format, pick_passphrase, start_key_ids
 from .errors import BackupError, Problem, UsageError, VerificationError
 from .manifest import KEY_RE, MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, Backup, Catalogue, catalogue, find_backup, parse_manifest
 from .output import log, shown
-from .pipeline import CHUNK, Tally
 from .progress import Progress, human_bytes
 from .s3 import read_body
+from .streams import CHUNK, Tally
 
 T = TypeVar("T")
 
@@ -111,6 +111,8 @@ class BucketReader:
 
     def __init__(self, client: Any, bucket: str, environment: str, kind: str, passphrases: list[str] | None):
         """`passphrases` None: only fetch (the ciphertext is checked, nothing is decrypted)."""
+        if passphrases:
+            start_key_ids(passphrases)
         self.client = client
         self.bucket = bucket
         self.environment = environment
@@ -138,8 +140,9 @@ class BucketReader:
                              f"(or file name) as list_backups.py --kind {self.kind} shows it")
         return [find_backup(self.catalogue().backups, key, version_id)]
 
-    def download(self, backup: Backup, path: str) -> None:
-        """Stream one backup version to `path` (0600); never more than the listing's size."""
+    def download_checked(self, backup: Backup, path: str) -> None:
+        """Stream one backup version to `path` (0600), never more than the listing's size, and check it
+        against its manifest (size and SHA-256)."""
         extra = {"VersionId": backup.version_id} if backup.version_id else {}
         _room_for(os.path.dirname(path), backup.size)
 
@@ -175,7 +178,7 @@ class BucketReader:
         passphrase = "" if self.passphrases is None else pick_passphrase(manifest["key_id"], self.passphrases)  # before any download
         with private_directory(near) as workdir:
             path = os.path.join(workdir, "backup.encrypted")
-            self.download(backup, path)
+            self.download_checked(backup, path)
             with open(path, "rb") as handle:
                 found = detect_format(handle.read(8))
             if found != manifest["encryption"]:
@@ -257,6 +260,7 @@ def open_local(path: str, kind: str, passphrases: list[str], work: Callable[[Fet
     key_id then picks the passphrase); without one (allowed unless `require_manifest`), each
     passphrase is tried in turn, as a failed attempt changes nothing."""
     encryption = local_format(path, kind, plain_zip=plain_zip)
+    start_key_ids(passphrases)
     label = shown(path)
     if encryption == "zip":
         fetched = Fetched(path, "", "zip", "none", None, label)
@@ -280,7 +284,9 @@ def open_local(path: str, kind: str, passphrases: list[str], work: Callable[[Fet
         try:
             return Retrieved(fetched, work(fetched))
         except VerificationError as exc:
-            if exc.problem is not Problem.UNDECRYPTABLE:
+            # Without a manifest, a wrong passphrase that passes openssl's padding check (1 in
+            # 256) yields noise that fails later checks: any of them means "try the next one".
+            if manifest is not None:
                 raise
             problem = exc
     assert problem is not None

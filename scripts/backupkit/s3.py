@@ -123,6 +123,10 @@ _HINTS = {
 }
 
 
+# Actions (as `explain` is told them) that write the external bucket.
+WRITES = ("upload", "start the multipart upload", "complete the multipart upload", "write the manifest")
+
+
 def explain(exc: BaseException, action: str) -> BackupError:
     """A BackupError naming the S3 action, the error code and what to do. Never includes
     credentials (botocore messages do not carry them)."""
@@ -132,6 +136,10 @@ def explain(exc: BaseException, action: str) -> BackupError:
         error = exc.response.get("Error", {})
         code = error.get("Code") or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
         hint = _HINTS.get(code) or error.get("Message") or "see the S3 error code"
+        if code in ("AccessDenied", "403") and action.startswith(WRITES):
+            hint = ("denied by a bucket policy or missing s3:PutObject: check the bucket with setup_bucket.py --check "
+                    "(a TLS-only policy refuses a plain-HTTP endpoint), and the writer's IAM policy against "
+                    "setup_bucket.py --print-policies (write_only)")
         return BackupError(f"could not {action}: S3 answered {code}: {hint}")
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return BackupError(f"could not {action}: no AWS credentials found (set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")

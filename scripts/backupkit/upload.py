@@ -25,6 +25,7 @@ PARTS_PER_STEP = 1000
 # and 8 MiB less peak memory (bench/RESULTS.md, experiment-3-part-buffers).
 MAX_IN_FLIGHT = 3
 MAX_PARTS = 10_000
+CONTENT_TYPE = "application/octet-stream"  # every backup is opaque ciphertext
 
 
 def part_size(part_number: int, initial: int = INITIAL_PART_SIZE) -> int:
@@ -46,13 +47,11 @@ class StreamingUpload:
         *,
         initial_part_size: int = INITIAL_PART_SIZE,
         max_in_flight: int = MAX_IN_FLIGHT,
-        content_type: str = "application/octet-stream",
     ):
         self._client = client
         self.bucket = bucket
         self.key = key
         self._initial = initial_part_size
-        self._content_type = content_type
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="upload")
         self._futures: list = []
@@ -65,7 +64,6 @@ class StreamingUpload:
         self._next_part = 1
         self.sha256 = hashlib.sha256()
         self.size = 0
-        self.uploaded = 0
         self.version_id: str | None = None
         self.state = "open"  # open → completed | aborted
 
@@ -114,7 +112,7 @@ class StreamingUpload:
         if self._upload_id is None:
             with s3_errors(f"start the multipart upload of s3://{self.bucket}/{self.key}"):
                 response = self._client.create_multipart_upload(
-                    Bucket=self.bucket, Key=self.key, ContentType=self._content_type, ChecksumAlgorithm="CRC32"
+                    Bucket=self.bucket, Key=self.key, ContentType=CONTENT_TYPE, ChecksumAlgorithm="CRC32"
                 )
             self._upload_id = response["UploadId"]
         body = self._take_buffer()
@@ -143,7 +141,6 @@ class StreamingUpload:
             if response.get("ChecksumCRC32"):
                 part["ChecksumCRC32"] = response["ChecksumCRC32"]
             self._parts[number] = part
-            self.uploaded += len(body)
         except BaseException as exc:  # noqa: BLE001 - handed to the writer thread
             if self._error is None:
                 self._error = exc
@@ -173,10 +170,9 @@ class StreamingUpload:
                     Bucket=self.bucket,
                     Key=self.key,
                     Body=bytes(self._take_buffer()),
-                    ContentType=self._content_type,
+                    ContentType=CONTENT_TYPE,
                     ChecksumAlgorithm="CRC32",
                 )
-            self.uploaded = self.size
         else:
             if self._filled:
                 self._submit_part()

@@ -30,7 +30,7 @@ ZIP64_LOCATOR = struct.Struct("<4sLQL")  # 20 bytes
 DESCRIPTOR = struct.Struct("<4sLLL")  # 16 bytes
 DESCRIPTOR64 = struct.Struct("<4sLQQ")  # 24 bytes, after a member with a ZIP64 local header
 ZIP64_EXTRA_ID = 0x0001
-STORED, DEFLATED = 0, 8
+STORED = 0
 FLAG_ENCRYPTED, FLAG_DESCRIPTOR, FLAG_UTF8 = 0x1, 0x8, 0x800
 
 
@@ -116,7 +116,6 @@ class ZipStreamChecker:
         self._member: Member | None = None
         self._remaining = 0  # member data still expected, when the local header knew its size
         self._expected: tuple[int, int, int] | None = None  # (crc, compressed, size) from the local header
-        self._inflater: zlib._Decompress | None = None
         self._central: list[Member] = []
         self._central_start: int | None = None
         self._central_end: int | None = None
@@ -195,10 +194,9 @@ class ZipStreamChecker:
         member = Member(name, offset, flags, method, _has_zip64_extra(extra), data_offset=self._offset, name_valid=valid)
         if flags & FLAG_ENCRYPTED:
             raise ZipCheckError(f"the ZIP member {member.name!r} is encrypted with ZIP encryption: not one of ours")
-        if method not in (STORED, DEFLATED):
-            raise ZipCheckError(f"the ZIP member {member.name!r} uses compression method {method}, which this check cannot read")
+        if method != STORED:  # the files backup stores its members: anything else is not one of ours
+            raise ZipCheckError(f"the ZIP member {member.name!r} is compressed (method {method}): not an archive this tool wrote")
         self._member = member
-        self._inflater = zlib.decompressobj(-15) if method == DEFLATED else None
         if flags & FLAG_DESCRIPTOR:
             self._expected = None
         else:
@@ -213,15 +211,10 @@ class ZipStreamChecker:
     def _data(self, chunk: bytes) -> None:
         member = self._member
         member.compressed_size += len(chunk)
-        if self._inflater is not None:
-            plain = self._inflater.decompress(chunk)
-        else:
-            plain = chunk
-        member.crc = zlib.crc32(plain, member.crc)
-        member.size += len(plain)
+        member.crc = zlib.crc32(chunk, member.crc)
+        member.size += len(chunk)
 
     def _member_data(self) -> bool:
-        member = self._member
         if self._expected is not None:  # sizes known from the local header
             n = min(self._remaining, len(self._buf))
             if n:
@@ -229,24 +222,8 @@ class ZipStreamChecker:
                 self._remaining -= n
             if self._remaining:
                 return False
-            if self._inflater is not None:
-                self._data(b"")
             crc, csize, usize = self._expected
             self._end_member(crc, csize, usize)
-            return True
-        if self._inflater is not None:  # deflate knows where its own stream ends
-            if not self._buf:
-                return False
-            chunk = bytes(self._buf)
-            plain = self._inflater.decompress(chunk)
-            used = len(chunk) - len(self._inflater.unused_data) if self._inflater.eof else len(chunk)
-            self._take(used)
-            member.compressed_size += used
-            member.crc = zlib.crc32(plain, member.crc)
-            member.size += len(plain)
-            if not self._inflater.eof:
-                return False
-            self._state = self._descriptor
             return True
         # Stored with a data descriptor: the data ends at the first descriptor signature followed
         # by this member's own CRC and sizes (zipfile's streaming mode writes exactly this; the
@@ -279,16 +256,6 @@ class ZipStreamChecker:
                 return True
         return False
 
-    def _descriptor(self) -> bool:
-        if len(self._buf) < DESCRIPTOR64.size:
-            return False
-        if bytes(self._buf[:4]) != DESCRIPTOR_SIG or not self._match_descriptor():
-            member = self._member
-            raise ZipCheckError(
-                f"the ZIP member {member.name!r} does not match its data descriptor (computed CRC {member.crc:08x}, "
-                f"{member.size} bytes): damaged")
-        return True
-
     def _end_member(self, crc: int, csize: int, usize: int) -> None:
         member = self._member
         if (member.crc, member.compressed_size, member.size) != (crc, csize, usize):
@@ -297,7 +264,6 @@ class ZipStreamChecker:
                 f"its header says CRC {crc:08x} and {usize} bytes")
         self.summary.members.append(member)
         self._member = None
-        self._inflater = None
         self._state = self._record
 
     def _central_header(self) -> bool:

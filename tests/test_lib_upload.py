@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 
 import boto3
 import pytest
 from botocore.stub import Stubber
 
-from dev.harness import SCRIPTS
-
-sys.path.insert(0, str(SCRIPTS))
-from backupkit.errors import BackupError  # noqa: E402
-from backupkit.upload import INITIAL_PART_SIZE, PARTS_PER_STEP, StreamingUpload, part_size  # noqa: E402
+from backupkit.errors import BackupError
+from backupkit.upload import INITIAL_PART_SIZE, PARTS_PER_STEP, StreamingUpload, part_size
 
 
 def test_part_sizes_reach_5_tib_in_10000_parts():
@@ -25,9 +21,17 @@ def test_part_sizes_reach_5_tib_in_10000_parts():
     assert part_size(PARTS_PER_STEP) == INITIAL_PART_SIZE and part_size(PARTS_PER_STEP + 1) == 2 * INITIAL_PART_SIZE
 
 
+def operations(client) -> list[str]:
+    """The S3 operations `client` calls from now on, in order."""
+    called: list[str] = []
+    client.meta.events.register("before-call.s3.*", lambda model, **_: called.append(model.name))
+    return called
+
+
 @pytest.mark.parametrize("size", [0, 1, 1024 * 1024, 2 * 1024 * 1024 + 17])
 def test_small_outputs_use_one_put_object(s3server, bucket, size):
     client = s3server.client()
+    called = operations(client)
     data = os.urandom(size)
     upload = StreamingUpload(client, bucket, "k", initial_part_size=2 * 1024 * 1024 + 18)
     for i in range(0, size, 100_000):
@@ -36,7 +40,7 @@ def test_small_outputs_use_one_put_object(s3server, bucket, size):
     assert version
     assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == data
     assert upload.sha256.hexdigest() == hashlib.sha256(data).hexdigest() and upload.size == size
-    assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    assert called[:1] == ["PutObject"] and "CreateMultipartUpload" not in called
 
 
 def test_multipart_upload_round_trips_bytes(s3server, bucket):

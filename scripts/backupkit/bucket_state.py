@@ -271,12 +271,30 @@ def compare(wanted: dict[str, Any], found: dict[str, Any]) -> list[Finding]:
     for prop, name, describe in (("public_access_block", "public access block", _describe_public_access),
                                  ("encryption", "default encryption", _describe_encryption),
                                  ("policy", "bucket policy", _describe_policy)):
-        if wanted[prop] is None:
+        if wanted[prop] is None:  # the policy, with allow_plain_http: it must not refuse plain HTTP
+            if not unreadable(prop, name, NO_TLS_ONLY):
+                has = any(_tls_only(s) for s in (found.get(prop) or {}).get("Statement", []))
+                findings.append(Finding(name, prop, NO_TLS_ONLY, TLS_ONLY_FOUND if has else NO_TLS_ONLY))
             continue
         text = describe(wanted[prop])
         if not unreadable(prop, name, text):
             findings.append(Finding(name, prop, text, describe(found.get(prop))))
     return findings
+
+
+NO_TLS_ONLY = "no statement refusing plain HTTP (--allow-plain-http)"
+TLS_ONLY_FOUND = "a statement refusing every plain-HTTP request (aws:SecureTransport false)"
+
+
+def _tls_only(statement: dict[str, Any]) -> bool:
+    return statement.get("Effect") == "Deny" and "aws:SecureTransport" in json.dumps(statement.get("Condition", {}))
+
+
+def without_tls_only(policy: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`policy` without its TLS-only statements (None when nothing is left): what --apply
+    --allow-plain-http writes, keeping any statement of the bucket's owner."""
+    rest = [s for s in (policy or {}).get("Statement", []) if not _tls_only(s)]
+    return {**policy, "Statement": rest} if rest else None
 
 
 def changes(findings: list[Finding]) -> list[str]:
@@ -311,7 +329,7 @@ _WRITERS = {
     "lifecycle": lambda c, b, v: c.put_bucket_lifecycle_configuration(Bucket=b, LifecycleConfiguration=v),
     "public_access_block": lambda c, b, v: c.put_public_access_block(Bucket=b, PublicAccessBlockConfiguration=v),
     "encryption": lambda c, b, v: c.put_bucket_encryption(Bucket=b, ServerSideEncryptionConfiguration=v),
-    "policy": lambda c, b, v: c.put_bucket_policy(Bucket=b, Policy=json.dumps(v)),
+    "policy": lambda c, b, v: c.put_bucket_policy(Bucket=b, Policy=json.dumps(v)) if v else c.delete_bucket_policy(Bucket=b),
 }
 
 
