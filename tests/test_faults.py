@@ -35,7 +35,7 @@ BOUND = 120  # seconds: any failure must end within this
 @pytest.fixture(scope="session")
 def big_db(pg):
     """A database whose dump (~60 MB, ~46 MB compressed: its payload is base64 of hash output)
-    spans several 8 MiB parts, compressed or not; each row carries MARKER."""
+    spans several upload parts (6 MiB), compressed or not; each row carries MARKER."""
     pg.create_database(BIG_DB)
     pg.psql(
         "CREATE TABLE big (id int PRIMARY KEY, payload text NOT NULL);"

@@ -15,7 +15,7 @@ from backupkit.upload import INITIAL_PART_SIZE, PARTS_PER_STEP, StreamingUpload,
 
 def test_part_sizes_reach_5_tib_in_10000_parts():
     sizes = [part_size(n) for n in range(1, 10_001)]
-    assert sizes[0] == 8 * 1024 * 1024
+    assert sizes[0] == 6 * 1024 * 1024
     assert sum(sizes) >= 5 * 1024**4
     assert max(sizes) <= 5 * 1024**3
     assert part_size(PARTS_PER_STEP) == INITIAL_PART_SIZE and part_size(PARTS_PER_STEP + 1) == 2 * INITIAL_PART_SIZE

@@ -16,6 +16,7 @@ SHA-256 matched the manifest and the trailer is there; otherwise psql is killed 
 
 from __future__ import annotations
 
+import collections
 import re
 import secrets
 import subprocess
@@ -194,21 +195,25 @@ def hold_back(src: Any, dst: RestrictedInput, tally: Tally, keep: int = HOLD_BAC
     """Copy src → dst except the last `keep` bytes, which are returned for the caller to release
     only once the whole stream verified. If dst breaks (its reader died), src is still read to
     the end and hashed. Returns (held tail, dst broken)."""
-    held = bytearray()
+    # Whole chunks are held and released as they are: no byte is copied on the way (the dump can
+    # be hundreds of GB, and this core is shared with psql's).
+    held: collections.deque[bytes] = collections.deque()
+    size = 0
     broken = False
     read = getattr(src, "read1", src.read)
     while chunk := read(CHUNK):
         tally.update(chunk)
-        held += chunk
-        if len(held) > keep:
-            release = len(held) - keep
+        held.append(chunk)
+        size += len(chunk)
+        while size - len(held[0]) >= keep:
+            oldest = held.popleft()
+            size -= len(oldest)
             if not broken:
                 try:
-                    dst.write(bytes(held[:release]))
+                    dst.write(oldest)
                 except BrokenPipeError:
                     broken = True
-            del held[:release]
-    return bytes(held), broken
+    return b"".join(held), broken
 
 
 @dataclass

@@ -17,12 +17,16 @@ from typing import Any
 from .s3 import error_code, explain, s3_errors
 
 MIB = 1024 * 1024
-INITIAL_PART_SIZE = 8 * MIB
-# The part size doubles every PARTS_PER_STEP parts: 10,000 parts then hold 1000 × 8 MiB ×
-# (2^10 - 1) ≈ 7.8 TiB, above S3's 5 TiB object limit, and no part exceeds 4 GiB (limit 5 GiB).
+# 6 MiB, not 8: the same wall time, 6 MiB less peak memory, which keeps the whole tree of a
+# compressed backup (the zstd stage added 4 MiB) under 100 MiB (bench/RESULTS.md, compression).
+INITIAL_PART_SIZE = 6 * MIB
+# The part size doubles every PARTS_PER_STEP parts: 10,000 parts then hold 1000 × 6 MiB ×
+# (2^10 - 1) ≈ 5.9 TiB, above S3's 5 TiB object limit, and no part exceeds 3 GiB (limit 5 GiB).
 PARTS_PER_STEP = 1000
-# 3 part buffers (the one being filled included): against 4, the same wall time on a 1 GB dump
-# and 8 MiB less peak memory (bench/RESULTS.md, experiment-3-part-buffers).
+# 3 part buffers (the one being filled included), so two parts upload while one fills: against 4,
+# the same wall time on a 1 GB dump and less memory (bench/RESULTS.md, experiment-3-part-buffers);
+# against 2, the same wall time locally, but one upload at a time would cap the throughput to
+# a distant S3 at one connection's.
 MAX_IN_FLIGHT = 3
 MAX_PARTS = 10_000
 CONTENT_TYPE = "application/octet-stream"  # every backup is opaque ciphertext
