@@ -12,11 +12,14 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
-## test: lint, then every test not marked slow (a few minutes)
+## test: lint, then every test not marked slow (a few minutes), in one worker per core
+##       (pytest-xdist; each worker starts its own PostgreSQL and S3 endpoint). TEST_JOBS=0: serial.
+TEST_JOBS ?= auto
 test: $(STAMP) lint
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n $(TEST_JOBS) --dist worksteal $(PYTEST_ARGS)
 
-## test-slow: the large-data tests (memory bounds on hundreds of MB); CI runs them too
+## test-slow: the large-data tests (memory bounds on hundreds of MB), one at a time so that
+##            their memory and timing figures are their own; CI runs them too
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow and not huge" $(PYTEST_ARGS)
 

@@ -44,7 +44,7 @@ def fill(client, bucket: str, objects: dict[str, Obj], workers: int = 8) -> None
         list(pool.map(put, objects.items()))
 
 
-def awkward_objects(small: int = 2000, large_mib: int = 25) -> dict[str, Obj]:
+def awkward_objects(small: int = 1010, large_mib: int = 13) -> dict[str, Obj]:
     """Nested, unicode and spaced keys, empty objects, one object of several upload parts,
     many small ones, distinct content types and metadata."""
     objects = {
