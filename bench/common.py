@@ -209,6 +209,11 @@ def _mib(kib_or_bytes: float | None, unit: int) -> str:
     return "-" if kib_or_bytes is None else f"{kib_or_bytes / unit:,.0f}"
 
 
+def cell(text: str) -> str:
+    """Text for a Markdown table cell (contender names hold shell pipes)."""
+    return text.replace("|", "\\|")
+
+
 def table(contenders: list[Contender]) -> list[str]:
     ours = contenders[0] if contenders and contenders[0].name.startswith("ours") else None
     rows = ["| contender | median wall (s) | runs (s) | median CPU, tree (s) | peak tree RSS (MiB) | peak process (MiB) | disk writes, tree (MiB) "
@@ -218,7 +223,7 @@ def table(contenders: list[Contender]) -> list[str]:
         wall, tree = c.median("seconds"), c.peak("tree_kib")
         runs = ", ".join(f"{r.seconds:.1f}" if r.ok else "FAILED" for r in c.runs)
         ratio = lambda mine, theirs: "-" if not (mine and theirs) else f"{mine / theirs:.2f}"  # noqa: E731
-        name, note = c.name.replace("|", "\\|"), c.note.replace("|", "\\|")
+        name, note = cell(c.name), cell(c.note)
         cpu = c.median("cpu")
         rows.append(f"| {name} | {'-' if wall is None else f'{wall:.1f}'} | {runs} | {'-' if cpu is None else f'{cpu:.1f}'} | {_mib(tree, 1024)} | "
                     f"{_mib(c.peak('process_kib'), 1024)} | {_mib(c.median('written'), MIB)} | {_mib(c.peak('plaintext'), MIB)} | "

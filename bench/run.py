@@ -24,7 +24,7 @@ from pathlib import Path
 from dev.harness import REPO, PostgresCluster
 
 from . import database, datasets, files
-from .common import MIB, RESULTS, Contender, MotoProcess, alternate, clear, empty_bucket, machine, profile, table, verdict, write_section
+from .common import MIB, RESULTS, Contender, MotoProcess, alternate, cell, clear, empty_bucket, machine, profile, table, verdict, write_section
 from .crypto import crypto_throughput
 
 
@@ -159,7 +159,7 @@ def main(argv: list[str]) -> int:
             compressed = ours.median("stored")
             out += ["### Database backup, application-like dataset", "", *table(contenders), "",
                     "| contender | stored (MiB) | SQL ÷ stored |", "|---|---:|---:|",
-                    *[f"| {c.name} | {c.median('stored') / MIB:,.1f} | {real_bytes / c.median('stored'):.2f} |"
+                    *[f"| {cell(c.name)} | {c.median('stored') / MIB:,.1f} | {real_bytes / c.median('stored'):.2f} |"
                       for c in contenders if c.prefix and c.median("stored")], ""]
             rss = ours.peak("tree_kib") / 1024 if ours.ok_runs() else None
             targets += [
