@@ -56,7 +56,7 @@ demo: $(STAMP)
 	$(PY) -m dev.demo
 
 ## bench: our backups and restore against the approaches they replace → bench/RESULTS.md
-##        (full size ≈ 25 min; `make bench BENCH_ARGS=--quick` takes a few minutes)
+##        (full size ≈ 45 min; `make bench BENCH_ARGS=--quick` takes a few minutes)
 bench: $(STAMP)
 	PYTHONPATH=scripts $(PY) -m bench.run $(BENCH_ARGS)
 

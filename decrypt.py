@@ -46,7 +46,8 @@ When IN.manifest.json lies beside the input (fetch_backup.py puts it there), or 
 one, the encrypted and plaintext sizes and SHA-256 are checked against it and the passphrase is
 chosen by its key_id. Without a manifest nothing can prove the output is the whole, unaltered
 backup (openssl has no integrity check): it says so, and a dump must at least end with pg_dump's
-completion trailer. A compressed dump (.sql.zst.encrypted) is written as plain SQL (zstd -d).
+completion trailer. A compressed dump (.sql.zst.encrypted) is written as plain SQL (zstd -d;
+the zstd program is ZSTD, default zstd on PATH).
 
 OUT must not exist (--force replaces it). On any failure nothing is left at OUT.
 
@@ -138,11 +139,11 @@ def decrypt_openssl(infile: str, outfile: str, passphrase: str, compression: str
             first = openssl.stdout.read(len(ZSTD_MAGIC))
             if compression == "zstd" or (compression is None and first == ZSTD_MAGIC):
                 try:
-                    zstd = subprocess.Popen(["zstd", "-d", "-q", "-c"], stdin=subprocess.PIPE, stdout=out,
+                    zstd = subprocess.Popen([os.environ.get("ZSTD") or "zstd", "-d", "-q", "-c"], stdin=subprocess.PIPE, stdout=out,
                                             stderr=subprocess.PIPE, env=child_env())
                 except FileNotFoundError:
                     raise Failure("zstd: command not found: this backup is compressed; install the zstd package "
-                                  "(apt-get install zstd)") from None
+                                  "(apt-get install zstd), or set ZSTD to its path") from None
                 sink = zstd.stdin
             else:
                 sink = out

@@ -430,6 +430,9 @@ def runner_env(s3server):
     env = base_env()
     env["PATH"] = SEARCH_PATH
     env.update(s3server.env())
+    # The local endpoint speaks plain HTTP, as on a drill machine: the bucket audit leaves out the
+    # TLS-only policy, which setup_bucket.py refuses to apply against it.
+    env["BACKUP_ALLOW_PLAIN_HTTP"] = "1"
     return env
 
 
@@ -751,20 +754,30 @@ def readonly_secrets(s3server) -> dict:
     return {"READONLY_AWS_ACCESS_KEY_ID": keys["AWS_ACCESS_KEY_ID"], "READONLY_AWS_SECRET_ACCESS_KEY": keys["AWS_SECRET_ACCESS_KEY"]}
 
 
+def protect(s3server, bucket: str) -> None:
+    """The external bucket brought to the wanted state, as its administrator does once before the
+    first backup (Object Lock's default retention cannot be set on moto's non-empty buckets)."""
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "setup_bucket.py"), "--bucket", bucket, "--apply",
+                           "--allow-plain-http"], env={**base_env(), **s3server.env()}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def check_job(workflow_run, s3server, environment: str, **secrets) -> JobRun:
     return workflow_run("_check-backups.yml", inputs={"environment": environment},
                         secrets={"EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, **readonly_secrets(s3server), **secrets})
 
 
 def test_check_workflow_passes_and_reports_row_counts_of_the_drill(workflow_run, pg, sample_db, s3server, bucket, app_bucket, monitor):
+    protect(s3server, bucket)
     workflow_run("_backup-database.yml", inputs={"environment": "production"},
                  secrets={**writer_secrets(s3server), "DATABASE_URL": pg.url(sample_db)}).assert_ok()
     files_backup_job(workflow_run, s3server, app_bucket[0], "production").assert_ok()
     job = check_job(workflow_run, s3server, "production", HEARTBEAT_URL_CHECK=monitor.url("check"),
                     ALERT_WEBHOOK_URL=monitor.url("alert"))
     job.assert_ok()
-    for step_id in ("verify-files", "start-drill-server", "restore-drill", "drill-row-counts", "stop-drill-server"):
+    for step_id in ("audit-bucket", "verify-files", "start-drill-server", "restore-drill", "drill-row-counts", "stop-drill-server"):
         assert job.step(step_id).status == "success", job.report()
+    assert "PASS" in job.step("audit-bucket").output and "FAIL" not in job.step("audit-bucket").output
     # The drill restored into its own throwaway server of the app's major version.
     assert re.search(rf"^{pg_major(pg)}\.", job.step("start-drill-server").output.split("\n", 1)[1], re.M)
     assert "| public.applications | 1500 |" in job.summary
@@ -794,6 +807,7 @@ def test_check_workflow_fails_without_backups_but_runs_every_check(workflow_run,
 
 
 def test_check_workflow_sends_the_scripts_error_lines(workflow_run, pg, s3server, bucket, monitor):
+    protect(s3server, bucket)
     job = check_job(workflow_run, s3server, "staging", HEARTBEAT_URL_CHECK=monitor.url("check"),
                     ALERT_WEBHOOK_URL=monitor.url("alert"))
     assert not job.ok
@@ -802,6 +816,22 @@ def test_check_workflow_sends_the_scripts_error_lines(workflow_run, pg, s3server
     # One line per failing script run (files, then database), SCRIPT: MESSAGE.
     assert len(alert["errors"]) == 2 and all(line.startswith("verify_backup") for line in alert["errors"]), alert
     assert fail_body.splitlines() == alert["errors"]
+
+
+def test_check_workflow_audits_the_bucket_and_a_drift_fails_it_alone(workflow_run, pg, sample_db, s3server, app_bucket, monitor):
+    """A bucket that lost its protection (here: never given a lifecycle or default retention) fails
+    the audit step by name, while the backups themselves still verify and restore."""
+    workflow_run("_backup-database.yml", inputs={"environment": "production"},
+                 secrets={**writer_secrets(s3server), "DATABASE_URL": pg.url(sample_db)}).assert_ok()
+    files_backup_job(workflow_run, s3server, app_bucket[0], "production").assert_ok()
+    job = check_job(workflow_run, s3server, "production", ALERT_WEBHOOK_URL=monitor.url("alert"))
+    assert not job.ok
+    assert job.step("audit-bucket").status == "failure"
+    assert "FAIL" in job.step("audit-bucket").output
+    for step_id in ("verify-files", "restore-drill", "drill-row-counts"):
+        assert job.step(step_id).status == "success", job.report()
+    [line] = monitor.alert()["errors"]
+    assert line.startswith("setup_bucket") and "lifecycle" in line.lower(), line
 
 
 def test_expressions_evaluate_like_github():
@@ -873,6 +903,7 @@ def test_a_dead_monitor_and_webhook_cost_seconds_and_never_change_the_result(wor
 
 
 def test_the_deep_check_passes_with_a_dead_monitor(workflow_run, pg, sample_db, s3server, bucket, app_bucket):
+    protect(s3server, bucket)
     workflow_run("_backup-database.yml", inputs={"environment": "sandbox"},
                  secrets={**writer_secrets(s3server), "DATABASE_URL": pg.url(sample_db)}).assert_ok()
     files_backup_job(workflow_run, s3server, app_bucket[0], "sandbox").assert_ok()
