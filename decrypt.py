@@ -151,16 +151,21 @@ def decrypt_openssl(infile: str, outfile: str, passphrase: str, compression: str
                 sink.write(first)
                 while chunk := openssl.stdout.read(BUFFER):
                     sink.write(chunk)
+                if zstd is not None:
+                    zstd.stdin.close()
             except BrokenPipeError:
                 pass  # zstd stopped: its exit status says why
-            if zstd is not None:
-                zstd.stdin.close()
+            finally:
+                openssl.stdout.close()  # so an openssl still writing gets SIGPIPE, not a full pipe
         problem = openssl.stderr.read().decode(errors="replace")
-        if openssl.wait() != 0:
+        code, unzstd = openssl.wait(), (zstd.wait() if zstd is not None else 0)
+        # zstd stopping on bad data makes openssl fail writing to it: then zstd's failure is the cause.
+        secondary = unzstd != 0 and (code == -signal.SIGPIPE or "error writing output" in problem)
+        if code != 0 and not secondary:
             raise ValueError(f"wrong passphrase or corrupted file (openssl: {' '.join(problem.split())[:300]})")
-        if zstd is not None and zstd.wait() != 0:
+        if unzstd != 0:  # ValueError: without a manifest, the next passphrase may be the right one
             detail = " ".join(zstd.stderr.read().decode(errors="replace").split())[:300]
-            raise Failure(f"decompression failed: the backup is corrupted (zstd: {detail})")
+            raise ValueError(f"corrupted file or wrong passphrase: it does not decompress (zstd: {detail})")
     finally:
         for proc in (openssl, zstd):
             if proc is not None and proc.poll() is None:
@@ -176,7 +181,7 @@ def decrypt_aescrypt(infile: str, outfile: str, passphrase: str, compression: st
     with open(infile, "rb") as source, open(outfile, "wb") as target:
         try:
             pyAesCrypt.decryptStream(source, target, passphrase, BUFFER)
-        except ValueError as exc:
+        except (ValueError, IndexError) as exc:  # IndexError: cut right after the header
             raise ValueError(f"wrong passphrase or corrupted file ({exc})") from None
 
 

@@ -20,7 +20,9 @@ stored, ZIP64 where needed, date = LastModified, comment = JSON of ContentType a
 encrypt it with AES Crypt v2 (pyAesCrypt) and stream it to
 s3://BUCKET/ENVIRONMENT/files/YYYY-MM-DD--HH-MM-SS.zip.encrypted, then write its manifest.
 
-Nothing touches the disk and memory stays bounded whatever the bucket's size. Objects that
+Nothing touches the disk. Memory does not grow with the objects' sizes (140 MiB for 2 GiB
+measured); it grows with their number only by the listing and the ZIP directory, up to about a
+kilobyte per object. Objects that
 cannot be read are skipped, named (on stderr, and the first 100 in the manifest with the total
 count) and the backup of everything else still completes with exit status 0: objects deleted
 between the listing and their download, and objects in an archived storage class (GLACIER,

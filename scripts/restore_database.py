@@ -9,7 +9,7 @@ from backupkit import cli, config, s3
 from backupkit.dump import Restored, check_restore_psql, restore_dump
 from backupkit.errors import BackupError, UsageError
 from backupkit.output import log, md_code, shown
-from backupkit.postgres import client_binary, client_version, user_tables
+from backupkit.postgres import client_binary, client_version, user_tables, warn_if_superuser
 from backupkit.progress import human_bytes
 from backupkit.retrieve import BucketReader, Fetched, Retrieved, local_format, open_local
 
@@ -78,6 +78,7 @@ def main(argv: list[str]) -> int:
         bucket = config.bucket_name(args.bucket)
     check_restore_psql(client_version(psql)[1], psql)
     tables = user_tables(target, psql, restore_target=True)
+    warn_if_superuser(target, psql)
     if tables and not args.replace:
         raise BackupError(
             f"the target database '{shown(target.database)}' already has {len(tables)} tables "
@@ -111,7 +112,7 @@ def report(retrieved: Retrieved[Restored], target: config.DatabaseTarget, psql: 
         "seconds": round(restored.seconds, 1),
         "skipped": [s.to_json() for s in retrieved.skipped],
     }
-    cli.step_summary(f"### Database restore\n\nRestored {md_code(fetched.label)} into {md_code(target.database)}: "
+    cli.step_summary(f"### Database restore\n\nRestored {md_code(fetched.label, already_shown=True)} into {md_code(target.database)}: "
                      f"{len(tables_after)} tables, {human_bytes(restored.plaintext_size)} of SQL.")
     cli.print_result(result, as_json,
                      f"restored {fetched.label} into database '{shown(target.database)}': {len(tables_after)} tables, "

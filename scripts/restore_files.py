@@ -244,7 +244,9 @@ def run_pool(items: list[Item], work: Any) -> None:
         for future in [pool.submit(work, item) for item in items]:
             future.result()
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        # Uploads under way finish (the interpreter would wait for them anyway), so the count an
+        # interrupted or failed restore reports is final; the ones not started are cancelled.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -359,7 +361,7 @@ def report(args: Any, retrieved: Retrieved[dict[str, Any]], where: str, seconds:
     else:
         human = (f"restored {fetched.label} to {shown(where)}: uploaded {len(todo)} objects ({human_bytes(todo_bytes)}); "
                  f"{summary}; in {seconds:.1f} s")
-        cli.step_summary(f"### Files restore\n\nRestored {md_code(fetched.label)} to {md_code(where)}: {summary}.")
+        cli.step_summary(f"### Files restore\n\nRestored {md_code(fetched.label, already_shown=True)} to {md_code(where)}: {summary}.")
     cli.print_result(result, args.json, human)
 
 

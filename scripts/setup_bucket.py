@@ -9,7 +9,7 @@ from typing import Any
 from backupkit import bucket_state, cli, config, s3
 from backupkit.bucket_state import BucketSettings
 from backupkit.errors import BackupError, UsageError
-from backupkit.output import log
+from backupkit.output import log, md_code
 
 DESCRIPTION = f"""\
 --apply creates the external bucket, or brings an existing one to the wanted state; a second run
@@ -143,7 +143,7 @@ def main(argv: list[str]) -> int:
                      args.json, "\n".join(f.line() for f in findings))
     if failed:
         cli.step_summary(f"### External bucket check: {bucket}\n\n"
-                         + "\n".join(f"- FAIL {f.name}: wanted {f.wanted}; found {f.found}" for f in failed))
+                         + "\n".join(f"- FAIL {md_code(f.name)}: wanted {md_code(f.wanted)}; found {md_code(f.found)}" for f in failed))
         raise BackupError(f"s3://{bucket} drifted from the wanted state ({', '.join(f.name for f in failed)}): "
                           f"whoever administers the backup account fixes it with setup_bucket.py --bucket {bucket} --apply "
                           "(read-only credentials cannot). This does not block a restore: the backups stored stay readable")

@@ -13,7 +13,7 @@ from backupkit.dump import check_restore_psql, restore_dump
 from backupkit.errors import BackupError, Problem, UsageError, VerificationError
 from backupkit.manifest import KINDS, Backup, iso
 from backupkit.output import log, md_code, shown
-from backupkit.postgres import client_binary, client_version, row_counts, user_tables
+from backupkit.postgres import client_binary, client_version, row_counts, user_tables, warn_if_superuser
 from backupkit.progress import human_bytes
 from backupkit.retrieve import BucketReader, Fetched, Skip
 from backupkit.verify import verify_fetched
@@ -50,8 +50,9 @@ environment:
 examples:
   scripts/verify_backup.py --environment production --kind database --latest
   scripts/verify_backup.py --environment production --kind files --since 1d
+  read -rsp 'drill password: ' PGPASSWORD && export PGPASSWORD   # not in the URL: argv is visible
   scripts/verify_backup.py --environment production --kind database --latest \\
-      --restore-into postgresql://postgres:postgres@localhost:5432/drill
+      --restore-into postgresql://drill_owner@localhost:5432/drill
 """
 
 
@@ -63,7 +64,8 @@ def build_parser() -> cli.ArgumentParser:
     which.add_argument("--since", type=duration_arg, metavar="DURATION",
                        help="every backup version started within DURATION, e.g. 1d, 6h")
     p.add_argument("--restore-into", metavar="URL",
-                   help="also restore each database backup into this empty scratch database, e.g. postgresql://u:p@host/drill")
+                   help="also restore each database backup into this empty scratch database, e.g. postgresql://user@host/drill "
+                        "(its password in PGPASSWORD, not on the command line; a role that is not a superuser)")
     p.add_argument("--psql", default=os.environ.get("PSQL"), help="psql binary for --restore-into (env PSQL)")
     cli.add_heartbeat_arg(p)
     cli.add_output_args(p)
@@ -127,6 +129,7 @@ def main(argv: list[str]) -> int:
         target = config.database_target(args.restore_into, "--restore-into")
         check_restore_psql(client_version(psql)[1], psql)
         tables = user_tables(target, psql, restore_target=True)
+        warn_if_superuser(target, psql)
         if tables:
             raise BackupError(f"--restore-into '{shown(target.database)}' already has {len(tables)} tables: "
                               "give an empty scratch database (this check never restores over data)")

@@ -302,6 +302,32 @@ def test_zstd_missing_is_one_clear_error_naming_the_package(run, pg, sample_db, 
     assert not (tmp_path / "out.sql").exists()
 
 
+def test_zstd_dying_mid_stream_fails_the_backup_and_the_restore_promptly(run, pg, big_db, scratch_db, s3server, bucket, tmp_path):
+    """A zstd that stops after 64 KiB (killed, out of memory): the stages before it must not stay
+    blocked on a full pipe; the run ends within BOUND with zstd named as the cause."""
+    dying = tmp_path / "zstd"
+    dying.write_text('#!/bin/sh\nhead -c 65536 >/dev/null\necho "zstd: simulated crash" >&2\nexit 3\n')
+    dying.chmod(0o755)
+    done = run("backup_database.py", env={"DATABASE_URL": pg.url(big_db), "ZSTD": str(dying)}, timeout=BOUND)
+    assert done.returncode == 1
+    one_error(done, "zstd", "simulated crash")
+    nothing_stored(s3server, bucket)
+
+    database_backup(run, pg=pg, sample_db=big_db)
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), env={"ZSTD": str(dying)},
+               timeout=BOUND)
+    assert done.returncode == 1
+    one_error(done, "zstd", "simulated crash")
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+
+    manifest = database_backup(run, pg=pg, sample_db=big_db)
+    encrypted = download(s3server, bucket, manifest, tmp_path / "backup.sql.zst.encrypted", with_manifest=True)
+    done = run("./decrypt.py", "-i", str(encrypted), "-o", str(tmp_path / "out.sql"), env={"ZSTD": str(dying)}, timeout=BOUND)
+    assert done.returncode == 1
+    one_error(done, "zstd", "simulated crash")
+    assert not (tmp_path / "out.sql").exists()
+
+
 def test_restore_and_decrypt_without_openssl(run, pg, sample_db, scratch_db, s3server, bucket, no_openssl_path, tmp_path):
     manifest = database_backup(run, pg=pg, sample_db=sample_db)
     done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), env={"PATH": no_openssl_path})

@@ -4,7 +4,9 @@ is never printed; a dead or slow monitor costs seconds and never changes the res
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -128,3 +130,38 @@ def test_a_dead_or_slow_monitor_costs_seconds_and_never_fails_a_backup(run, pg, 
     assert "hc-dead-token" not in done.stderr and (slow is None or slow.token not in done.stderr)
     # Two pings, each at most 2 tries × 3 s (+ 0.5 s between tries).
     assert elapsed - baseline < 2 * (2 * 3 + 0.5) + 2, f"{elapsed:.1f} s against {baseline:.1f} s without a monitor"
+
+
+def test_a_monitor_answering_garbage_never_changes_the_result(run, pg, sample_db, tmp_path):
+    """A monitor (or whatever answers at its address) that speaks no HTTP: a good backup still
+    succeeds, a failing one still ends in its own error line, exit status and error file."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    def answer_garbage() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SPEAKS NO HTTP\r\n" + b"x" * 70000 + b"\r\n\r\n")
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/ping/hc-garbled-token"
+    try:
+        good = run("backup_database.py", "--json", env={"DATABASE_URL": pg.url(sample_db), "BACKUP_HEARTBEAT_URL": url})
+        errors = tmp_path / "errors.txt"
+        bad = run("backup_database.py", env={"DATABASE_URL": pg.url("no_such_db"), "BACKUP_HEARTBEAT_URL": url,
+                                             "BACKUP_ERROR_FILE": str(errors)})
+    finally:
+        listener.close()
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["kind"] == "database"
+    assert good.stderr.count("warning: heartbeat") == 2 and "Traceback" not in good.stderr
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    [line] = error_lines(bad.stderr)
+    assert errors.read_text() == f"backup_database.py: {line.removeprefix('error: ')}\n"
+    assert "hc-garbled-token" not in good.stderr + bad.stderr

@@ -15,6 +15,7 @@ import re
 import shutil
 import struct
 import subprocess
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from tests.backup_factory import (
     upload_archive,
     upload_dump,
 )
-from tests.conftest import PASSPHRASE, Runner, error_lines
+from tests.conftest import PASSPHRASE, Runner, error_lines, one_error
 from tests.files_helpers import Obj, fill, new_bucket, snapshot
 from tests.procwatch import SpyBin
 
@@ -136,6 +137,35 @@ def test_planted_commands_never_run_in_the_daily_drill(run, pg, scratch_db, s3se
     report = json.loads(done.stdout)
     assert report["results"][0]["key"] == genuine["key"]
     assert [s["problem"] for s in report["skipped"]] == ["bad content", "bad content"]
+
+
+def test_planted_sql_gets_no_server_commands_from_a_restore_as_the_apps_own_role(run, pg, s3server, bucket, genuine_dump):
+    """Restricted psql stops backslash commands; SQL that runs commands on the server (COPY … TO
+    PROGRAM) needs a superuser. Restored as the role the README asks for (owner of the target,
+    not a superuser) the plant fails and nothing is committed; as a superuser, the script warns."""
+    drop = Path(tempfile.mkdtemp(prefix="restore-drop-"))
+    drop.chmod(0o777)  # writable by the server's OS user: the command would succeed if it ran
+    marker = drop / "pwned"
+    at_start = genuine_dump.index(b"\nSET ") + 1
+    planted = genuine_dump[:at_start] + f"COPY (SELECT 1) TO PROGRAM 'touch {marker}';\n".encode() + genuine_dump[at_start:]
+    manifest = upload_dump(s3server.client(), bucket, at(0), planted, PASSPHRASE)
+    pg.psql("DROP DATABASE IF EXISTS app_owned; DROP ROLE IF EXISTS app_owner; "
+            "CREATE ROLE app_owner LOGIN NOSUPERUSER PASSWORD 'owner-pw-3'")
+    pg.psql("CREATE DATABASE app_owned OWNER app_owner")
+    as_owner = f"postgresql://app_owner:owner-pw-3@127.0.0.1:{pg.port}/app_owned"
+    try:
+        done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", as_owner)
+        assert done.returncode == 1 and not marker.exists()
+        one_error(done, "pg_execute_server_program")
+        assert "superuser" not in done.stderr.split("error:")[0]  # no warning: the right role
+        assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", "app_owned") == "0"
+
+        pg.drop_database("app_owned")
+        pg.create_database("app_owned")
+        done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", pg.url("app_owned"))
+        assert "warning: the target's role 'postgres' is a superuser" in done.stderr
+    finally:
+        shutil.rmtree(drop)
 
 
 def runbook_restore_command() -> str:

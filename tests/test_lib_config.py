@@ -83,6 +83,13 @@ def test_urls_libpq_would_misread_are_refused_without_showing_them(url):
     assert not [secret for secret in ("pa#ss", "pa/ss", "pa?ss", ":pw@") if secret in message]
 
 
+def test_an_sslpassword_is_refused_without_showing_it():
+    """libpq takes it only in the connection string, which pg_dump and psql would get on argv."""
+    with pytest.raises(UsageError) as raised:
+        config.database_target("postgresql://app@db/app?sslmode=verify-full&sslpassword=k3y-secret", "DATABASE_URL")
+    assert str(raised.value).startswith("DATABASE_URL has sslpassword") and "k3y-secret" not in str(raised.value)
+
+
 def test_the_password_of_any_url_is_known_as_a_secret():
     for url in ("postgresql://app:pa#ss@db/app", "postgresql://app:s3cret@db/app", "postgresql://app@db/app?password=qpw"):
         secrets = config.url_secrets(url)

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import pytest
 import yaml
 
 from dev.harness import REPO, table_fingerprint
+from tests.backup_factory import ENVIRONMENT, at, upload_dump
 from tests.conftest import PASSPHRASE, base_env, versions
 
 WORKFLOWS = REPO / ".github" / "workflows"
@@ -832,6 +834,30 @@ def test_check_workflow_audits_the_bucket_and_a_drift_fails_it_alone(workflow_ru
         assert job.step(step_id).status == "success", job.report()
     [line] = monitor.alert()["errors"]
     assert line.startswith("setup_bucket") and "lifecycle" in line.lower(), line
+
+
+def test_sql_planted_by_a_writer_cannot_run_commands_in_the_drill(workflow_run, pg, sample_db, s3server, bucket, tmp_path):
+    """Whoever can write the bucket and holds the passphrase (a leaked backup job) plants a dump
+    whose SQL runs a shell command through the server (COPY … TO PROGRAM): the drill restores as a
+    role that is not a superuser, so the command never runs and nothing is committed; and the
+    drill's server is started with an empty environment (no credentials, no OIDC variables)."""
+    protect(s3server, bucket)
+    drop = Path(tempfile.mkdtemp(prefix="drill-drop-"))  # in /tmp: reachable by the server's OS user
+    drop.chmod(0o777)  # and writable (postgres, when the tests run as root): the command could succeed
+    marker = drop / "pwned"
+    dump = subprocess.run([str(pg.bin / "pg_dump"), "--format=plain", "--clean", "--if-exists", "--no-owner",
+                           "--no-privileges", "--dbname", pg.url(sample_db)], capture_output=True, check=True).stdout
+    first_set = dump.index(b"\nSET ")
+    planted = dump[:first_set] + f"\nCOPY (SELECT 1) TO PROGRAM 'env > {marker}';".encode() + dump[first_set:]
+    upload_dump(s3server.client(), bucket, at(0), planted, PASSPHRASE)
+    job = check_job(workflow_run, s3server, ENVIRONMENT)
+    assert not job.ok
+    assert job.step("restore-drill").status == "failure"
+    assert "pg_execute_server_program" in job.step("restore-drill").output or "superuser" in job.step("restore-drill").output
+    assert not marker.exists()
+    shutil.rmtree(drop)
+    start = steps_by_id("_check-backups.yml")["start-drill-server"]["run"]
+    assert re.search(r'"\$\{run_as\[@\]\}" "\$\{clean\[@\]\}" "\$PG_BIN/pg_ctl"', start) and "clean=(env -i " in start
 
 
 def test_expressions_evaluate_like_github():

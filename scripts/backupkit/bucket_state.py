@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import BackupError, UsageError
+from .output import shown
 from .s3 import error_code, explain
 
 MODES = ("COMPLIANCE", "GOVERNANCE")
@@ -273,7 +274,7 @@ def compare(wanted: dict[str, Any], found: dict[str, Any]) -> list[Finding]:
                                  ("policy", "bucket policy", _describe_policy)):
         if wanted[prop] is None:  # the policy, with allow_plain_http: it must not refuse plain HTTP
             if not unreadable(prop, name, NO_TLS_ONLY):
-                has = any(_tls_only(s) for s in (found.get(prop) or {}).get("Statement", []))
+                has = any(isinstance(s, dict) and _tls_only(s) for s in _statements(found.get(prop)))
                 findings.append(Finding(name, prop, NO_TLS_ONLY, TLS_ONLY_FOUND if has else NO_TLS_ONLY))
             continue
         text = describe(wanted[prop])
@@ -290,10 +291,19 @@ def _tls_only(statement: dict[str, Any]) -> bool:
     return statement.get("Effect") == "Deny" and "aws:SecureTransport" in json.dumps(statement.get("Condition", {}))
 
 
-def without_tls_only(policy: dict[str, Any] | None) -> dict[str, Any] | None:
+def _statements(policy: Any) -> list[Any]:
+    """A policy's statements: IAM allows one statement object as well as a list of them."""
+    statements = policy.get("Statement", []) if isinstance(policy, dict) else []
+    return [statements] if isinstance(statements, dict) else statements if isinstance(statements, list) else []
+
+
+def without_tls_only(policy: Any) -> dict[str, Any] | None:
     """`policy` without its TLS-only statements (None when nothing is left): what --apply
     --allow-plain-http writes, keeping any statement of the bucket's owner."""
-    rest = [s for s in (policy or {}).get("Statement", []) if not _tls_only(s)]
+    if policy is not None and not isinstance(policy, dict):
+        raise BackupError(f"cannot change the bucket policy: it could not be read ({shown(str(policy))}); "
+                          "run with credentials that may read it (s3:GetBucketPolicy)")
+    rest = [s for s in _statements(policy) if not (isinstance(s, dict) and _tls_only(s))]
     return {**policy, "Statement": rest} if rest else None
 
 

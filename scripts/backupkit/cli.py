@@ -105,11 +105,9 @@ def parse_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
 def fail(message: str, code: int, script: str) -> NoReturn:
     message = safe_lines(redact(" ".join(message.split("\n"))))
     print(f"error: {message}", file=sys.stderr, flush=True)
-    if _heartbeat is not None:
-        _heartbeat.fail(redact(f"{script}: {message}"))
     if os.environ.get("GITHUB_ACTIONS") == "true":
         print(f"::error title={annotation_property(script)}::{annotation(message)}", file=sys.stderr, flush=True)
-        step_summary(f"### {script}: failed\n\n{md_code(message)}")
+        step_summary(f"### {script}: failed\n\n{md_code(message, already_shown=True)}")
     error_file = os.environ.get("BACKUP_ERROR_FILE")
     if error_file:
         try:
@@ -117,6 +115,8 @@ def fail(message: str, code: int, script: str) -> NoReturn:
                 handle.write(f"{script}: {message}\n")
         except OSError as exc:
             log(f"warning: could not write BACKUP_ERROR_FILE ({exc.strerror})")
+    if _heartbeat is not None:  # last: the error line is out whatever the monitor does
+        _heartbeat.fail(redact(f"{script}: {message}"))
     sys.exit(code)
 
 

@@ -172,7 +172,7 @@ def url_secrets(url: str) -> list[str]:
         parts = urlsplit(url)
         if parts.password:
             found += [parts.password, unquote(parts.password)]
-        found += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == "password"]
+        found += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k in ("password", "sslpassword")]
         _check_url(parts)
     except (ValueError, UsageError):
         # Unparseable: hide the would-be userinfo (after '://', up to the last '@') and each
@@ -239,6 +239,11 @@ def database_target(url: str | None, what: str = "DATABASE_URL") -> DatabaseTarg
         if name == "password":
             password = value
     query = [(k, v) for k, v in query if k != "password"]
+    if any(k == "sslpassword" for k, _ in query):
+        # libpq reads it from the connection string only, which pg_dump and psql get on their
+        # command line: visible to every user of the machine.
+        raise UsageError(f"{what} has sslpassword: it would be on pg_dump's and psql's command line; use a client "
+                         "key without a passphrase, readable only by this user (sslkey=…)")
     netloc = parts.netloc.rpartition("@")[2]
     if parts.username is not None:
         netloc = f"{parts.username}@{netloc}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import re
 import secrets
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -69,6 +70,9 @@ class _Prefixed:
 
     read = read1
 
+    def close(self) -> None:
+        self._rest.close()
+
 
 class DumpReader:
     """The SQL of one backup file, read from `stdout`; `finish()` raises unless every stage that
@@ -96,10 +100,15 @@ class DumpReader:
 
     def finish(self) -> None:
         self._pipeline.join_pumps()
-        if self.decrypt.wait() != 0:
+        decrypted = self.decrypt.wait()
+        decompressed = self.decompress.wait() if self.decompress is not None else 0
+        # zstd stopping on bad data makes openssl fail writing to it (SIGPIPE, or "error writing
+        # output file"): then zstd's failure is the cause.
+        secondary = decompressed != 0 and (decrypted == -signal.SIGPIPE or "error writing output" in self.decrypt.stderr_text())
+        if decrypted != 0 and not secondary:
             raise VerificationError(f"decryption failed, wrong passphrase or corrupted backup ({self.decrypt.describe_failure()})",
                                     Problem.UNDECRYPTABLE)
-        if self.decompress is not None and self.decompress.wait() != 0:
+        if decompressed != 0:
             raise VerificationError(f"decompression failed: the backup is corrupted ({self.decompress.describe_failure()})",
                                     Problem.CORRUPT)
 

@@ -57,7 +57,7 @@ class Heartbeat:
                 return
             except urllib.error.HTTPError as exc:
                 problem = f"the monitor answered {exc.code}"
-            except (OSError, ValueError) as exc:  # refused, unreachable, timed out
+            except Exception as exc:  # noqa: BLE001 - refused, unreachable, timed out, a garbled answer: never the run's result
                 reason = getattr(exc, "reason", exc)
                 problem = type(reason).__name__ if not isinstance(reason, str) else "unreachable"
             if attempt + 1 < TRIES:

@@ -98,10 +98,6 @@ def key_time(key: str) -> datetime | None:
         return None
 
 
-def key_compression(key: str) -> str:
-    return "zstd" if key.endswith(".sql.zst.encrypted") else "none"
-
-
 def build_manifest(
     *,
     kind: str,
@@ -305,10 +301,6 @@ class Backup:
         """How old its data is at most: the earlier of its name's time and LastModified, so no
         name can make a backup look newer than when S3 stored it."""
         return min(self.name_time, self.last_modified)
-
-    @property
-    def compression(self) -> str:
-        return key_compression(self.key)
 
     @property
     def status(self) -> str:

@@ -91,7 +91,9 @@ def _get(client: Any, bucket: str, obj: SourceObject, whole: bool) -> Fetched:
             return Fetched(obj, skipped=f"in an archived storage class ({obj.storage_class}): restore it in S3 first")
         raise explain(exc, f"download s3://{bucket}/{shown(obj.key)}") from exc
     fetched = Fetched(obj, head=response)
-    if whole and response["ContentLength"] <= WHOLE_OBJECT_LIMIT:
+    # Whole only within what the listing said (and the prefetch budget reserved): an object that
+    # grew since it was listed is streamed when its turn comes.
+    if whole and response["ContentLength"] <= min(WHOLE_OBJECT_LIMIT, obj.size):
         try:
             fetched.data = response["Body"].read()
         except Exception as exc:

@@ -61,10 +61,11 @@ def annotation_property(text: str) -> str:
     return annotation(text).replace(":", "%3A").replace(",", "%2C")
 
 
-def md_code(value: object) -> str:
+def md_code(value: object, *, already_shown: bool = False) -> str:
     """A value as a Markdown code span, safe inside a table cell: nothing in it renders (no links,
-    no HTML, no emphasis), and it cannot end the span, the cell or the line."""
-    text = shown(value).replace("|", "\\|")
+    no HTML, no emphasis), and it cannot end the span, the cell or the line. `already_shown`: the
+    value was made by shown() or safe_lines() (a message, a label), so it is not escaped twice."""
+    text = (safe_lines(str(value)).replace("\n", " ") if already_shown else shown(value)).replace("|", "\\|")
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * (longest + 1)
     pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""

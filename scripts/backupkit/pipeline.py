@@ -50,7 +50,9 @@ class Stage:
         return self.proc.stdout
 
     def _read_stderr(self) -> None:
-        for line in iter(self.proc.stderr.readline, b""):
+        # Lines are read at most STDERR_TAIL bytes at a time: a stage echoing a huge planted
+        # string back (psql quoting a statement) cannot grow memory.
+        for line in iter(lambda: self.proc.stderr.readline(STDERR_TAIL), b""):
             self._stderr.append(line)
             self._stderr_size += len(line)
             while self._stderr_size > STDERR_TAIL and len(self._stderr) > 1:
@@ -130,7 +132,9 @@ class Pipeline:
         return stage
 
     def pump(self, src: IO[bytes], dst: IO[bytes], tally: Tally | None = None) -> None:
-        """Copy src → dst in a thread (hashing on the way), then close dst."""
+        """Copy src → dst in a thread (hashing on the way), then close both: when the reader
+        died, closing src passes the failure upstream (the writer gets SIGPIPE instead of
+        blocking on a full pipe forever), and finish() names the stage that really failed."""
 
         def run() -> None:
             try:
@@ -140,10 +144,11 @@ class Pipeline:
             except BaseException as exc:  # noqa: BLE001 - re-raised by finish()
                 self._pump_errors.append(exc)
             finally:
-                try:
-                    dst.close()
-                except BrokenPipeError:
-                    pass
+                for end in (dst, src):
+                    try:
+                        end.close()
+                    except OSError:
+                        pass
 
         thread = threading.Thread(target=run, name="pump", daemon=True)
         thread.start()

@@ -8,7 +8,7 @@ import subprocess
 
 from .config import DatabaseTarget, child_env
 from .errors import BackupError
-from .output import shown
+from .output import log, shown
 
 TRAILER = b"-- PostgreSQL database dump complete"
 # pg_dump 15.14+/16.10+/17.6+ write `\unrestrict KEY` after the trailer: look near the end.
@@ -96,6 +96,18 @@ def user_tables(target: DatabaseTarget, psql: str = "psql", *, restore_target: b
         restore_target=restore_target,
     )
     return [line for line in out.splitlines() if line]
+
+
+def warn_if_superuser(target: DatabaseTarget, psql: str = "psql") -> None:
+    """A restore runs the backup's SQL with the restoring role's rights. psql is restricted (no
+    backslash commands), but a superuser's SQL can still run commands on the database server
+    (COPY … TO PROGRAM) and read its files: a backup planted by whoever can write the bucket
+    would get them. Said once, before anything is downloaded."""
+    user, superuser = query(target, "SELECT current_user, current_setting('is_superuser')", psql).split("|")
+    if superuser == "on":
+        log(f"warning: the target's role '{shown(user)}' is a superuser: the backup's SQL runs with a superuser's rights on "
+            "the database server (COPY ... TO PROGRAM runs commands there). Restore as the app's own role, owner of the "
+            "target database and not a superuser (README, Threat model)")
 
 
 def row_counts(target: DatabaseTarget, psql: str = "psql") -> dict[str, int]:
