@@ -321,3 +321,38 @@ def test_zip64_archive_of_more_than_65535_objects(run, s3server, bucket, tmp_pat
         assert archive.read(names[-1]) == b"%d" % (count - 1)
     unzip = subprocess.run(["unzip", "-t", "-q", str(plain)], capture_output=True, text=True)
     assert unzip.returncode == 0, unzip.stdout[-2000:] + unzip.stderr
+
+
+def test_objects_that_grew_after_the_listing_are_streamed_not_prefetched_whole():
+    """The app lists 300 empty objects, then makes each 4 MiB before the backup reads them: held
+    whole ahead of their turn they would take 1.2 GiB. Only what the listing budgeted is read
+    whole; the rest is streamed in turn."""
+    from backupkit.objects import SourceObject, fetch_in_order
+
+    grown = 4 * MIB
+
+    class Body:
+        def __init__(self) -> None:
+            self.read_whole = False
+
+        def read(self) -> bytes:
+            self.read_whole = True
+            return b"x" * grown
+
+        def iter_chunks(self, size: int):
+            yield b"x" * grown
+
+        def close(self) -> None:
+            pass
+
+    bodies: list[Body] = []
+
+    class GrowingBucket:
+        def get_object(self, Bucket: str, Key: str) -> dict:  # boto3's parameter names
+            bodies.append(Body())
+            return {"ContentLength": grown, "Body": bodies[-1]}
+
+    listed = [SourceObject(f"k{i}", 0, datetime.now(UTC)) for i in range(300)]
+    sizes = [sum(len(chunk) for chunk in fetched.chunks()) for fetched in fetch_in_order(GrowingBucket(), "app", listed)]
+    assert sizes == [grown] * 300  # every byte still archived
+    assert not any(body.read_whole for body in bodies)

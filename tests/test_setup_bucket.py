@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from backupkit import bucket_state
+from backupkit.errors import BackupError
 from dev.harness import table_fingerprint
 from tests.conftest import PASSPHRASE, Runner, base_env, error_lines
 from tests.iam_helpers import IamS3Server, User, error_code
@@ -107,6 +108,22 @@ def test_compare_names_each_drifted_property():
     assert set(failed) == {"versioning", "default encryption", "bucket policy"}
     assert failed["bucket policy"].found == "unreadable (AccessDenied)"
     assert bucket_state.changes(list(failed.values())) == ["versioning", "encryption", "policy"]
+
+
+def test_policies_of_any_valid_shape_are_read_and_an_unreadable_one_is_not_rewritten():
+    """IAM allows one statement object instead of a list; a policy that could not be read is not
+    guessed at (--apply --allow-plain-http would have to rewrite it)."""
+    plain = bucket_state.wanted_state(bucket_state.BucketSettings("b-1", allow_plain_http=True))
+    [tls_only] = bucket_state.deny_insecure_transport("b-1")["Statement"]
+    owners = {"Sid": "Owner", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::1:root"}, "Action": "s3:GetObject",
+              "Resource": "arn:aws:s3:::b-1/*"}
+    for policy, has_tls_only in (({"Statement": tls_only}, True), ({"Statement": owners}, False), ({"Statement": "?"}, False)):
+        [finding] = [f for f in bucket_state.compare(plain, {**plain, "policy": policy}) if f.prop == "policy"]
+        assert finding.ok is not has_tls_only
+    assert bucket_state.without_tls_only({"Version": "2012-10-17", "Statement": tls_only}) is None
+    assert bucket_state.without_tls_only({"Statement": [tls_only, owners]})["Statement"] == [owners]
+    with pytest.raises(BackupError, match="could not be read"):
+        bucket_state.without_tls_only("AccessDenied")
 
 
 # -- usage errors (exit 2, before any request) ------------------------------------------------------
