@@ -756,26 +756,27 @@ def readonly_secrets(s3server) -> dict:
     return {"READONLY_AWS_ACCESS_KEY_ID": keys["AWS_ACCESS_KEY_ID"], "READONLY_AWS_SECRET_ACCESS_KEY": keys["AWS_SECRET_ACCESS_KEY"]}
 
 
-def protect(s3server, bucket: str) -> None:
+def protect(s3server, bucket: str, *options: str) -> None:
     """The external bucket brought to the wanted state, as its administrator does once before the
     first backup (Object Lock's default retention cannot be set on moto's non-empty buckets)."""
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "setup_bucket.py"), "--bucket", bucket, "--apply",
-                           "--allow-plain-http"], env={**base_env(), **s3server.env()}, capture_output=True, text=True)
+                           "--allow-plain-http", *options], env={**base_env(), **s3server.env()}, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def check_job(workflow_run, s3server, environment: str, **secrets) -> JobRun:
-    return workflow_run("_check-backups.yml", inputs={"environment": environment},
+def check_job(workflow_run, s3server, environment: str, inputs: dict | None = None, **secrets) -> JobRun:
+    return workflow_run("_check-backups.yml", inputs={"environment": environment, **(inputs or {})},
                         secrets={"EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, **readonly_secrets(s3server), **secrets})
 
 
 def test_check_workflow_passes_and_reports_row_counts_of_the_drill(workflow_run, pg, sample_db, s3server, bucket, app_bucket, monitor):
-    protect(s3server, bucket)
+    # A bucket set up with other values than the defaults: the audit is told them by the inputs.
+    protect(s3server, bucket, "--retention-days", "36", "--expire-days", "45", "--mode", "GOVERNANCE")
     workflow_run("_backup-database.yml", inputs={"environment": "production"},
                  secrets={**writer_secrets(s3server), "DATABASE_URL": pg.url(sample_db)}).assert_ok()
     files_backup_job(workflow_run, s3server, app_bucket[0], "production").assert_ok()
-    job = check_job(workflow_run, s3server, "production", HEARTBEAT_URL_CHECK=monitor.url("check"),
-                    ALERT_WEBHOOK_URL=monitor.url("alert"))
+    job = check_job(workflow_run, s3server, "production", {"retention-days": 36, "expire-days": 45, "lock-mode": "GOVERNANCE"},
+                    HEARTBEAT_URL_CHECK=monitor.url("check"), ALERT_WEBHOOK_URL=monitor.url("alert"))
     job.assert_ok()
     for step_id in ("audit-bucket", "verify-files", "start-drill-server", "restore-drill", "drill-row-counts", "stop-drill-server"):
         assert job.step(step_id).status == "success", job.report()
