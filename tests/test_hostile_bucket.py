@@ -17,6 +17,7 @@ import struct
 import subprocess
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -450,6 +451,29 @@ def test_an_archived_object_is_skipped_named_and_reported_by_the_check(run, s3se
     assert done.returncode == 0, done.stderr
     assert "1 objects of the source were skipped" in done.stdout
     assert "::warning::the files backup" in done.stderr
+
+
+def test_a_file_mimicking_a_zip_descriptor_cannot_make_the_backup_unrestorable(run, s3server, bucket):
+    """Anybody who can upload to the app can store a file whose bytes hold a ZIP data descriptor
+    (signature, CRC, its own length so far): a checker that found a member's end by scanning
+    would cut the member there and refuse the whole backup, every day. Ours reads each member
+    by the size the backup wrote for it: the backup verifies and restores byte for byte."""
+    client = s3server.client()
+    source = new_bucket(s3server)
+    prefix = b"%PDF-1.7 uploaded by a user "
+    planted = {f"uploads/{i}.pdf": Obj(prefix + sig + struct.pack(layout, crc, len(prefix), len(prefix)) + b"%%EOF",
+                                       "application/pdf")
+               for i, (sig, layout, crc) in enumerate((sig, layout, crc) for sig in (b"PK\x07\x08", b"\x08\x07KP")
+                                                      for layout in ("<LLL", "<LQQ") for crc in (0, zlib.crc32(prefix)))}
+    fill(client, source, {**planted, "after.txt": Obj(b"the next member", "text/plain")})
+    done = run("backup_files.py", "--source-bucket", source)
+    assert done.returncode == 0, done.stderr
+    done = run("verify_backup.py", "--kind", "files", "--latest")
+    assert done.returncode == 0, done.stderr
+    target = new_bucket(s3server, "restored")
+    done = run("restore_files.py", "--latest", "--target-bucket", target)
+    assert done.returncode == 0, done.stderr
+    assert snapshot(client, target) == snapshot(client, source)
 
 
 # -- 7. database passwords with # / ? never leak -----------------------------------------------

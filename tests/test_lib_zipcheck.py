@@ -1,5 +1,6 @@
 """The streaming ZIP checker: archives as zipfile writes them on a non-seekable stream (data
-descriptors), fed in chunks of every size; damage, truncation and trailing bytes are caught."""
+descriptors), fed in chunks of every size; damage, truncation and trailing bytes are caught; a
+member of ours ends where its size field says, whatever its bytes look like."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import os
 import struct
 import zipfile
 import zlib
+from datetime import UTC, datetime
 
 import pytest
 
-from backupkit.zipcheck import ZipCheckError, ZipStreamChecker
+from backupkit import archive
+from backupkit.zipcheck import SIZE_EXTRA_ID, ZipCheckError, ZipStreamChecker
 
 # Member data that contains the data-descriptor signature, twice, one with plausible sizes.
 TRICKY = b"abc" + b"PK\x07\x08" + b"x" * 20 + b"PK\x07\x08" + struct.pack("<LLL", 0, 5, 5)
@@ -112,3 +115,38 @@ def test_error_is_kept_and_bytes_still_accepted():
     assert checker.bytes_in == 20
     with pytest.raises(ZipCheckError, match="unexpected bytes"):
         checker.finish()
+
+
+def mimics(prefix: bytes) -> list[bytes]:
+    """Member contents that end with what looks like their own data descriptor (either signature
+    order, a wrong or the right CRC, 32- or 64-bit sizes) and go on: an app's file can hold that."""
+    return [prefix + sig + struct.pack(layout, crc, len(prefix), len(prefix)) + b"and the file goes on"
+            for sig in (b"PK\x07\x08", b"\x08\x07KP") for crc in (0, zlib.crc32(prefix)) for layout in ("<LLL", "<LQQ")]
+
+
+@pytest.mark.parametrize("zip64", [False, True])
+def test_a_member_mimicking_its_own_descriptor_is_read_whole_in_our_archives(monkeypatch, zip64):
+    monkeypatch.setattr(archive, "ZIP64_FROM", 0 if zip64 else archive.ZIP64_FROM)
+    contents = mimics(b"an uploaded file ")
+    out = Unseekable()
+    writer = archive.ArchiveWriter(out)
+    for i, data in enumerate(contents):
+        writer.add(f"upload-{i}.bin", len(data), datetime(2026, 11, 29, tzinfo=UTC), b"", [data])
+    writer.close()
+    summary = check(bytes(out.buf), step=7)
+    assert [m.size for m in summary.members] == [len(data) for data in contents]
+    assert [m.crc for m in summary.members] == [zlib.crc32(data) for data in contents]
+    # Without the size field (an archive written by another tool) such a member still ends early.
+    with pytest.raises(ZipCheckError):
+        check(streamed_zip([("upload.bin", contents[1])]))
+
+
+def test_a_size_field_that_lies_is_damage():
+    out = Unseekable()
+    writer = archive.ArchiveWriter(out)
+    writer.add("a.bin", 10, datetime(2026, 11, 29, tzinfo=UTC), b"", [b"0123456789"])
+    writer.close()
+    field = struct.pack("<2HQ", SIZE_EXTRA_ID, 8, 10)
+    for lie in (9, 11):
+        with pytest.raises(ZipCheckError, match="a.bin"):
+            check(bytes(out.buf).replace(field, struct.pack("<2HQ", SIZE_EXTRA_ID, 8, lie), 1))

@@ -26,7 +26,7 @@ from .output import has_unsafe_characters, shown
 from .retrieve import Fetched, check_plaintext
 from .s3 import explain
 from .streams import CHUNK, Tally, enlarge_pipe
-from .zipcheck import ZipStreamChecker
+from .zipcheck import ZipStreamChecker, size_extra
 
 # Headers kept with each object besides its bytes. ContentType and Metadata are what the contract
 # asks for; the other standard headers change how browsers serve a file, so they come along.
@@ -118,6 +118,7 @@ class ArchiveWriter:
         info.compress_type = zipfile.ZIP_STORED
         info.file_size = size
         info.comment = attributes
+        info.extra = size_extra(size)  # the checker reads exactly this many bytes: no content can end it early
         info.external_attr = 0o644 << 16
         written = 0
         with self._zip.open(info, "w", force_zip64=size >= ZIP64_FROM) as member:

@@ -4,6 +4,13 @@
 local headers and member data (CRC-32 and size of every member, data descriptors included, as
 zipfile writes them in streaming mode), then parses the central directory and its end records
 and cross-checks names, CRCs, sizes and offsets against what went past.
+
+A member followed by a data descriptor has no size in its local header, and its bytes are the
+app's: a file holding a descriptor's signature and its own length so far would end the member
+early if the end were found by scanning. So the files backup writes each member's exact size in
+a local extra field of its own (SIZE_EXTRA_ID), and the checker then reads exactly that many
+bytes and expects the descriptor right after them. Only archives without that field (written
+before it, or by the original system) are scanned for their descriptors.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ ZIP64_LOCATOR = struct.Struct("<4sLQL")  # 20 bytes
 DESCRIPTOR = struct.Struct("<4sLLL")  # 16 bytes
 DESCRIPTOR64 = struct.Struct("<4sLQQ")  # 24 bytes, after a member with a ZIP64 local header
 ZIP64_EXTRA_ID = 0x0001
+# The member's size, in a local extra field of this tool's (8 bytes, little-endian); zip readers
+# skip extra fields they do not know.
+SIZE_EXTRA_ID = 0x6B62
+SIZE_EXTRA = struct.Struct("<2HQ")
 STORED = 0
 FLAG_ENCRYPTED, FLAG_DESCRIPTOR, FLAG_UTF8 = 0x1, 0x8, 0x800
 
@@ -74,31 +85,31 @@ def _name(raw: bytes, flags: int) -> tuple[str, bool]:
         return raw.decode("utf-8", "replace"), False
 
 
+def _extra_field(extra: bytes, tag: int) -> bytes | None:
+    """The data of extra field `tag`, or None when the extra bytes hold none."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        found, size = struct.unpack_from("<2H", extra, pos)
+        if found == tag:
+            return extra[pos + 4: pos + 4 + size]
+        pos += 4 + size
+    return None
+
+
 def _zip64_extra(extra: bytes, wanted: list[bool]) -> list[int | None]:
     """Values of the ZIP64 extra field, in order, for each field marked as wanted (0xFFFFFFFF)."""
     values: list[int | None] = [None] * len(wanted)
-    pos = 0
-    while pos + 4 <= len(extra):
-        tag, size = struct.unpack_from("<2H", extra, pos)
-        if tag == ZIP64_EXTRA_ID:
-            data, at = extra[pos + 4: pos + 4 + size], 0
-            for i, want in enumerate(wanted):
-                if want and at + 8 <= len(data):
-                    values[i] = struct.unpack_from("<Q", data, at)[0]
-                    at += 8
-            return values
-        pos += 4 + size
+    data, at = _extra_field(extra, ZIP64_EXTRA_ID) or b"", 0
+    for i, want in enumerate(wanted):
+        if want and at + 8 <= len(data):
+            values[i] = struct.unpack_from("<Q", data, at)[0]
+            at += 8
     return values
 
 
-def _has_zip64_extra(extra: bytes) -> bool:
-    pos = 0
-    while pos + 4 <= len(extra):
-        tag, size = struct.unpack_from("<2H", extra, pos)
-        if tag == ZIP64_EXTRA_ID:
-            return True
-        pos += 4 + size
-    return False
+def size_extra(size: int) -> bytes:
+    """The local extra field that tells the checker a member's exact size."""
+    return SIZE_EXTRA.pack(SIZE_EXTRA_ID, SIZE_EXTRA.size - 4, size)
 
 
 class ZipStreamChecker:
@@ -114,8 +125,9 @@ class ZipStreamChecker:
         self._offset = 0  # offset in the archive of _buf[0]
         self._state: Callable[[], bool] = self._record
         self._member: Member | None = None
-        self._remaining = 0  # member data still expected, when the local header knew its size
+        self._remaining = 0  # member data still expected, when its size is known
         self._expected: tuple[int, int, int] | None = None  # (crc, compressed, size) from the local header
+        self._sized = False  # a descriptor follows, but the size came from our extra field: no scanning
         self._central: list[Member] = []
         self._central_start: int | None = None
         self._central_end: int | None = None
@@ -191,14 +203,19 @@ class ZipStreamChecker:
         raw_name = header[LOCAL_HEADER.size: LOCAL_HEADER.size + nlen]
         extra = header[LOCAL_HEADER.size + nlen:]
         name, valid = _name(raw_name, flags)
-        member = Member(name, offset, flags, method, _has_zip64_extra(extra), data_offset=self._offset, name_valid=valid)
+        member = Member(name, offset, flags, method, _extra_field(extra, ZIP64_EXTRA_ID) is not None, data_offset=self._offset, name_valid=valid)
         if flags & FLAG_ENCRYPTED:
             raise ZipCheckError(f"the ZIP member {member.name!r} is encrypted with ZIP encryption: not one of ours")
         if method != STORED:  # the files backup stores its members: anything else is not one of ours
             raise ZipCheckError(f"the ZIP member {member.name!r} is compressed (method {method}): not an archive this tool wrote")
         self._member = member
+        self._sized = False
         if flags & FLAG_DESCRIPTOR:
             self._expected = None
+            sized = _extra_field(extra, SIZE_EXTRA_ID)
+            self._sized = sized is not None and len(sized) == 8
+            if self._sized:
+                self._remaining = struct.unpack("<Q", sized)[0]
         else:
             big_u, big_c = _zip64_extra(extra, [usize == 0xFFFFFFFF, csize == 0xFFFFFFFF])
             csize = big_c if big_c is not None else csize
@@ -215,13 +232,16 @@ class ZipStreamChecker:
         member.size += len(chunk)
 
     def _member_data(self) -> bool:
-        if self._expected is not None:  # sizes known from the local header
+        if self._expected is not None or self._sized:  # the size is known: read exactly that
             n = min(self._remaining, len(self._buf))
             if n:
                 self._data(self._take(n))
                 self._remaining -= n
             if self._remaining:
                 return False
+            if self._sized:
+                self._state = self._descriptor
+                return True
             crc, csize, usize = self._expected
             self._end_member(crc, csize, usize)
             return True
@@ -242,6 +262,16 @@ class ZipStreamChecker:
         if self._match_descriptor():
             return True
         self._data(self._take(1))  # the signature's first byte was member data
+        return True
+
+    def _descriptor(self) -> bool:
+        """The descriptor right after a member whose size our extra field gave."""
+        if len(self._buf) < DESCRIPTOR64.size:
+            return False
+        if bytes(self._buf[:4]) not in DESCRIPTOR_SIGS or not self._match_descriptor():
+            member = self._member
+            raise ZipCheckError(f"the ZIP member {member.name!r} is not followed by its data descriptor "
+                                f"({member.size} bytes, as its header says): damaged")
         return True
 
     def _match_descriptor(self) -> bool:
