@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from backupkit import cli, config, s3
-from backupkit.config import format_age, parse_duration
+from backupkit.config import duration_arg, format_age
 from backupkit.errors import BackupError, Problem, UsageError
 from backupkit.manifest import KINDS, Backup, catalogue, iso
 from backupkit.output import log, shown
@@ -43,10 +43,7 @@ def max_age_arg(value: str) -> tuple[str | None, timedelta]:
     kind, sep, duration = value.rpartition("=")
     if sep and kind not in KINDS:
         raise argparse.ArgumentTypeError(f"unknown kind '{shown(kind)}' in '{shown(value)}': use database=DURATION or files=DURATION")
-    try:
-        return (kind or None), parse_duration(duration)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return (kind or None), duration_arg(duration)
 
 
 def build_parser() -> cli.ArgumentParser:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 
 from backupkit import cli, config, s3
-from backupkit.dump import Restored, check_restore_psql, restore_dump
+from backupkit.dump import Restored, check_restore_target, restore_dump
 from backupkit.errors import BackupError, UsageError
-from backupkit.output import log, md_code, shown
-from backupkit.postgres import client_binary, client_version, user_tables, warn_if_superuser
+from backupkit.output import md_code, shown
+from backupkit.postgres import client_binary, user_tables
 from backupkit.progress import human_bytes
 from backupkit.retrieve import BucketReader, Fetched, Retrieved, local_format, open_local
 
@@ -76,9 +76,7 @@ def main(argv: list[str]) -> int:
     else:
         environment = config.environment_name(args.environment)
         bucket = config.bucket_name(args.bucket)
-    check_restore_psql(client_version(psql)[1], psql)
-    tables = user_tables(target, psql, restore_target=True)
-    warn_if_superuser(target, psql)
+    tables = check_restore_target(target, psql)
     if tables and not args.replace:
         raise BackupError(
             f"the target database '{shown(target.database)}' already has {len(tables)} tables "
@@ -86,7 +84,6 @@ def main(argv: list[str]) -> int:
         )
 
     def restore(fetched: Fetched) -> Restored:
-        log(f"restoring {fetched.label} into '{shown(target.database)}'")
         return restore_dump(fetched, target, psql)
 
     if args.file:

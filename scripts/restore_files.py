@@ -259,8 +259,8 @@ class Restore:
     only: str | None
     dry_run: bool
     skip_unsafe: bool
-    uploaded: int = 0
     todo: int = 0
+    uploads: Progress | None = None  # counts the objects uploaded (under its lock: 8 threads upload)
 
     def __call__(self, fetched: Fetched) -> dict[str, Any]:
         with private_directory(prefix="restore-files-") as workdir:  # 0700: the decrypted archive lives here
@@ -279,24 +279,24 @@ class Restore:
             todo = [item for item in items if item.action != IDENTICAL]
             self.todo = len(todo)
             if not self.dry_run and todo:
-                progress = Progress("uploaded", total_bytes=sum(i.size for i in todo), total_objects=len(todo))
+                uploads = self.uploads = Progress("uploaded", total_bytes=sum(i.size for i in todo), total_objects=len(todo))
 
                 def put(item: Item) -> None:
                     upload(self.client, self.bucket, path, item)
-                    self.uploaded += 1
-                    progress.update(item.size, 1)
+                    uploads.update(item.size, 1)
 
                 try:
                     run_pool(todo, put)
                 except BackupError as exc:
                     raise BackupError(f"{exc}; {self.interrupted()}") from exc
-                progress.done()
+                uploads.done()
         return {"items": items, "todo": todo, "unsafe": unsafe}
 
     def interrupted(self) -> str:
         if self.dry_run or not self.todo:
             return "nothing was uploaded"
-        return (f"{self.uploaded} of {self.todo} objects were uploaded (each complete), the others not; run the same "
+        uploaded = self.uploads.objects if self.uploads else 0
+        return (f"{uploaded} of {self.todo} objects were uploaded (each complete), the others not; run the same "
                 "command again to finish: objects already identical in the target are skipped")
 
 

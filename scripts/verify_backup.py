@@ -9,11 +9,11 @@ from typing import Any
 
 from backupkit import cli, config, s3
 from backupkit.config import duration_arg, format_age
-from backupkit.dump import check_restore_psql, restore_dump
+from backupkit.dump import check_restore_target, restore_dump
 from backupkit.errors import BackupError, Problem, UsageError, VerificationError
 from backupkit.manifest import KINDS, Backup, iso
 from backupkit.output import log, md_code, shown
-from backupkit.postgres import client_binary, client_version, row_counts, user_tables, warn_if_superuser
+from backupkit.postgres import client_binary, row_counts
 from backupkit.progress import human_bytes
 from backupkit.retrieve import BucketReader, Fetched, Skip
 from backupkit.verify import verify_fetched
@@ -79,7 +79,6 @@ def check(fetched: Fetched, target: config.DatabaseTarget | None, psql: str) -> 
     if target is None:
         details.update(verify_fetched(fetched))
         return details
-    log(f"restoring {fetched.label} into '{shown(target.database)}'")
     restored = restore_dump(fetched, target, psql)
     counts = row_counts(target, psql)
     details.update(plaintext_size=restored.plaintext_size, trailer=True, restored_into=target.database,
@@ -127,9 +126,7 @@ def main(argv: list[str]) -> int:
     target, psql = None, client_binary("psql", explicit=args.psql)
     if args.restore_into:
         target = config.database_target(args.restore_into, "--restore-into")
-        check_restore_psql(client_version(psql)[1], psql)
-        tables = user_tables(target, psql, restore_target=True)
-        warn_if_superuser(target, psql)
+        tables = check_restore_target(target, psql)
         if tables:
             raise BackupError(f"--restore-into '{shown(target.database)}' already has {len(tables)} tables: "
                               "give an empty scratch database (this check never restores over data)")

@@ -25,7 +25,7 @@ from .objects import SourceObject, fetch_in_order
 from .output import has_unsafe_characters, shown
 from .retrieve import Fetched, check_plaintext
 from .s3 import explain
-from .streams import CHUNK, Tally, enlarge_pipe
+from .streams import Tally, copy, enlarge_pipe
 from .zipcheck import ZipStreamChecker, size_extra
 
 # Headers kept with each object besides its bytes. ContentType and Metadata are what the contract
@@ -314,8 +314,7 @@ def read_archive(fetched: Fetched, keep: str | None = None,
     try:
         with open(fetched.path, "rb") as source:
             if fetched.encryption == "zip":
-                while chunk := source.read(CHUNK):
-                    sink.write(chunk)
+                copy(source, sink.write)
             else:
                 aescrypt_decrypt(source, sink, fetched.passphrase)
     finally:

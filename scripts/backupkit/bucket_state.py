@@ -274,7 +274,7 @@ def compare(wanted: dict[str, Any], found: dict[str, Any]) -> list[Finding]:
                                  ("policy", "bucket policy", _describe_policy)):
         if wanted[prop] is None:  # the policy, with allow_plain_http: it must not refuse plain HTTP
             if not unreadable(prop, name, NO_TLS_ONLY):
-                has = any(isinstance(s, dict) and _tls_only(s) for s in _statements(found.get(prop)))
+                has = any(_tls_only(s) for s in _statements(found.get(prop)))
                 findings.append(Finding(name, prop, NO_TLS_ONLY, TLS_ONLY_FOUND if has else NO_TLS_ONLY))
             continue
         text = describe(wanted[prop])
@@ -287,8 +287,8 @@ NO_TLS_ONLY = "no statement refusing plain HTTP (--allow-plain-http)"
 TLS_ONLY_FOUND = "a statement refusing every plain-HTTP request (aws:SecureTransport false)"
 
 
-def _tls_only(statement: dict[str, Any]) -> bool:
-    return statement.get("Effect") == "Deny" and "aws:SecureTransport" in json.dumps(statement.get("Condition", {}))
+def _tls_only(statement: Any) -> bool:
+    return isinstance(statement, dict) and statement.get("Effect") == "Deny" and "aws:SecureTransport" in json.dumps(statement.get("Condition", {}))
 
 
 def _statements(policy: Any) -> list[Any]:
@@ -303,7 +303,7 @@ def without_tls_only(policy: Any) -> dict[str, Any] | None:
     if policy is not None and not isinstance(policy, dict):
         raise BackupError(f"cannot change the bucket policy: it could not be read ({shown(str(policy))}); "
                           "run with credentials that may read it (s3:GetBucketPolicy)")
-    rest = [s for s in _statements(policy) if not (isinstance(s, dict) and _tls_only(s))]
+    rest = [s for s in _statements(policy) if not _tls_only(s)]
     return {**policy, "Statement": rest} if rest else None
 
 

@@ -72,9 +72,14 @@ def step_summary(markdown: str) -> None:
             handle.write(redact(markdown).rstrip("\n") + "\n\n")
 
 
+def _one_line(message: str) -> str:
+    """A message as one printable line with every secret redacted."""
+    return safe_lines(redact(" ".join(message.split("\n"))))
+
+
 def warn(message: str) -> None:
     """A warning line on stderr, and a warning annotation under GitHub Actions."""
-    message = safe_lines(redact(" ".join(message.split("\n"))))
+    message = _one_line(message)
     log(f"warning: {message}")
     if os.environ.get("GITHUB_ACTIONS") == "true":
         print(f"::warning::{annotation(message)}", file=sys.stderr, flush=True)
@@ -103,7 +108,7 @@ def parse_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
 
 
 def fail(message: str, code: int, script: str) -> NoReturn:
-    message = safe_lines(redact(" ".join(message.split("\n"))))
+    message = _one_line(message)
     print(f"error: {message}", file=sys.stderr, flush=True)
     if os.environ.get("GITHUB_ACTIONS") == "true":
         print(f"::error title={annotation_property(script)}::{annotation(message)}", file=sys.stderr, flush=True)
@@ -116,7 +121,7 @@ def fail(message: str, code: int, script: str) -> NoReturn:
         except OSError as exc:
             log(f"warning: could not write BACKUP_ERROR_FILE ({exc.strerror})")
     if _heartbeat is not None:  # last: the error line is out whatever the monitor does
-        _heartbeat.fail(redact(f"{script}: {message}"))
+        _heartbeat.fail(f"{script}: {message}")  # message is redacted already
     sys.exit(code)
 
 

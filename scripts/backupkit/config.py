@@ -46,6 +46,17 @@ CHILD_ENV_DROPPED = ("GITHUB_TOKEN",)
 NOW_VAR = "EXTERNAL_BACKUPS_NOW"
 
 
+def is_http_url(value: str, *, check_port: bool = False) -> bool:
+    """An http(s) URL with a host (and, with `check_port`, a port that is a number)."""
+    try:
+        parts = urlsplit(value)
+        if check_port:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        return False
+
+
 def environment_name(value: str | None) -> str:
     if not value:
         raise UsageError("no environment given: set BACKUP_ENVIRONMENT or pass --environment")

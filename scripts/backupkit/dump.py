@@ -29,11 +29,11 @@ from .compression import ZSTD_MAGIC, start_zstd
 from .config import DatabaseTarget
 from .crypto import start_openssl
 from .errors import BackupError, Problem, VerificationError
-from .output import shown
+from .output import log, shown
 from .pipeline import Pipeline
-from .postgres import TRAILER, TRAILER_WINDOW, has_trailer
+from .postgres import TRAILER, TRAILER_WINDOW, client_version, has_trailer, user_tables, warn_if_superuser
 from .retrieve import Fetched, check_plaintext
-from .streams import CHUNK, Tally
+from .streams import CHUNK, Tally, copy
 
 HOLD_BACK = 64 * 1024  # plaintext kept from psql until verified; holds pg_dump's trailer
 # pg_dump writes `\restrict KEY` after its header comments: it is dropped only if it is the first
@@ -53,6 +53,15 @@ def check_restore_psql(version: str, psql: str) -> None:
             f"{shown(psql)} is psql {shown(version)}, too old to restore safely: it cannot run restricted (\\restrict), "
             "so a planted backup could run shell commands here. Install a current PostgreSQL client "
             "(13.22, 14.19, 15.14, 16.10, 17.6 or newer; apt.postgresql.org has them) and pass --psql or set PSQL")
+
+
+def check_restore_target(target: DatabaseTarget, psql: str) -> list[str]:
+    """Before anything is downloaded: psql can restore safely, the target answers (warned about
+    when its role is a superuser); returns the tables it already has."""
+    check_restore_psql(client_version(psql)[1], psql)
+    tables = user_tables(target, psql, restore_target=True)
+    warn_if_superuser(target, psql)
+    return tables
 
 
 class _Prefixed:
@@ -137,10 +146,7 @@ def verify_dump(fetched: Fetched) -> dict[str, Any]:
     tail = Tail()
     with Pipeline() as pipeline:
         reader = DumpReader(pipeline, fetched)
-        read = reader.stdout.read1
-        while chunk := read(CHUNK):
-            plaintext.update(chunk)
-            tail.write(chunk)
+        copy(reader.stdout, tail.write, plaintext)
         reader.finish()
     _check_dump(plaintext, tail.data, fetched)
     return {"plaintext_size": plaintext.size, "trailer": True}
@@ -234,6 +240,7 @@ class Restored:
 def restore_dump(fetched: Fetched, target: DatabaseTarget, psql: str) -> Restored:
     """Decrypt into a restricted psql in one transaction, releasing the held-back end only when
     everything verified; on any failure psql is killed and nothing is committed."""
+    log(f"restoring {fetched.label} into '{shown(target.database)}'")
     began = time.monotonic()
     plaintext = Tally()
     with Pipeline() as pipeline:

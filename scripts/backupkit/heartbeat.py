@@ -10,9 +10,8 @@ out is a warning and never changes the script's result.
 from __future__ import annotations
 
 import time
-from urllib.parse import urlsplit
 
-from .config import register_secret
+from .config import is_http_url, register_secret
 from .errors import UsageError
 from .output import log
 
@@ -24,12 +23,7 @@ MAX_BODY = 4096  # the error line, at most this many bytes
 class Heartbeat:
     def __init__(self, url: str):
         register_secret(url)
-        try:
-            parts = urlsplit(url)
-            valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-        except ValueError:
-            valid = False
-        if not valid:
+        if not is_http_url(url):
             raise UsageError("BACKUP_HEARTBEAT_URL / --heartbeat-url is not an http(s) URL (not shown: it holds a token)")
         self.url = url.rstrip("/")
 

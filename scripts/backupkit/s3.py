@@ -13,12 +13,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import boto3
 import botocore.exceptions
 from botocore.config import Config
 
+from .config import is_http_url
 from .errors import BackupError, UsageError
 
 T = TypeVar("T")
@@ -71,13 +71,7 @@ def check_endpoints() -> None:
         value = os.environ.get(variable)
         if not value:
             continue
-        try:
-            parts = urlsplit(value)
-            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-        except ValueError:
-            ok = False
-        if not ok:
+        if not is_http_url(value, check_port=True):
             raise UsageError(f"{variable} is not an endpoint URL: expected e.g. https://s3.eu-central-1.amazonaws.com "
                              "or http://127.0.0.1:9000")
 

@@ -32,8 +32,7 @@ class Tally:
     def of_file(cls, path: str) -> Tally:
         tally = cls()
         with open(path, "rb") as handle:
-            while chunk := handle.read(CHUNK):
-                tally.update(chunk)
+            copy(handle, tally.update)
         return tally
 
 
