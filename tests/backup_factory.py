@@ -108,15 +108,22 @@ class Unseekable:
         pass
 
 
-def streamed_zip(objects: dict[str, bytes]) -> bytes:
+def zip_of(members: list[tuple[str, bytes, bytes]]) -> bytes:
+    """A ZIP as the files backup writes it (stored, streamed); members are (name, data, comment)."""
     out = Unseekable()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as archive:
-        for name, data in objects.items():
+        for name, data, comment in members:
             info = zipfile.ZipInfo(name, (2026, 11, 29, 10, 0, 0))
-            info.comment = json.dumps({"ContentType": "application/octet-stream", "Metadata": {}}).encode()
+            info.comment = comment
             with archive.open(info, "w", force_zip64=True) as member:
                 member.write(data)
     return bytes(out.buffer)
+
+
+def streamed_zip(objects: dict[str, bytes]) -> bytes:
+    """`zip_of` the objects, each with the attributes of a plain object as its comment."""
+    attributes = json.dumps({"ContentType": "application/octet-stream", "Metadata": {}}).encode()
+    return zip_of([(name, data, attributes) for name, data in objects.items()])
 
 
 def aescrypt(plaintext: bytes, passphrase: str) -> bytes:

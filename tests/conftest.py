@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dev.harness import REPO, PostgresCluster, S3Server, create_sample_database
+from dev.measure import TreeMemory
 
 PASSPHRASE = "correct-horse-Passphrase-91c2"
 OLD_PASSPHRASE = "old-battery-Passphrase-55aa"
@@ -84,6 +85,15 @@ class Runner:
         return subprocess.Popen(self.command(script, *args), env=merged, cwd=self.cwd,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+    def measured(self, script: str, *args: str, env: dict | None = None, interval: float = 0.1,
+                 timeout: float = 300) -> tuple[subprocess.CompletedProcess, TreeMemory]:
+        """Run a script while `TreeMemory` samples it and its children every `interval` seconds;
+        returns the finished process (its exit code unchecked) and the memory figures."""
+        proc = self.popen(script, *args, env=env)
+        with TreeMemory(proc.pid, interval=interval) as memory:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), memory
+
 
 def base_env() -> dict[str, str]:
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "SYSTEMROOT")
@@ -113,6 +123,11 @@ def versions(client, bucket: str, prefix: str = "") -> list[dict]:
     for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
         out += page.get("Versions", [])
     return out
+
+
+def public_tables(pg, database: str) -> str:
+    """How many tables the database's public schema holds, as psql prints it ("0" when none)."""
+    return pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", database)
 
 
 def error_lines(stderr: str) -> list[str]:

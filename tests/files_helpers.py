@@ -1,6 +1,7 @@
-"""Helpers for the files backup/restore tests: source buckets with awkward content, snapshots to
-compare buckets byte for byte, a TCP proxy that can cut the source endpoint mid-run, and a runner
-that measures a script's peak memory."""
+"""Helpers for the files backup/restore tests: app buckets (`new_bucket`) filled with awkward
+content (`Obj`, `fill`, `awkward_objects`), snapshots to compare buckets byte for byte (`snapshot`,
+`expected_snapshot`), and reading what a files backup stored (`manifests`, `download`,
+`decrypt_bytes`)."""
 
 from __future__ import annotations
 

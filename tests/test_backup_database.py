@@ -10,7 +10,6 @@ import time
 import pytest
 
 from dev.harness import table_fingerprint
-from dev.measure import TreeMemory
 from tests.conftest import PASSPHRASE, error_lines, versions
 
 ENV = "production"
@@ -129,12 +128,10 @@ def test_memory_stays_bounded_on_a_large_dump(run, pg, s3server, bucket):
         pg.psql("CREATE TABLE big AS SELECT i, repeat(md5(i::text), 12) AS a, md5((i*3)::text) AS b "
                 "FROM generate_series(1, 900000) i", name)
         began = time.monotonic()
-        proc = run.popen("backup_database.py", "--database-url", pg.url(name), "--json")
-        with TreeMemory(proc.pid) as memory:
-            stdout, stderr = proc.communicate(timeout=600)
+        done, memory = run.measured("backup_database.py", "--database-url", pg.url(name), "--json", interval=0.1, timeout=600)
         seconds = time.monotonic() - began
-        assert proc.returncode == 0, stderr
-        manifest = json.loads(stdout)
+        assert done.returncode == 0, done.stderr
+        manifest = json.loads(done.stdout)
         size_mb = manifest["plaintext_size"] / 1e6
         print(f"\ndump {size_mb:.0f} MB in {seconds:.1f} s ({size_mb / seconds:.0f} MB/s); peak RSS: "
               f"backup_database.py {memory.per_name.get('python', memory.peak_process_kib) / 1024:.0f} MiB, "

@@ -18,7 +18,6 @@ from backupkit import archive as archive_module
 from backupkit.archive import ArchiveWriter, EncryptingSink, archive_objects, decode_attributes
 from backupkit.crypto import AESCRYPT_BUFFER, FullReader
 from backupkit.objects import SourceObject
-from dev.measure import TreeMemory
 from tests.backup_factory import files_backup as backup
 from tests.conftest import PASSPHRASE, error_lines, versions
 from tests.faultproxy import FaultProxy
@@ -283,11 +282,9 @@ def test_memory_stays_bounded_and_flat(run, s3server, bucket, capsys):
     add_objects(client, source, 0, large=3, small=212)  # 512 MiB
     for label in ("0.5 GiB", "1 GiB"):
         began = time.monotonic()
-        proc = run.popen("backup_files.py", "--source-bucket", source, "--json")
-        with TreeMemory(proc.pid, interval=0.02) as memory:
-            stdout, stderr = proc.communicate(timeout=900)
-        assert proc.returncode == 0, stderr
-        size = json.loads(stdout)["source"]["total_bytes"]
+        done, memory = run.measured("backup_files.py", "--source-bucket", source, "--json", interval=0.02, timeout=900)
+        assert done.returncode == 0, done.stderr
+        size = json.loads(done.stdout)["source"]["total_bytes"]
         figures.append((label, size, memory.peak_process_kib * 1024, time.monotonic() - began))
         if label == "0.5 GiB":
             add_objects(client, source, 1000, large=3, small=212)  # another 512 MiB
@@ -327,7 +324,7 @@ def test_objects_that_grew_after_the_listing_are_streamed_not_prefetched_whole()
     """The app lists 300 empty objects, then makes each 4 MiB before the backup reads them: held
     whole ahead of their turn they would take 1.2 GiB. Only what the listing budgeted is read
     whole; the rest is streamed in turn."""
-    from backupkit.objects import SourceObject, fetch_in_order
+    from backupkit.objects import fetch_in_order
 
     grown = 4 * MIB
 

@@ -12,7 +12,7 @@ import pyAesCrypt
 import pytest
 
 from dev.harness import REPO
-from tests.conftest import OLD_PASSPHRASE, PASSPHRASE
+from tests.conftest import OLD_PASSPHRASE, PASSPHRASE, error_lines
 
 DECRYPT = [sys.executable, str(REPO / "decrypt.py")]
 PLAIN = ("-- some SQL\n" + "INSERT INTO t VALUES ('zoë');\n" * 5000 + "--\n-- PostgreSQL database dump complete\n--\n").encode()
@@ -51,8 +51,7 @@ def test_wrong_passphrase_exits_1_and_leaves_no_output(tmp_path, encrypt):
     out = tmp_path / "out"
     done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(out)], env=env(EXTERNAL_BACKUP_ENCRYPTION_KEY="nope"),
                           capture_output=True, text=True)
-    assert done.returncode == 1 and [line for line in done.stderr.splitlines() if line.startswith("error: ")] == \
-        done.stderr.splitlines()[-1:] and "wrong passphrase" in done.stderr
+    assert done.returncode == 1 and error_lines(done.stderr) == done.stderr.splitlines()[-1:] and "wrong passphrase" in done.stderr
     assert list(tmp_path.iterdir()) == [encrypted]
 
 

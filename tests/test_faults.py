@@ -20,9 +20,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from backupkit.compression import ZSTD_MAGIC
 from dev.harness import table_fingerprint
 from tests.backup_factory import at, database_backup, iso
-from tests.conftest import PASSPHRASE, Runner, base_env, one_error, versions
+from tests.conftest import PASSPHRASE, Runner, base_env, one_error, public_tables, versions
 from tests.faultproxy import FaultProxy
 from tests.procwatch import ProcWatch
 
@@ -290,7 +291,7 @@ def test_zstd_missing_is_one_clear_error_naming_the_package(run, pg, sample_db, 
     done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), env=missing)
     assert done.returncode == 1
     one_error(done, "zstd", "not found", "apt-get install zstd")
-    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+    assert public_tables(pg, scratch_db) == "0"
 
     encrypted = download(s3server, bucket, manifest, tmp_path / "backup.sql.zst.encrypted", with_manifest=True)
     openssl_only = tmp_path / "openssl-only"
@@ -313,14 +314,13 @@ def test_zstd_dying_mid_stream_fails_the_backup_and_the_restore_promptly(run, pg
     one_error(done, "zstd", "simulated crash")
     nothing_stored(s3server, bucket)
 
-    database_backup(run, pg=pg, sample_db=big_db)
+    manifest = database_backup(run, pg=pg, sample_db=big_db)
     done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), env={"ZSTD": str(dying)},
                timeout=BOUND)
     assert done.returncode == 1
     one_error(done, "zstd", "simulated crash")
-    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+    assert public_tables(pg, scratch_db) == "0"
 
-    manifest = database_backup(run, pg=pg, sample_db=big_db)
     encrypted = download(s3server, bucket, manifest, tmp_path / "backup.sql.zst.encrypted", with_manifest=True)
     done = run("./decrypt.py", "-i", str(encrypted), "-o", str(tmp_path / "out.sql"), env={"ZSTD": str(dying)}, timeout=BOUND)
     assert done.returncode == 1
@@ -333,7 +333,7 @@ def test_restore_and_decrypt_without_openssl(run, pg, sample_db, scratch_db, s3s
     done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), env={"PATH": no_openssl_path})
     assert done.returncode == 1
     one_error(done, "openssl", "not found")
-    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+    assert public_tables(pg, scratch_db) == "0"
 
     encrypted = download(s3server, bucket, manifest, tmp_path / "backup.sql.encrypted")
     done = run("./decrypt.py", "-i", str(encrypted), "-o", str(tmp_path / "out.sql"), env={"PATH": no_openssl_path})
@@ -372,7 +372,7 @@ def cut_at_statement_boundary(data: bytes, passphrase: str) -> bytes:
     """A valid encryption of the dump (compressed again if it was) cut right after a complete COPY
     block: psql alone would commit it happily, only the missing trailer tells."""
     plaintext = openssl(data, passphrase, decrypt=True)
-    compressed = plaintext.startswith(b"\x28\xb5\x2f\xfd")
+    compressed = plaintext.startswith(ZSTD_MAGIC)
     sql = zstd(plaintext, decompress=True) if compressed else plaintext
     end = sql.rindex(b"\n\\.\n") + 4
     assert b"database dump complete" not in sql[:end]

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from dev.harness import REPO, table_fingerprint
-from dev.measure import TreeMemory
 from tests.backup_factory import (
     ENVIRONMENT,
     at,
@@ -33,8 +32,9 @@ from tests.backup_factory import (
     put_with_manifest,
     upload_archive,
     upload_dump,
+    zip_of,
 )
-from tests.conftest import PASSPHRASE, Runner, error_lines, one_error
+from tests.conftest import PASSPHRASE, Runner, error_lines, one_error, public_tables
 from tests.files_helpers import Obj, fill, new_bucket, snapshot
 from tests.procwatch import SpyBin
 
@@ -90,14 +90,10 @@ def command(name: str, marker: Path) -> bytes:
     return COMMANDS[name].replace(b"{marker}", str(marker).encode())
 
 
-def tables(pg, database: str) -> str:
-    return pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", database)
-
-
 def refused(done, marker: Path, pg, scratch_db: str) -> None:
     assert done.returncode == 1, done.stderr
     assert not marker.exists(), "the planted command ran"
-    assert tables(pg, scratch_db) == "0", "the planted dump was committed"
+    assert public_tables(pg, scratch_db) == "0", "the planted dump was committed"
 
 
 # -- 1. planted psql commands never run ---------------------------------------------------------
@@ -159,7 +155,7 @@ def test_planted_sql_gets_no_server_commands_from_a_restore_as_the_apps_own_role
         assert done.returncode == 1 and not marker.exists()
         one_error(done, "pg_execute_server_program")
         assert "superuser" not in done.stderr.split("error:")[0]  # no warning: the right role
-        assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", "app_owned") == "0"
+        assert public_tables(pg, "app_owned") == "0"
 
         pg.drop_database("app_owned")
         pg.create_database("app_owned")
@@ -185,7 +181,7 @@ def test_planted_commands_never_run_in_the_runbooks_manual_restore(pg, scratch_d
                           env={**pg.env(), "TARGET_DATABASE_URL": pg.url(scratch_db, password=False)})
     assert "backslash commands are restricted" in done.stderr or "wrong key" in done.stderr, done.stderr
     assert "restore committed" not in done.stdout
-    assert not marker.exists() and tables(pg, scratch_db) == "0"
+    assert not marker.exists() and public_tables(pg, scratch_db) == "0"
 
 
 @pytest.mark.parametrize("framed", [True, False], ids=["pg_dump-framing", "older-pg_dump"])
@@ -278,11 +274,9 @@ def test_oversized_manifests_are_refused_without_memory_growth(run, pg, sample_d
     database_backup(run, pg=pg, started_at=at(1))
 
     def peak() -> int:
-        proc = run.popen("list_backups.py", "--kind", "database", "--json", "--no-retention")
-        with TreeMemory(proc.pid, interval=0.02) as memory:
-            stdout, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 0, stderr
-        return memory.peak_process_kib, json.loads(stdout)
+        done, memory = run.measured("list_backups.py", "--kind", "database", "--json", "--no-retention", interval=0.02, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return memory.peak_process_kib, json.loads(done.stdout)
 
     before, _ = peak()
     client = s3server.client()
@@ -356,24 +350,10 @@ def test_an_injection_in_a_server_message_is_escaped_in_the_error_line(run, pg, 
     assert "stop-commands" in done.stderr  # the message is there, escaped
     assert [c for c in workflow_commands(done.stderr) if not c.startswith("::error title=")] == []
     assert "\r" not in done.stderr
-    assert tables(pg, scratch_db) == "0"
+    assert public_tables(pg, scratch_db) == "0"
 
 
 # -- 5. hostile archives upload nothing --------------------------------------------------------
-def zip_of(members: list[tuple[str, bytes, bytes]]) -> bytes:
-    """A ZIP as the files backup writes it (stored, streamed); members are (name, data, comment)."""
-    from tests.backup_factory import Unseekable
-
-    out = Unseekable()
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as archive:
-        for name, data, comment in members:
-            info = zipfile.ZipInfo(name, (2026, 11, 29, 10, 0, 0))
-            info.comment = comment
-            with archive.open(info, "w", force_zip64=True) as member:
-                member.write(data)
-    return bytes(out.buffer)
-
-
 ATTRS = json.dumps({"ContentType": "text/plain", "Metadata": {}}).encode()
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from tests.backup_factory import at, database_backup, streamed_zip, upload_archive
-from tests.conftest import OLD_PASSPHRASE, PASSPHRASE, error_lines
+from tests.conftest import OLD_PASSPHRASE, PASSPHRASE, error_lines, public_tables
 
 NEW_PASSPHRASE = "new-staple-Passphrase-7e01"
 ROTATED = {"EXTERNAL_BACKUP_ENCRYPTION_KEY": NEW_PASSPHRASE, "EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS": f"{OLD_PASSPHRASE},{PASSPHRASE}"}
@@ -50,7 +50,7 @@ def test_a_backup_whose_key_is_in_neither_is_refused_naming_its_key_id(run, pg, 
     line = error_lines(done.stderr)[0]
     assert f"key_id is {backup['key_id']}" in line and "EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS" in line
     assert "decryption failed" not in done.stderr and "restoring" not in done.stderr
-    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+    assert public_tables(pg, scratch_db) == "0"
 
     done = run("verify_backup.py", "--kind", "database", "--key", backup["key"], env=UNRELATED)
     assert done.returncode == 1

@@ -39,8 +39,8 @@ import pyAesCrypt
 import pytest
 
 from dev.harness import REPO, create_sample_database, table_fingerprint
-from tests.conftest import base_env, error_lines
-from tests.files_helpers import new_bucket
+from tests.conftest import base_env, error_lines, public_tables
+from tests.files_helpers import new_bucket, snapshot
 
 # Not conftest's PASSPHRASE: the original workflow puts the passphrase on openssl's command line,
 # and other tests watch command lines for theirs.
@@ -226,15 +226,6 @@ def fill_the_app_way(client, bucket: str, objects: dict[str, bytes]) -> None:
         client.upload_fileobj(io.BytesIO(body), bucket, key)
 
 
-def bucket_snapshot(client, bucket: str) -> dict[str, tuple[bytes, str, dict]]:
-    snap = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        for item in page.get("Contents", []):
-            got = client.get_object(Bucket=bucket, Key=item["Key"])
-            snap[item["Key"]] = (got["Body"].read(), got["ContentType"], got.get("Metadata", {}))
-    return snap
-
-
 # -- fixtures -----------------------------------------------------------------------------------
 @pytest.fixture
 def operator(tmp_path, pg, s3server, bucket):
@@ -349,7 +340,7 @@ def test_passphrase_as_the_original_shell_line_made_it(pg, sample_db, bucket, s3
     shell(FETCH_DATABASE, work, env)
     failed = shell(RESTORE_DATABASE, work, env, check=False)
     assert failed.returncode == 1 and "decryption failed" in failed.stderr
-    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+    assert public_tables(pg, scratch_db) == "0"
     shell(RESTORE_DATABASE, work, {**env, "EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS": as_run})
     assert_same_tables(pg, sample_db, scratch_db)
 
@@ -399,7 +390,7 @@ def test_original_dump_with_owner_roles_restores_once_the_roles_exist(dump_with_
     shell(FETCH_DATABASE, work, env)
     failed = shell(RESTORE_DATABASE, work, env, check=False)
     assert failed.returncode == 1 and f'role "{roles[0]}" does not exist' in failed.stderr
-    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"  # rolled back
+    assert public_tables(pg, scratch_db) == "0"  # rolled back
 
     named = shell(DUMP_ROLES, work, env).stdout.split()
     assert sorted(n for n in named if n != "TO") == sorted(roles)
@@ -444,9 +435,9 @@ def test_original_files_backup_is_listed_fetched_and_restored(original_files, op
     shell(RESTORE_FILES, work, env)
 
     client = s3server.client()
-    restored, original = bucket_snapshot(client, target), bucket_snapshot(client, source)
+    restored, original = snapshot(client, target), snapshot(client, source)
     assert restored == original  # every key, its bytes, ContentType (binary/octet-stream) and metadata
-    assert {content_type for _, content_type, _ in original.values()} == {"binary/octet-stream"}
+    assert {content_type for _, _, content_type, _ in original.values()} == {"binary/octet-stream"}
 
 
 def test_original_files_part_decrypts_with_decrypt_py_and_pyaescrypt(original_files, operator, s3server):
@@ -464,8 +455,8 @@ def test_original_files_part_decrypts_with_decrypt_py_and_pyaescrypt(original_fi
 
     shell(RESTORE_ZIP, work, env)  # an already decrypted part restores too
     client = s3server.client()
-    restored = bucket_snapshot(client, target)
-    original = bucket_snapshot(client, source)
+    restored = snapshot(client, target)
+    original = snapshot(client, source)
     assert restored and restored == {key: original[key] for key in restored}
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from dev.harness import table_fingerprint
 from tests.backup_factory import at, database_backup, iso, upload_dump
-from tests.conftest import PASSPHRASE, error_lines, one_error
+from tests.conftest import PASSPHRASE, error_lines, one_error, public_tables
 
 TABLES = ("applications", "admin_user")
 
@@ -92,7 +92,7 @@ def test_restore_from_local_file_needs_its_manifest(run, pg, sample_db, backed_u
     path.write_bytes(s3server.client().get_object(Bucket=bucket, Key=backed_up["key"])["Body"].read())
     refused = run("restore_database.py", "--file", str(path), "--target-database-url", pg.url(scratch_db))
     assert refused.returncode == 2 and "--without-manifest" in refused.stderr
-    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+    assert public_tables(pg, scratch_db) == "0"
 
     run("restore_database.py", "--file", str(path), "--without-manifest", "--target-database-url", pg.url(scratch_db), check=True)
     assert_same(pg, sample_db, scratch_db)
@@ -109,7 +109,7 @@ def test_wrong_passphrase_commits_nothing_and_says_so_once(run, pg, sample_db, b
     [line] = error_lines(done.stderr)
     assert backed_up["key_id"] in line and "mistyped" in line and "the only backup found" in line
     assert "skipped" not in done.stderr and "reasons are above" not in done.stderr  # one backup, one reason, said once
-    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+    assert public_tables(pg, scratch_db) == "0"
     # With several, each is skipped on its own line and the error line sums them up.
     database_backup(run, pg=pg, sample_db=sample_db)
     done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), env=wrong)
@@ -143,7 +143,7 @@ def test_truncated_local_file_commits_nothing(run, pg, backed_up, scratch_db, s3
     path.write_bytes(body[: len(body) // 2])
     done = run("restore_database.py", "--file", str(path), "--without-manifest", "--target-database-url", pg.url(scratch_db))
     assert done.returncode == 1 and len(error_lines(done.stderr)) == 1
-    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+    assert public_tables(pg, scratch_db) == "0"
 
 
 def test_dump_without_trailer_commits_nothing(run, pg, sample_db, scratch_db, tmp_path):
@@ -159,7 +159,7 @@ def test_dump_without_trailer_commits_nothing(run, pg, sample_db, scratch_db, tm
     done = run("restore_database.py", "--file", str(encrypted), "--without-manifest", "--target-database-url", pg.url(scratch_db))
     assert done.returncode == 1
     assert "trailer is missing" in done.stderr
-    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+    assert public_tables(pg, scratch_db) == "0"
 
 
 def test_no_backup_at_all_is_a_clear_error(run, pg, scratch_db):

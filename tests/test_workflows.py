@@ -61,10 +61,6 @@ DOCUMENTED_VARS = (
 )
 
 
-# Tests of behaviour the scripts gain in the lead's part of issue 13 (BACKUP_HEARTBEAT_URL,
-# BACKUP_ERROR_FILE, --max-age KIND=DURATION): expected to fail until that is merged.
-
-
 def load(name: str) -> dict:
     doc = yaml.safe_load((WORKFLOWS / name).read_text())
     doc["on"] = doc.pop(True, doc.get("on"))  # YAML 1.1 reads the key `on` as True
