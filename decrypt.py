@@ -125,16 +125,16 @@ def decrypt_openssl(infile: str, outfile: str, passphrase: str, compression: str
     read_end, write_end = os.pipe()
     os.write(write_end, passphrase.encode() + b"\n")
     os.close(write_end)
-    try:
-        openssl = subprocess.Popen(
-            ["openssl", "enc", "-d", *OPENSSL_ARGS, "-in", infile, "-pass", f"fd:{read_end}"],
-            pass_fds=(read_end,), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
-    except FileNotFoundError:
-        raise Failure("openssl: command not found (apt-get install openssl)") from None
-    finally:
-        os.close(read_end)
-    zstd = None
-    try:
+    openssl = zstd = None
+    try:  # started inside the try whose finally kills them: a Ctrl-C right after a start leaves none behind
+        try:
+            openssl = subprocess.Popen(
+                ["openssl", "enc", "-d", *OPENSSL_ARGS, "-in", infile, "-pass", f"fd:{read_end}"],
+                pass_fds=(read_end,), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
+        except FileNotFoundError:
+            raise Failure("openssl: command not found (apt-get install openssl)") from None
+        finally:
+            os.close(read_end)
         with open(outfile, "wb") as out:
             first = openssl.stdout.read(len(ZSTD_MAGIC))
             if compression == "zstd" or (compression is None and first == ZSTD_MAGIC):
