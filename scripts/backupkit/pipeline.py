@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from .errors import BackupError
-from .streams import Tally, copy, enlarge_pipe
+from .streams import Tally, copy, enlarge_pipe, is_pipe, tee_pipes
 
 STDERR_TAIL = 64 * 1024  # keep this much of a stage's stderr for its error message
 
@@ -136,9 +136,16 @@ class Pipeline:
         died, closing src passes the failure upstream (the writer gets SIGPIPE instead of
         blocking on a full pipe forever), and finish() names the stage that really failed."""
 
+        # Pipe to pipe, the kernel copies (tee_pipes) on descriptors of the thread's own: the
+        # streams' buffers are bypassed, which is safe as nothing else ever uses them.
+        fds = (os.dup(src.fileno()), os.dup(dst.fileno())) if tally is not None and is_pipe(src) and is_pipe(dst) else None
+
         def run() -> None:
             try:
-                copy(src, dst.write, tally)
+                if fds is not None:
+                    tee_pipes(*fds, tally)
+                else:
+                    copy(src, dst.write, tally)
             except BrokenPipeError:
                 pass  # the reader died: its own exit status tells why
             except BaseException as exc:  # noqa: BLE001 - re-raised by finish()
