@@ -81,15 +81,14 @@ def main(argv: list[str]) -> int:
     bucket = config.bucket_name(args.bucket)
     compression, level = compression_settings(args.compression, args.compression_level)
     passphrase = config.passphrases()[0]
-    crypto.start_key_ids([passphrase])  # for the manifest, derived while the dump runs
     database = config.database_target(args.database_url)
     pg_dump = args.pg_dump or "pg_dump"
     psql = client_binary("psql", beside=pg_dump)
     if level is not None:
         check_zstd()
+    client = s3.external_client_soon()  # made while the checks run and the dump starts
 
     client_version, server_version = check_dump_client(pg_dump, database, psql)
-    client = s3.external_client()
     started = config.utcnow()
     began = time.monotonic()
     key = backup_key(environment, "database", started, compression)
@@ -113,6 +112,9 @@ def main(argv: list[str]) -> int:
             pipeline.pump(squeeze.stdout, encrypt.stdin, compressed)
         copy(encrypt.stdout, upload.write, progress=progress.update)
         pipeline.finish()  # raises unless every stage exited 0
+        # The manifest's key_id (0.15 s of PBKDF2), derived while the last parts upload: during
+        # the dump every core is busy, and it would delay the dump by as much.
+        crypto.start_key_ids([passphrase])
         upload.complete()
     progress.done()
 
@@ -122,7 +124,7 @@ def main(argv: list[str]) -> int:
         compression=None if level is None else {"compression": "zstd", "compressed_size": compressed.size,
                                                 "compressed_sha256": compressed.hexdigest()},
     )
-    write_manifest(client, bucket, manifest)
+    write_manifest(client.result(), bucket, manifest)
     report(manifest, args.json, time.monotonic() - began, bucket)
     return 0
 

@@ -278,6 +278,19 @@ def test_backup_without_openssl(run, pg, sample_db, s3server, bucket, no_openssl
     assert watch.alive() == []
 
 
+def test_s3_client_failing_after_the_dump_started_stops_every_stage(run, pg, big_db, s3server, bucket, tmp_path):
+    """The S3 client is made while the dump already runs (s3.external_client_soon): when it cannot
+    be made, that is the one error, and pg_dump, zstd and openssl are stopped, not left behind."""
+    config = tmp_path / "aws-config"
+    config.write_text("")
+    proc, watch = start_backup(run, pg, big_db, {"AWS_CONFIG_FILE": str(config), "AWS_PROFILE": "no-such-profile"})
+    done = finish(proc, watch)
+    assert done.returncode == 1
+    one_error(done, "could not create the S3 client", "no-such-profile")
+    nothing_stored(s3server, bucket)
+    assert_no_orphans(watch)
+
+
 def test_zstd_missing_is_one_clear_error_naming_the_package(run, pg, sample_db, scratch_db, s3server, bucket, tmp_path):
     """Backing up compressed, restoring or decrypting a compressed backup without the zstd command:
     one error line that names the package; nothing stored, nothing committed, no output left."""

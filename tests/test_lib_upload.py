@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from concurrent.futures import Future
 
 import boto3
 import pytest
@@ -85,3 +87,25 @@ def test_missing_bucket_is_a_clear_error(s3server):
     upload.write(b"data")
     with pytest.raises(BackupError, match="does not exist"):
         upload.complete()
+
+
+def test_a_client_still_being_made_is_waited_for(s3server, bucket):
+    # s3.external_client_soon: the backup's pipeline starts while boto3 is being imported.
+    client = s3server.client()
+    future: Future = Future()
+    threading.Timer(0.3, future.set_result, [client]).start()
+    data = os.urandom(11 * 1024 * 1024 + 5)
+    with StreamingUpload(future, bucket, "later", initial_part_size=5 * 1024 * 1024) as upload:
+        upload.write(data)
+        upload.complete()
+    assert client.get_object(Bucket=bucket, Key="later")["Body"].read() == data
+
+
+def test_a_client_that_could_not_be_made_fails_the_upload_with_its_reason(s3server, bucket):
+    future: Future = Future()
+    future.set_exception(BackupError("could not create the S3 client: The config profile (nope) could not be found"))
+    with pytest.raises(BackupError, match="config profile"), \
+            StreamingUpload(future, bucket, "never", initial_part_size=5 * 1024 * 1024) as upload:
+        upload.write(os.urandom(6 * 1024 * 1024))
+    assert upload.state == "aborted"
+    assert s3server.client().list_object_versions(Bucket=bucket).get("Versions", []) == []

@@ -12,11 +12,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import boto3
 import botocore.exceptions
-from botocore.config import Config
+
+if TYPE_CHECKING:
+    from botocore.config import Config
 
 from .config import is_http_url
 from .errors import BackupError, UsageError
@@ -51,6 +53,8 @@ def _seconds(variable: str, default: float) -> float:
 
 
 def _config(max_pool_connections: int = 16) -> Config:
+    from botocore.config import Config  # here, with boto3: see external_client_soon
+
     return Config(
         retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
         connect_timeout=_seconds("BACKUP_S3_CONNECT_TIMEOUT", CONNECT_TIMEOUT),
@@ -77,15 +81,30 @@ def check_endpoints() -> None:
 
 
 def external_client(max_pool_connections: int = 16, region: str | None = None):  # noqa: ANN201 (boto3 client type)
+    import boto3
+
     check_endpoints()
     with s3_errors("create the S3 client"):
         return boto3.session.Session(region_name=region).client("s3", config=_config(max_pool_connections))
+
+
+def external_client_soon() -> Future:
+    """external_client() made in a thread, for a backup to start its pipeline meanwhile: importing
+    boto3 and loading the S3 model take 0.3-0.5 s, which the one-line pipe spends while pg_dump
+    already runs (bench/RESULTS.md, startup). The endpoint variables are checked here, now."""
+    check_endpoints()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-client")
+    future = pool.submit(external_client)
+    pool.shutdown(wait=False)
+    return future
 
 
 def source_client(profile: str | None = None, max_pool_connections: int = 16):  # noqa: ANN201
     """Client for the app's bucket: SOURCE_AWS_PROFILE / --source-profile, SOURCE_AWS_* keys,
     or, when neither is set, the same credentials as the external bucket."""
     check_endpoints()
+    import boto3
+
     profile = profile or os.environ.get("SOURCE_AWS_PROFILE")
     region = os.environ.get("SOURCE_AWS_REGION")
     endpoint = os.environ.get("SOURCE_AWS_ENDPOINT_URL")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .s3 import error_code, explain, s3_errors
@@ -40,7 +40,9 @@ def part_size(part_number: int, initial: int = INITIAL_PART_SIZE) -> int:
 class StreamingUpload:
     """`write()` bytes, then `complete()` (returns the version id) or `abort()`.
 
-    Used as a context manager, an exception inside the block aborts the upload.
+    `client` may be a Future of one (s3.external_client_soon): bytes are taken into the first
+    part buffers while it is being made. Used as a context manager, an exception inside the
+    block aborts the upload.
     """
 
     def __init__(
@@ -52,7 +54,7 @@ class StreamingUpload:
         initial_part_size: int = INITIAL_PART_SIZE,
         max_in_flight: int = MAX_IN_FLIGHT,
     ):
-        self._client = client
+        self._client_or_future = client
         self.bucket = bucket
         self.key = key
         self._initial = initial_part_size
@@ -70,6 +72,12 @@ class StreamingUpload:
         self.size = 0
         self.version_id: str | None = None
         self.state = "open"  # open → completed | aborted
+
+    @property
+    def _client(self) -> Any:
+        if isinstance(self._client_or_future, Future):
+            self._client_or_future = self._client_or_future.result()
+        return self._client_or_future
 
     # -- writing ---------------------------------------------------------------------------
     def write(self, data: bytes) -> int:
