@@ -174,10 +174,15 @@ def main(argv: list[str]) -> int:
                 target("database (application-like): --compression none ÷ the uncompressed pipe, reported", ratio(none, pipe), True),
             ]
             if compare:
+                # The other checkout runs with its own defaults: before compression existed that
+                # is the original format, to hold --compression none to; later, zstd, reported.
                 before = next(c for c in contenders if c.name.startswith("ours at"))
-                r = ratio(none, before)
-                targets.append(target("--compression none within 5 % of the code before compression (same run)",
-                                      r, abs((r or 9) - 1) <= 0.05))
+                if before.median("stored") > real_bytes * 0.9:
+                    r = ratio(none, before)
+                    targets.append(target("--compression none within 5 % of the code before compression (same run)",
+                                          r, abs((r or 9) - 1) <= 0.05))
+                else:
+                    targets.append(target(f"ours ÷ the same script at {compare} (both zstd), reported", ratio(ours, before), True))
             save(final=False)
 
         if "levels" in parts:
