@@ -10,6 +10,7 @@ one file to any machine during an incident.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import hashlib
 import json
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import typing
+from collections.abc import Iterator
 
 # Copies of the toolkit's constants (scripts/backupkit): tests/test_decrypt.py checks they agree.
 OPENSSL_ARGS = ["-aes-256-cbc", "-pbkdf2", "-md", "sha256", "-iter", "10000"]
@@ -68,6 +70,22 @@ class Terminated(KeyboardInterrupt):
 
 def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held while a child starts (`openssl = Popen(...)` inside): raised
+    inside Popen after the child's exec, they would leave it running with nothing holding it to
+    kill it. A held signal is raised on leaving, once the caller holds the child."""
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: held.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -128,9 +146,10 @@ def decrypt_openssl(infile: str, outfile: str, passphrase: str, compression: str
     openssl = zstd = None
     try:  # started inside the try whose finally kills them: a Ctrl-C right after a start leaves none behind
         try:
-            openssl = subprocess.Popen(
-                ["openssl", "enc", "-d", *OPENSSL_ARGS, "-in", infile, "-pass", f"fd:{read_end}"],
-                pass_fds=(read_end,), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
+            with _signals_held():
+                openssl = subprocess.Popen(
+                    ["openssl", "enc", "-d", *OPENSSL_ARGS, "-in", infile, "-pass", f"fd:{read_end}"],
+                    pass_fds=(read_end,), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
         except FileNotFoundError:
             raise Failure("openssl: command not found (apt-get install openssl)") from None
         finally:
@@ -139,8 +158,9 @@ def decrypt_openssl(infile: str, outfile: str, passphrase: str, compression: str
             first = openssl.stdout.read(len(ZSTD_MAGIC))
             if compression == "zstd" or (compression is None and first == ZSTD_MAGIC):
                 try:
-                    zstd = subprocess.Popen([os.environ.get("ZSTD") or "zstd", "-d", "-q", "-c"], stdin=subprocess.PIPE, stdout=out,
-                                            stderr=subprocess.PIPE, env=child_env())
+                    with _signals_held():
+                        zstd = subprocess.Popen([os.environ.get("ZSTD") or "zstd", "-d", "-q", "-c"], stdin=subprocess.PIPE,
+                                                stdout=out, stderr=subprocess.PIPE, env=child_env())
                 except FileNotFoundError:
                     raise Failure("zstd: command not found: this backup is compressed; install the zstd package "
                                   "(apt-get install zstd), or set ZSTD to its path") from None

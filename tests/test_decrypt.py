@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pyAesCrypt
 import pytest
@@ -212,15 +216,19 @@ def test_decrypt_py_is_standalone():
     assert modules - {"__future__", "pyAesCrypt"} <= set(sys.stdlib_module_names)
 
 
+def load_standalone():
+    """decrypt.py as a module, in process."""
+    spec = importlib.util.spec_from_file_location("decrypt_standalone", REPO / "decrypt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_decrypt_py_copies_of_the_librarys_constants_agree():
     """decrypt.py is standalone on purpose, so it copies a few constants: they must not drift."""
-    import importlib.util
-
     from backupkit import compression, config, crypto, manifest, postgres
 
-    spec = importlib.util.spec_from_file_location("decrypt_standalone", REPO / "decrypt.py")
-    standalone = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(standalone)
+    standalone = load_standalone()
     assert standalone.OPENSSL_ARGS == crypto.OPENSSL_CIPHER_ARGS
     assert (standalone.KEY_ID_SALT, standalone.KEY_ID_ITERATIONS) == (crypto.KEY_ID_SALT, crypto.KEY_ID_ITERATIONS)
     assert standalone.MAX_MANIFEST_BYTES == manifest.MAX_MANIFEST_BYTES
@@ -230,3 +238,23 @@ def test_decrypt_py_copies_of_the_librarys_constants_agree():
     for passphrase in ("correct horse", "x" * 100):
         assert standalone.key_id(passphrase) == crypto.key_id(passphrase)
     assert standalone.one_line("a\n", "x") == config.passphrase("a\n")
+
+
+@pytest.mark.parametrize("sig, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, "Terminated")])
+def test_a_signal_while_a_child_starts_is_raised_once_the_child_is_held(sig, raised):
+    """Raised inside Popen after the exec, a Ctrl-C or SIGTERM would leave openssl running with
+    nothing holding it: decrypt.py holds them while a child starts, then raises them."""
+    standalone = load_standalone()
+    expected = standalone.Terminated if raised == "Terminated" else raised
+    before = signal.signal(signal.SIGTERM, standalone._on_sigterm)
+    child = None
+    try:
+        with pytest.raises(expected), standalone._signals_held():
+            os.kill(os.getpid(), sig)
+            time.sleep(0.1)  # Python runs the handler here: held, not raised
+            child = "held"
+        assert child == "held"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is standalone._on_sigterm
+    finally:
+        signal.signal(signal.SIGTERM, before)
