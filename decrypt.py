@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 # Copies of the toolkit's constants (scripts/backupkit): tests/test_decrypt.py checks they agree.
 OPENSSL_ARGS = ["-aes-256-cbc", "-pbkdf2", "-md", "sha256", "-iter", "10000"]
+OPENSSL_WRITE_FAILED = "error writing output"
 KEY_ID_SALT = b"external-backups key id"
 KEY_ID_ITERATIONS = 600_000
 MAX_MANIFEST_BYTES = 256 * 1024
@@ -180,7 +181,7 @@ def decrypt_openssl(infile: str, outfile: str, passphrase: str, compression: str
         problem = openssl.stderr.read().decode(errors="replace")
         code, unzstd = openssl.wait(), (zstd.wait() if zstd is not None else 0)
         # zstd stopping on bad data makes openssl fail writing to it: then zstd's failure is the cause.
-        secondary = unzstd != 0 and (code == -signal.SIGPIPE or "error writing output" in problem)
+        secondary = unzstd != 0 and (code == -signal.SIGPIPE or OPENSSL_WRITE_FAILED in problem)
         if code != 0 and not secondary:
             raise ValueError(f"wrong passphrase or corrupted file (openssl: {' '.join(problem.split())[:300]})")
         if unzstd != 0:  # ValueError: without a manifest, the next passphrase may be the right one

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 from backupkit import cli, config, s3
@@ -11,7 +12,7 @@ from backupkit.errors import BackupError, UsageError
 from backupkit.output import md_code, shown
 from backupkit.postgres import client_binary, user_tables
 from backupkit.progress import human_bytes
-from backupkit.retrieve import BucketReader, Fetched, Retrieved, local_format, open_local
+from backupkit.retrieve import BucketReader, Retrieved, local_format, open_local
 
 DESCRIPTION = """\
 Restore a database backup into TARGET with
@@ -83,9 +84,7 @@ def main(argv: list[str]) -> int:
             f"({', '.join(shown(t) for t in tables[:5])}{', …' if len(tables) > 5 else ''}): pass --replace to restore over them"
         )
 
-    def restore(fetched: Fetched) -> Restored:
-        return restore_dump(fetched, target, psql)
-
+    restore = functools.partial(restore_dump, target=target, psql=psql)
     if args.file:
         retrieved = open_local(args.file, "database", passphrases, restore, require_manifest=not args.without_manifest)
     else:

@@ -230,6 +230,7 @@ def test_decrypt_py_copies_of_the_librarys_constants_agree():
 
     standalone = load_standalone()
     assert standalone.OPENSSL_ARGS == crypto.OPENSSL_CIPHER_ARGS
+    assert standalone.OPENSSL_WRITE_FAILED == crypto.OPENSSL_WRITE_FAILED
     assert (standalone.KEY_ID_SALT, standalone.KEY_ID_ITERATIONS) == (crypto.KEY_ID_SALT, crypto.KEY_ID_ITERATIONS)
     assert standalone.MAX_MANIFEST_BYTES == manifest.MAX_MANIFEST_BYTES
     assert standalone.ZSTD_MAGIC == compression.ZSTD_MAGIC

@@ -39,10 +39,7 @@ class _NoTee:
         return -1
 
 
-@pytest.mark.parametrize("tee", ["allowed", "refused"])
-def test_tee_pipes_passes_every_byte_and_hashes_it(data, tmp_path, monkeypatch, tee):
-    if tee == "refused":  # read + write instead, nothing lost
-        monkeypatch.setattr(streams, "_libc", _NoTee())
+def test_tee_pipes_passes_every_byte_and_hashes_it(data, tmp_path):
     payload, path = data
     out = tmp_path / "out.bin"
     producer = subprocess.Popen(["cat", str(path)], stdout=subprocess.PIPE)
@@ -58,6 +55,22 @@ def test_tee_pipes_passes_every_byte_and_hashes_it(data, tmp_path, monkeypatch, 
     assert count == len(payload) == tally.size
     assert tally.hexdigest() == hashlib.sha256(payload).hexdigest()
     assert out.read_bytes() == payload
+
+
+def test_tee_pipes_refused_copies_nothing_and_says_so(data, monkeypatch):
+    monkeypatch.setattr(streams, "_libc", _NoTee())
+    _, path = data
+    producer = subprocess.Popen(["cat", str(path)], stdout=subprocess.PIPE)
+    read, write = os.pipe()
+    before = open_fds()
+    tally = Tally()
+    assert tee_pipes(os.dup(producer.stdout.fileno()), os.dup(write), tally) is None
+    assert open_fds() == before and tally.size == 0
+    os.close(write)
+    with os.fdopen(read, "rb") as nothing:
+        assert nothing.read() == b""
+    producer.stdout.close()
+    producer.wait()
 
 
 def test_tee_pipes_raises_broken_pipe_when_the_reader_is_gone(data):
@@ -83,13 +96,15 @@ def test_is_pipe():
         assert not is_pipe(null)
 
 
-@pytest.mark.parametrize("through", ["pipe", "python object"])
-def test_pump_between_stages_hashes_and_delivers(data, tmp_path, through):
+@pytest.mark.parametrize("through", ["pipe", "pipe, tee refused", "python object"])
+def test_pump_between_stages_hashes_and_delivers(data, tmp_path, monkeypatch, through):
+    if through == "pipe, tee refused":  # read + write instead, nothing lost
+        monkeypatch.setattr(streams, "_libc", _NoTee())
     payload, path = data
     out = tmp_path / "out.bin"
     tally = Tally()
     with Pipeline() as pipeline:
-        if through == "pipe":
+        if through.startswith("pipe"):
             src = pipeline.start("cat-in", ["cat", str(path)], env=child_env()).stdout
         else:
             src = io.BufferedReader(io.BytesIO(payload))  # not a pipe: read and written by Python

@@ -294,7 +294,9 @@ def _tls_only(statement: Any) -> bool:
 def _statements(policy: Any) -> list[Any]:
     """A policy's statements: IAM allows one statement object as well as a list of them."""
     statements = policy.get("Statement", []) if isinstance(policy, dict) else []
-    return [statements] if isinstance(statements, dict) else statements if isinstance(statements, list) else []
+    if isinstance(statements, dict):
+        return [statements]
+    return statements if isinstance(statements, list) else []
 
 
 def without_tls_only(policy: Any) -> dict[str, Any] | None:

@@ -24,6 +24,8 @@ OPENSSL_FORMAT = "openssl-aes-256-cbc-pbkdf2"
 AESCRYPT_FORMAT = "aescrypt-v2"
 # openssl's own defaults for -pbkdf2 (3.x), spelled out so an older openssl cannot differ.
 OPENSSL_CIPHER_ARGS = ["-aes-256-cbc", "-pbkdf2", "-md", "sha256", "-iter", "10000"]
+# What openssl enc says when the stage after it stopped reading: that stage's failure is the cause.
+OPENSSL_WRITE_FAILED = "error writing output"
 # openssl enc reads and writes 8 KiB at a time by default: every 8 KiB is then a pipe wakeup
 # and a Python read on our side. The buffer size does not change the output.
 OPENSSL_BUFSIZE = 1024 * 1024

@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from .compression import ZSTD_MAGIC, start_zstd
 from .config import DatabaseTarget
-from .crypto import start_openssl
+from .crypto import OPENSSL_WRITE_FAILED, start_openssl
 from .errors import BackupError, Problem, VerificationError
 from .output import log, shown
 from .pipeline import Pipeline
@@ -113,7 +113,7 @@ class DumpReader:
         decompressed = self.decompress.wait() if self.decompress is not None else 0
         # zstd stopping on bad data makes openssl fail writing to it (SIGPIPE, or "error writing
         # output file"): then zstd's failure is the cause.
-        secondary = decompressed != 0 and (decrypted == -signal.SIGPIPE or "error writing output" in self.decrypt.stderr_text())
+        secondary = decompressed != 0 and (decrypted == -signal.SIGPIPE or OPENSSL_WRITE_FAILED in self.decrypt.stderr_text())
         if decrypted != 0 and not secondary:
             raise VerificationError(f"decryption failed, wrong passphrase or corrupted backup ({self.decrypt.describe_failure()})",
                                     Problem.UNDECRYPTABLE)

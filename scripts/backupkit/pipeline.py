@@ -142,9 +142,7 @@ class Pipeline:
 
         def run() -> None:
             try:
-                if fds is not None:
-                    tee_pipes(*fds, tally)
-                else:
+                if fds is None or tee_pipes(*fds, tally) is None:  # None: tee(2) refused, nothing copied yet
                     copy(src, dst.write, tally)
             except BrokenPipeError:
                 pass  # the reader died: its own exit status tells why

@@ -68,36 +68,30 @@ def is_pipe(stream: object) -> bool:
         return False
 
 
-def tee_pipes(source: int, target: int, tally: Tally) -> int:
+def tee_pipes(source: int, target: int, tally: Tally) -> int | None:
     """Copy pipe → pipe, hashing, with tee(2): the kernel shares the source's pages with the
     target, and we only read them to hash. Against read + write, a pass through Python costs a
     third less system time (bench/RESULTS.md, summary), and on a busy machine the stages' CPU is
-    what a backup's wall time is made of. Where tee(2) is not allowed (a sandbox), read + write.
-    Takes both descriptors over (closes them): give it duplicates (os.dup), so that another
-    thread closing the streams cannot make it use a reused descriptor number. Returns the byte
-    count; BrokenPipeError when the target's reader is gone, as write() would."""
+    what a backup's wall time is made of. Takes both descriptors over (closes them): give it
+    duplicates (os.dup), so that another thread closing the streams cannot make it use a
+    reused descriptor number. Returns the byte count, or None when tee(2) is not allowed here (a
+    sandbox) and nothing was copied: the caller copies instead. BrokenPipeError when the
+    target's reader is gone, as write() would."""
     buffer = memoryview(bytearray(PIPE_SIZE))
     total = 0
-    kernel = True
     try:
         while True:
-            if kernel:
-                count = _libc.tee(source, target, PIPE_SIZE, 0)
-                if count < 0:
-                    code = ctypes.get_errno()
-                    if code == errno.EINTR:
-                        continue
-                    if code in (errno.ENOSYS, errno.EPERM, errno.EINVAL) and total == 0:
-                        kernel = False  # nothing was copied yet: do it in Python instead
-                        continue
-                    raise OSError(code, f"tee: {os.strerror(code)}")  # EPIPE: BrokenPipeError
-                if count:
-                    _read_exactly(source, buffer[:count])  # the same bytes, now consumed
-            else:
-                count = os.readv(source, [buffer])
-                _write_all(target, buffer[:count])
+            count = _libc.tee(source, target, PIPE_SIZE, 0)
+            if count < 0:
+                code = ctypes.get_errno()
+                if code == errno.EINTR:
+                    continue
+                if code in (errno.ENOSYS, errno.EPERM, errno.EINVAL) and total == 0:
+                    return None
+                raise OSError(code, f"tee: {os.strerror(code)}")  # EPIPE: BrokenPipeError
             if count == 0:
                 return total
+            _read_exactly(source, buffer[:count])  # the same bytes, now consumed
             tally.update(buffer[:count])
             total += count
     finally:
@@ -112,11 +106,6 @@ def _read_exactly(fd: int, view: memoryview) -> None:
         if not read:
             raise OSError(errno.EIO, "tee: the source pipe ended before its copied bytes")
         done += read
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def enlarge_pipe(fd: int) -> None:
