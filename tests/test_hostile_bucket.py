@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from backupkit.compression import ZSTD_MAGIC
 from dev.harness import REPO, table_fingerprint
 from tests.backup_factory import (
     ENVIRONMENT,
@@ -515,6 +516,34 @@ def test_kind_mismatches_are_clear_errors(run, pg, sample_db, s3server, bucket, 
         assert "FAILED" in done.stdout and "manifest" in done.stdout
     done = run("verify_backup.py", "--kind", "database", "--key", files["key"])
     assert done.returncode == 2 and "is not a database backup" in error_lines(done.stderr)[0]
+
+
+# -- 10. a compressed plant cannot take memory or hide why it fails ---------------------------------
+@pytest.mark.parametrize("stream", [
+    pytest.param(ZSTD_MAGIC + bytes([0x00, 0xA8]) + bytes(4 << 20), id="frame-asking-for-a-2-GiB-window"),
+    pytest.param(ZSTD_MAGIC + bytes(range(256)) * (16 << 10), id="garbage-after-the-magic"),
+])
+def test_a_compressed_plant_that_does_not_decompress(run, pg, scratch_db, tmp_path, stream):
+    """A writer with the passphrase plants a `.sql.zst.encrypted` whose zstd stream asks for a
+    2 GiB window, or is garbage: 4 MiB of it, so openssl is still writing when zstd gives up.
+    decrypt.py and the restore name the decompression (not a wrong passphrase), leave no output
+    and commit nothing, and the window is never allocated."""
+    planted = tmp_path / "2026-01-01--00-00-00.sql.zst.encrypted"
+    planted.write_bytes(openssl_encrypt(stream, PASSPHRASE))
+    out = tmp_path / "out"
+    out.mkdir()
+    done, memory = run.measured("./decrypt.py", "-i", str(planted), "-o", str(out / "db.sql"), interval=0.02, timeout=60)
+    assert done.returncode == 1
+    one_error(done, "does not decompress", "zstd")
+    assert list(out.iterdir()) == []
+    assert memory.peak_tree_kib < 100 * 1024, memory.peak_tree_kib
+
+    done, memory = run.measured("restore_database.py", "--file", str(planted), "--without-manifest",
+                                "--target-database-url", pg.url(scratch_db), interval=0.02, timeout=60)
+    assert done.returncode == 1
+    one_error(done, "decompression failed", "zstd")
+    assert public_tables(pg, scratch_db) == "0"
+    assert memory.peak_tree_kib < 100 * 1024, memory.peak_tree_kib
 
 
 # -- 11. bad input ends in one error line, never "unexpected failure" ------------------------------
