@@ -83,9 +83,9 @@ def main(argv: list[str]) -> int:
     progress = Progress("archived", total_bytes=listing.total_bytes, total_objects=len(listing.objects))
     with StreamingUpload(client, bucket, key) as upload:
         with EncryptingSink(passphrase, upload.write) as sink:
-            writer = ArchiveWriter(sink)
-            result = archive_objects(source, source_bucket, listing.objects, writer, progress.update)
-            writer.close()
+            with ArchiveWriter(sink) as writer:
+                result = archive_objects(source, source_bucket, listing.objects, writer, progress.update)
+                writer.close()
             sink.close()  # raises unless the encryption ended cleanly
         upload.complete()
     progress.done()
