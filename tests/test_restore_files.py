@@ -213,12 +213,14 @@ def test_latest_skips_an_incomplete_newer_backup(run, s3server, bucket, backed_u
 
 
 def plaintext_being_written(pid: int, directory: Path) -> list[tuple[str, int]]:
-    """The files under `directory` that process `pid` holds open, named or not, and their sizes."""
+    """The files in the restore's own temporary directory under `directory` (where the decrypted
+    archive goes; the download has its own) that process `pid` holds open, named or not, and
+    their sizes."""
     found = []
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
             target = os.readlink(fd)
-            if target.startswith(str(directory)):
+            if target.startswith(str(directory)) and "/restore-files-" in target:
                 found.append((target, fd.stat().st_size))
         except OSError:
             continue
@@ -271,13 +273,13 @@ def test_sigkill_mid_decryption_leaves_no_plaintext(run, s3server, bucket, tmp_p
     target = new_bucket(s3server, "restored")
     proc = run.popen("restore_files.py", "--latest", "--target-bucket", target, env={"TMPDIR": str(tmp)})
     held = wait_for_decryption(proc, tmp)
-    assert all(name.endswith(" (deleted)") for name, _ in held if "restore-files-" in name), held
     proc.kill()
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     left = [path for path in tmp.rglob("*") if path.is_file()]
     assert not [path for path in left if marker in path.read_bytes()], left
     assert not [path for path in left if "restore-files-" in str(path)], left
+    assert all(name.endswith(" (deleted)") for name, _ in held), held  # it never had a name
     assert snapshot(client, target) == {}
 
 
