@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backupkit import cli, config, s3
-from backupkit.archive import ArchiveContents, FileSection, read_archive, unnamed_file, unsafe_name
+from backupkit.archive import ArchiveContents, FileSection, plaintext_file, read_archive, unsafe_name
 from backupkit.attributes import allow_non_ascii_metadata, put_parameters
 from backupkit.errors import BackupError, UsageError
 from backupkit.output import log, md_code, shown
@@ -291,44 +291,36 @@ class Restore:
     uploads: Progress | None = None  # counts the objects uploaded (under its lock: 8 threads upload)
 
     def __call__(self, fetched: Fetched) -> dict[str, Any]:
-        with private_directory(prefix="restore-files-") as workdir:  # 0700: the decrypted archive lives here, unnamed
+        # 0700: the decrypted archive lives here, in a file that has no name
+        with private_directory(prefix="restore-files-") as workdir, plaintext_file(fetched, workdir) as plaintext:
             plain = fetched.encryption == "zip"
-            plaintext = os.open(fetched.path, os.O_RDONLY) if plain else unnamed_file(workdir)
-            try:
-                return self._restore(fetched, plain, plaintext)
-            finally:
-                os.close(plaintext)
+            total = (fetched.manifest or {}).get("plaintext_size") or os.path.getsize(fetched.path)
+            progress = Progress("checked" if plain else "decrypted", total_bytes=total)
+            log(f"{'checking' if plain else 'decrypting'} {fetched.label}")
+            contents = read_archive(fetched, keep=None if plain else plaintext, progress=progress.update)
+            progress.done()
+            items, unsafe = items_of(contents, self.prefix, self.only, self.skip_unsafe)
+            for left_out in unsafe:
+                log(f"warning: not restored: '{shown(left_out['name'])}': {left_out['reason']}")
+            log(f"comparing {len(items)} members of {fetched.label} with s3://{self.bucket}/{shown(self.prefix)}")
+            run_pool(items, lambda item: setattr(item, "action", classify(self.client, self.bucket, plaintext, item)))
+            todo = [item for item in items if item.action != IDENTICAL]
+            self.todo = len(todo)
+            extra = (not_in_backup(self.client, self.bucket, self.prefix, self.only, {m.name for m in contents.members})
+                     if self.dry_run else None)
+            if not self.dry_run and todo:
+                uploads = self.uploads = Progress("uploaded", total_bytes=sum(i.size for i in todo), total_objects=len(todo))
 
-    def _restore(self, fetched: Fetched, plain: bool, plaintext: int) -> dict[str, Any]:
-        total = (fetched.manifest or {}).get("plaintext_size") or os.path.getsize(fetched.path)
-        progress = Progress("checked" if plain else "decrypted", total_bytes=total)
-        log(f"{'checking' if plain else 'decrypting'} {fetched.label}")
-        contents = read_archive(fetched, keep=None if plain else plaintext, progress=progress.update)
-        progress.done()
-        items, unsafe = items_of(contents, self.prefix, self.only, self.skip_unsafe)
-        for left_out in unsafe:
-            log(f"warning: not restored: '{shown(left_out['name'])}': {left_out['reason']}")
-        log(f"comparing {len(items)} members of {fetched.label} with s3://{self.bucket}/{shown(self.prefix)}")
-        run_pool(items, lambda item: setattr(item, "action", classify(self.client, self.bucket, plaintext, item)))
-        todo = [item for item in items if item.action != IDENTICAL]
-        self.todo = len(todo)
-        result: dict[str, Any] = {"items": items, "todo": todo, "unsafe": unsafe}
-        if self.dry_run:
-            result["not_in_backup"] = not_in_backup(self.client, self.bucket, self.prefix, self.only,
-                                                    {member.name for member in contents.members})
-        elif todo:
-            uploads = self.uploads = Progress("uploaded", total_bytes=sum(i.size for i in todo), total_objects=len(todo))
+                def put(item: Item) -> None:
+                    upload(self.client, self.bucket, plaintext, item)
+                    uploads.update(item.size, 1)
 
-            def put(item: Item) -> None:
-                upload(self.client, self.bucket, plaintext, item)
-                uploads.update(item.size, 1)
-
-            try:
-                run_pool(todo, put)
-            except BackupError as exc:
-                raise BackupError(f"{exc}; {self.interrupted()}") from exc
-            uploads.done()
-        return result
+                try:
+                    run_pool(todo, put)
+                except BackupError as exc:
+                    raise BackupError(f"{exc}; {self.interrupted()}") from exc
+                uploads.done()
+        return {"items": items, "todo": todo, "unsafe": unsafe, "not_in_backup": extra}
 
     def interrupted(self) -> str:
         if self.dry_run or not self.todo:
@@ -388,7 +380,7 @@ def report(args: Any, retrieved: Retrieved[dict[str, Any]], where: str, seconds:
     }
     if args.dry_run:
         result["plan"] = [{"key": i.key, "action": i.action, "size": i.size} for i in items]
-        result["not_in_backup"] = retrieved.result["not_in_backup"]
+        result["target_objects_not_in_backup"] = retrieved.result["not_in_backup"]
     only = f" matching '{shown(args.only)}'" if args.only else ""
     summary = (f"{counts[NEW]} new, {counts[CHANGED]} changed, {counts[IDENTICAL]} identical "
                f"of {len(items)} members{only}")

@@ -106,9 +106,9 @@ def test_dry_run_counts_objects_in_the_target_that_are_not_in_the_backup(run, s3
                           "docs/new.txt": Obj(b"n"), "restored/docs/a.txt": Obj(b"a"), "restored/other": Obj(b"o")})
     result, done = restore(run, "--latest", "--target-bucket", target, "--dry-run")
     assert done.returncode == 0, done.stderr
-    assert result["not_in_backup"] == 3 + 1 + 2
+    assert result["target_objects_not_in_backup"] == 3 + 1 + 2
     result, _ = restore(run, "--latest", "--target-bucket", target, "--dry-run", "--target-prefix", "restored/")
-    assert result["not_in_backup"] == 1  # restored/docs/a.txt is docs/a.txt, in the backup
+    assert result["target_objects_not_in_backup"] == 1  # restored/docs/a.txt is docs/a.txt, in the backup
     human = run("restore_files.py", "--latest", "--target-bucket", target, "--dry-run", "--only", "img/*", check=True).stdout
     assert human.splitlines()[-1] == (f"3 objects under s3://{target}/ matching 'img/*' are not in this backup: "
                                       "a restore leaves them as they are (it never deletes)")

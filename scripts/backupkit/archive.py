@@ -15,7 +15,8 @@ import re
 import tempfile
 import threading
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -150,8 +151,9 @@ def archive_objects(client: Any, bucket: str, objects: Iterable[SourceObject], w
     """Write every object into `writer`, in order. An object is skipped and named, never cut or
     renamed, when it vanished, is archived, GetObject refuses it, its key cannot be a member name
     or S3 would not store its attributes. But when GetObject refused objects and none could be
-    archived, the problem is the job's access, not one object's: that raises BackupError.
-    `progress(nbytes=…, objects=…)` is called as bytes and objects are done."""
+    archived, the problem is the job's access, not one object's: that raises BackupError. On any
+    error the writer is abandoned. `progress(nbytes=…, objects=…)` is called as bytes and objects
+    are done."""
     skipped: list[tuple[str, str]] = []
     refused: list[tuple[str, str]] = []
 
@@ -159,37 +161,41 @@ def archive_objects(client: Any, bucket: str, objects: Iterable[SourceObject], w
         if progress is not None:
             progress(nbytes=nbytes)
 
-    for fetched in fetch_in_order(client, bucket, objects, skip=lambda obj: unzippable(obj.key), **fetch_options):
-        key = fetched.source.key
-        comment = b""
-        if not fetched.skipped:
+    try:
+        for fetched in fetch_in_order(client, bucket, objects, skip=lambda obj: unzippable(obj.key), **fetch_options):
+            key = fetched.source.key
+            comment = b""
+            if not fetched.skipped:
+                try:
+                    comment = encode_attributes(fetched.head)
+                except NotArchivable as exc:
+                    fetched.discard()
+                    fetched.skipped = str(exc)
+            if fetched.skipped:
+                skipped.append((key, fetched.skipped))
+                if fetched.refused:
+                    refused.append((key, fetched.skipped))
+                if progress is not None:
+                    progress(objects=1)
+                continue
             try:
-                comment = encode_attributes(fetched.head)
-            except NotArchivable as exc:
-                fetched.discard()
-                fetched.skipped = str(exc)
-        if fetched.skipped:
-            skipped.append((key, fetched.skipped))
-            if fetched.refused:
-                refused.append((key, fetched.skipped))
+                writer.add(key, fetched.size, fetched.head.get("LastModified") or fetched.source.last_modified,
+                           comment, fetched.chunks(), advance)
+            except BackupError:
+                raise
+            except Exception as exc:
+                raise explain(exc, f"download s3://{bucket}/{shown(key)}") from exc
             if progress is not None:
                 progress(objects=1)
-            continue
-        try:
-            writer.add(key, fetched.size, fetched.head.get("LastModified") or fetched.source.last_modified,
-                       comment, fetched.chunks(), advance)
-        except BackupError:
-            raise
-        except Exception as exc:
-            raise explain(exc, f"download s3://{bucket}/{shown(key)}") from exc
-        if progress is not None:
-            progress(objects=1)
-    if refused and not writer.members:
-        first, why = refused[0]
-        raise BackupError(
-            f"GetObject refused {len(refused)} objects of s3://{bucket} and no object could be archived "
-            f"(the first, {shown(first)}: {why}): that is this job's access to the source bucket, not one object's. "
-            "Check the source credentials, the bucket's policy and its KMS key")
+        if refused and not writer.members:
+            first, why = refused[0]
+            raise BackupError(
+                f"GetObject refused {len(refused)} objects of s3://{bucket} and no object could be archived "
+                f"(the first, {shown(first)}: {why}): that is this job's access to the source bucket, not one object's. "
+                "Check the source credentials, the bucket's policy and its KMS key")
+    except BaseException:
+        writer.abandon()  # or zipfile, collected later, writes its directory into a sink already closed
+        raise
     return ArchiveResult(writer.members, writer.bytes, skipped)
 
 
@@ -335,6 +341,17 @@ def unnamed_file(directory: str) -> int:
     descriptor, path = tempfile.mkstemp(dir=directory)
     os.unlink(path)
     return descriptor
+
+
+@contextmanager
+def plaintext_file(fetched: Fetched, directory: str) -> Iterator[int]:
+    """A descriptor for the ZIP a restore reads its members from: the plain ZIP it was given, or
+    an `unnamed_file` in `directory` for the archive it decrypts (closed, and so gone, on exit)."""
+    descriptor = os.open(fetched.path, os.O_RDONLY) if fetched.encryption == "zip" else unnamed_file(directory)
+    try:
+        yield descriptor
+    finally:
+        os.close(descriptor)
 
 
 def read_archive(fetched: Fetched, keep: int | None = None,

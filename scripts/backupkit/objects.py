@@ -130,12 +130,11 @@ def _get(client: Any, bucket: str, obj: SourceObject, whole: bool) -> Fetched:
 
 def fetch_in_order(client: Any, bucket: str, objects: Iterable[SourceObject], *,
                    workers: int = PREFETCH_WORKERS, budget: int = PREFETCH_BYTES,
-                   skip: Callable[[SourceObject], str | None] | None = None) -> Iterator[Fetched]:
-    """The objects, fetched, in the order given; those `skip` gives a reason for are not fetched
-    but come in their turn, skipped. Memory: at most `budget` bytes of small objects fetched
-    ahead, plus one CHUNK of the large object being streamed."""
+                   skip: Callable[[SourceObject], str | None] = lambda obj: None) -> Iterator[Fetched]:
+    """The objects, fetched, in the order given. Memory: at most `budget` bytes of small objects
+    fetched ahead, plus one CHUNK of the large object being streamed."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
-    window: collections.deque[tuple[SourceObject, Future | Fetched | None]] = collections.deque()
+    window: collections.deque[tuple[SourceObject, Future | None]] = collections.deque()
     pending = iter(objects)
     nxt: SourceObject | None = next(pending, None)
     reserved = 0
@@ -143,24 +142,20 @@ def fetch_in_order(client: Any, bucket: str, objects: Iterable[SourceObject], *,
         while window or nxt is not None:
             # Queue fetches ahead while the byte budget allows (the head is always allowed).
             while nxt is not None and len(window) < PREFETCH_AHEAD:
-                why = skip(nxt) if skip is not None else None
-                if why is not None:
-                    window.append((nxt, Fetched(nxt, skipped=why)))
-                elif nxt.size <= WHOLE_OBJECT_LIMIT:
+                if nxt.size <= WHOLE_OBJECT_LIMIT and skip(nxt) is None:
                     if window and reserved + nxt.size > budget:
                         break
                     reserved += nxt.size
                     window.append((nxt, pool.submit(_get, client, bucket, nxt, True)))
                 else:
-                    window.append((nxt, None))  # streamed when its turn comes
+                    window.append((nxt, None))  # streamed when its turn comes, or never fetched (skip)
                 nxt = next(pending, None)
-            obj, ahead = window.popleft()
-            if ahead is None:
-                yield _get(client, bucket, obj, whole=False)
-            elif isinstance(ahead, Fetched):
-                yield ahead
+            obj, future = window.popleft()
+            if future is None:
+                why = skip(obj)  # an object `skip` gives a reason for comes in its turn, skipped
+                yield Fetched(obj, skipped=why) if why is not None else _get(client, bucket, obj, whole=False)
             else:
-                fetched = ahead.result()
+                fetched = future.result()
                 reserved -= obj.size
                 yield fetched
     finally:
