@@ -427,3 +427,23 @@ def test_refusals_are_told_from_job_wide_errors():
     assert "KMS.DisabledException" in refusal("KMS.DisabledException")
     for job_wide in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "NoSuchBucket", "InternalError", None):
         assert refusal(job_wide) is None
+
+
+def test_metadata_s3_did_not_return_is_said(capsys):
+    """S3 leaves out metadata entries with unprintable characters and counts them in
+    x-amz-missing-meta: the backup cannot hold them, and says so rather than claim a faithful copy."""
+    class Body:
+        def read(self) -> bytes:
+            return b"x"
+
+        def close(self) -> None:
+            pass
+
+    class Bucket:
+        def get_object(self, Bucket: str, Key: str) -> dict:  # boto3's parameter names
+            return {"ContentLength": 1, "Body": Body(), "Metadata": {"kept": "v"}, "MissingMeta": 2}
+
+    writer = ArchiveWriter(io.BytesIO())
+    result = archive_objects(Bucket(), "app", [SourceObject("doc.pdf", 1, datetime.now(UTC))], writer)
+    assert result.object_count == 1
+    assert "s3://app/doc.pdf: S3 did not return 2 of its metadata entries" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from backupkit.attributes import (
     attributes_of,
     decode_attributes,
     encode_attributes,
+    metadata_value_bytes,
     put_parameters,
     wire_text,
 )
@@ -194,6 +195,26 @@ def test_restored_headers_carry_the_bytes_they_were_read_as(text):
     assert wire_text(returned(stored)).encode() == stored
     parameters = put_parameters({"ContentType": returned(stored), "Metadata": {"name": returned(stored)}})
     assert parameters == {"ContentType": text, "Metadata": {"name": text}} if text else {"Metadata": {"name": ""}}
+
+
+PIECES = st.sampled_from(["=?", "?=", "?B?", "?Q?", "?q?", "UTF-8", "x-unknown", "\xff", "=", "?", " ", "\t", "Zg==", "w6s",
+                          "_", "=E4", "\x00", "\u674e", "\r\n"])
+
+
+@PROPERTY
+@given(value=st.lists(st.one_of(PIECES, st.text(max_size=5)), max_size=20).map("".join),
+       name=st.one_of(st.text(TOKEN, min_size=1, max_size=20), st.text(max_size=5)))
+def test_a_reader_refuses_a_planted_comment_with_one_error_never_a_crash(value, name):
+    """Anything in a comment (planted by a writer who holds the passphrase) is either read or
+    refused as not this tool's JSON; RFC 2047 look-alikes are counted, never decoded."""
+    import json
+
+    assert 0 <= metadata_value_bytes(value) <= len(value)
+    for planted in ({"Metadata": {name: value}}, {"ContentType": value, "Metadata": value}, {"ContentDisposition": [value]}):
+        try:
+            decode_attributes(json.dumps(planted).encode(), "upload.pdf")
+        except VerificationError as refused:
+            assert "is not the JSON this tool writes" in str(refused)
 
 
 # -- the bounds a reader keeps --------------------------------------------------------------------

@@ -25,7 +25,7 @@ from .attributes import NotArchivable, decode_attributes, encode_attributes
 from .crypto import AESCRYPT_BUFFER, FullReader, aescrypt_decrypt, aescrypt_encrypt
 from .errors import BackupError, Problem, VerificationError
 from .objects import SourceObject, fetch_in_order
-from .output import has_unsafe_characters, shown
+from .output import has_unsafe_characters, log, shown
 from .retrieve import Fetched, check_plaintext
 from .s3 import explain
 from .streams import Tally, copy, enlarge_pipe
@@ -178,6 +178,9 @@ def archive_objects(client: Any, bucket: str, objects: Iterable[SourceObject], w
                 if progress is not None:
                     progress(objects=1)
                 continue
+            if fetched.head.get("MissingMeta"):  # S3 leaves out metadata with unprintable characters
+                log(f"warning: s3://{bucket}/{shown(key)}: S3 did not return {shown(fetched.head['MissingMeta'])} of its "
+                    "metadata entries (unprintable characters), so the backup and a restore lack them")
             try:
                 writer.add(key, fetched.size, fetched.head.get("LastModified") or fetched.source.last_modified,
                            comment, fetched.chunks(), advance)
@@ -336,7 +339,7 @@ def unnamed_file(directory: str) -> int:
     except AttributeError:  # not Linux
         pass
     except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             raise
     descriptor, path = tempfile.mkstemp(dir=directory)
     os.unlink(path)

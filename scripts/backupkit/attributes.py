@@ -8,8 +8,6 @@ The backup checks each comment with the very function the readers use (`encode_a
 
 from __future__ import annotations
 
-import email.errors
-import email.header
 import json
 import re
 from typing import Any
@@ -43,8 +41,9 @@ class NotArchivable(Exception):
 
 def attributes_of(head: dict[str, Any]) -> dict[str, Any]:
     """The attributes kept of a GetObject/HeadObject response (or a dict with those keys)."""
+    metadata = head.get("Metadata") or {}
     attributes: dict[str, Any] = {"ContentType": head.get("ContentType") or DEFAULT_CONTENT_TYPE,
-                                  "Metadata": dict(head.get("Metadata") or {})}
+                                  "Metadata": dict(metadata) if isinstance(metadata, dict) else metadata}
     for name in ATTRIBUTES[2:]:
         if head.get(name):
             attributes[name] = head[name]
@@ -129,17 +128,29 @@ def _header_value(value: Any) -> bool:
 
 
 def metadata_value_bytes(value: str) -> int:
-    """A metadata value's size as S3 counts it: the UTF-8 bytes it stands for. S3 returns a value
-    holding non-ASCII characters as RFC 2047 encoded words, longer than what it counted; this
-    takes the smaller of the two readings, so it is never stricter than S3."""
-    size = len(value)
-    if "=?" in value:
-        try:
-            decoded = email.header.make_header(email.header.decode_header(value))
-            size = min(size, len(str(decoded).encode("utf-8", "surrogatepass")))
-        except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
-            pass
-    return size
+    """A metadata value's size as S3 counts it: the bytes it stands for. S3 returns a value
+    holding non-ASCII characters as RFC 2047 encoded words, longer than what it counted, and
+    decodes them again when it stores one. Each encoded word here counts the bytes its payload
+    decodes to (whitespace between two words is not text): never more than S3 counts, so never
+    stricter than S3, and no decoding that can fail."""
+    if "=?" not in value:
+        return len(value)
+    size, end, after_word = 0, 0, False
+    for word in _ENCODED_WORD.finditer(value):
+        between = value[end:word.start()]
+        if not (after_word and between.strip(" \t") == ""):
+            size += len(between)
+        kind, payload = word.group(1).upper(), word.group(2)
+        if kind == "B":
+            size += len(payload.rstrip("=")) * 3 // 4
+        else:
+            size += len(payload) - 2 * len(_QUOTED_BYTE.findall(payload))
+        end, after_word = word.end(), True
+    return min(size + len(value) - end, len(value))
+
+
+_ENCODED_WORD = re.compile(r"=\?[^?\s]*\?([BbQq])\?([^?\s]*)\?=")
+_QUOTED_BYTE = re.compile(r"=[0-9A-Fa-f]{2}")
 
 
 # -- putting them back --------------------------------------------------------------------------
