@@ -402,13 +402,14 @@ def test_a_backup_where_getobject_refuses_every_object_fails(run, s3server, buck
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
-@pytest.mark.parametrize("fault", ["403-key", "500"])
+@pytest.mark.parametrize("fault", ["403-key", "500", "cut"])
 def test_a_job_wide_error_on_one_object_still_fails_with_one_error_line(run, s3server, bucket, fault):
-    """Credentials refused or a server failing on one GET is not that object's problem: the run
+    """Credentials refused, a server failing, or a body that breaks off after part of it went
+    into the archive (6 MiB: streamed into its member) is not that object's problem: the run
     fails, aborts its upload, and says so in one line (no traceback after it)."""
     client = s3server.client()
     source = new_bucket(s3server)
-    fill(client, source, {"a": Obj(b"a"), "b/broken": Obj(b"b"), "c": Obj(b"c")})
+    fill(client, source, {"a": Obj(b"a"), "b/broken": Obj(os.urandom(6 * MIB)), "c": Obj(b"c")})
     with FaultProxy(s3server.endpoint) as proxy:
         proxy.add("GetObject", fault=fault, path="/b/broken")
         done = run("backup_files.py", "--source-bucket", source, env={"SOURCE_AWS_ENDPOINT_URL": proxy.endpoint})
