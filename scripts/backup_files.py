@@ -16,20 +16,24 @@ from backupkit.upload import StreamingUpload
 
 DESCRIPTION = """\
 Copy every object of the app's bucket (under --source-prefix) into one ZIP (member = object key,
-stored, ZIP64 where needed, date = LastModified, comment = JSON of ContentType and metadata),
-encrypt it with AES Crypt v2 (pyAesCrypt) and stream it to
+stored, ZIP64 where needed, date = LastModified, comment = JSON of ContentType, serving headers
+and metadata as S3 returns them), encrypt it with AES Crypt v2 (pyAesCrypt) and stream it to
 s3://BUCKET/ENVIRONMENT/files/YYYY-MM-DD--HH-MM-SS.zip.encrypted, then write its manifest.
 
 Nothing touches the disk. Memory does not grow with the objects' sizes (140 MiB for 2 GiB
 measured); it grows with their number only by the listing and the ZIP directory, up to about a
-kilobyte per object. Objects that
-cannot be read are skipped, named (on stderr, and the first 100 in the manifest with the total
-count) and the backup of everything else still completes with exit status 0: objects deleted
-between the listing and their download, and objects in an archived storage class (GLACIER,
-DEEP_ARCHIVE, Intelligent-Tiering's archive tiers: restore them in S3 to include them). The
-daily check (verify_backup.py) reports a backup with skipped objects. Any other error aborts the
-upload, writes no manifest and exits 1. The writer needs only s3:PutObject on the external
-bucket, and list/get on the source bucket.
+kilobyte per object. Objects that cannot be kept are skipped, named (on stderr, and the first
+100 in the manifest with the total count), never truncated, and the backup of everything else
+still completes with exit status 0: objects deleted between the listing and their download;
+objects in an archived storage class (GLACIER, DEEP_ARCHIVE, Intelligent-Tiering's archive
+tiers: restore them in S3 to include them); objects GetObject refuses (encrypted with a
+customer-provided key, SSE-C; a KMS key or bucket policy this job may not use); keys a ZIP
+member name cannot carry (a NUL byte); attributes S3 itself would refuse (from a store that is
+not S3). The daily check (verify_backup.py) reports a backup with skipped objects. When GetObject
+refuses objects and none can be archived, the job has lost its access (not one object's
+problem): like any other error (credentials, the bucket, the endpoint, a download cut short)
+that aborts the upload, writes no manifest and exits 1. The writer needs only s3:PutObject on
+the external bucket, and list/get on the source bucket.
 """
 
 EPILOG = """\

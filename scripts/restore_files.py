@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Restore a files backup: download, check, decrypt (HMAC checked) to a private temp file, then
-re-upload each member with its ContentType and metadata, skipping objects already identical."""
+"""Restore a files backup: download, check, decrypt (HMAC checked) to a private temp file that has
+no name, then re-upload each member with its ContentType and metadata, skipping objects already
+identical."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from backupkit import cli, config, s3
-from backupkit.archive import ArchiveContents, FileSection, read_archive, unsafe_name
+from backupkit.archive import ArchiveContents, FileSection, plaintext_file, read_archive, unsafe_name
+from backupkit.attributes import allow_non_ascii_metadata, put_parameters
 from backupkit.errors import BackupError, UsageError
 from backupkit.output import log, md_code, shown
 from backupkit.progress import Progress, human_bytes
@@ -22,11 +24,13 @@ from backupkit.streams import CHUNK
 
 DESCRIPTION = """\
 Restore a files backup into TARGET_BUCKET: the backup is downloaded and checked against its
-manifest (size, SHA-256), decrypted into a private temporary file (0600, in a 0700 directory),
-and only when the decryption ended cleanly (AES Crypt's HMAC is checked at the very end) and the
-plaintext SHA-256 matches the manifest is anything uploaded. Each member goes back under
-TARGET_PREFIX + its original key, with its ContentType and user metadata. Objects already
-identical in the target (same size, bytes (ETag/MD5), content type and metadata) are skipped.
+manifest (size, SHA-256), decrypted into a private temporary file that has no name (0600, in a
+0700 directory: nothing is left on disk even when the process is killed), and only when the
+decryption ended cleanly (AES Crypt's HMAC is checked at the very end) and the plaintext SHA-256
+matches the manifest is anything uploaded. Each member goes back under TARGET_PREFIX + its
+original key, with its ContentType, serving headers and user metadata as S3 returned them.
+Objects already identical in the target (same size, bytes (ETag/MD5), content type and
+metadata) are skipped.
 
 Before the first upload the whole archive is checked as verify_backup.py checks it: the central
 directory against the local headers (no entry may alias another's bytes), every CRC, unique
@@ -37,7 +41,9 @@ leaves those out and lists them.
 
 --latest takes the newest backup that verifies, naming the newer ones it skipped and why.
 --only GLOB restores the keys that match (fnmatch, on the original key; quote it).
---dry-run prints what would be uploaded (new / changed / identical) and uploads nothing.
+--dry-run prints what would be uploaded (new / changed / identical) and uploads nothing, and
+counts the objects under TARGET_PREFIX (matching --only) that are not in the backup: a restore
+leaves those as they are, it never deletes.
 Temporary files are removed on every exit, Ctrl-C and SIGTERM included.
 
 Interrupted (Ctrl-C, SIGTERM, a failed upload): the objects uploaded so far are in the target,
@@ -169,16 +175,16 @@ def part_sizes(size: int, etag: str) -> list[int | None]:
     return [p for p in dict.fromkeys([*COMMON_PART_SIZES, guess, guess + mib]) if -(-size // p) == count] or [guess]
 
 
-def same_bytes(path: str, item: Item, etag: str) -> bool:
+def same_bytes(plaintext: int, item: Item, etag: str) -> bool:
     hashers = [PartHasher(p) for p in part_sizes(item.size, etag)]
-    with FileSection(path, item.offset, item.size) as section:
+    with FileSection(plaintext, item.offset, item.size) as section:
         while hashers and (chunk := section.read(CHUNK)):
             for hasher in hashers:
                 hasher.update(chunk)
     return any(hasher.etag() == etag for hasher in hashers)
 
 
-def classify(client: Any, bucket: str, path: str, item: Item) -> str:
+def classify(client: Any, bucket: str, plaintext: int, item: Item) -> str:
     try:
         head = client.head_object(Bucket=bucket, Key=item.key)
     except Exception as exc:
@@ -190,12 +196,12 @@ def classify(client: Any, bucket: str, path: str, item: Item) -> str:
     for name, value in item.attributes.items():
         if name != "Metadata" and head.get(name) != value:
             return CHANGED
-    return IDENTICAL if same_bytes(path, item, head.get("ETag", "").strip('"')) else CHANGED
+    return IDENTICAL if same_bytes(plaintext, item, head.get("ETag", "").strip('"')) else CHANGED
 
 
-def upload(client: Any, bucket: str, path: str, item: Item) -> None:
-    extra = {k: v for k, v in item.attributes.items() if v or k == "Metadata"}
-    with FileSection(path, item.offset, item.size) as body, s3.s3_errors(f"upload s3://{bucket}/{item.key}"):
+def upload(client: Any, bucket: str, plaintext: int, item: Item) -> None:
+    extra = put_parameters(item.attributes)  # needs allow_non_ascii_metadata(client)
+    with FileSection(plaintext, item.offset, item.size) as body, s3.s3_errors(f"upload s3://{bucket}/{item.key}"):
         # One PutObject up to S3's 5 GiB limit, so the ETag is the MD5 and a rerun can tell
         # identical objects; larger members go up in parts.
         if item.size <= 5 * 1024**3:
@@ -237,6 +243,28 @@ def check_target(client: Any, bucket: str, prefix: str, dry_run: bool) -> None:
         log(f"warning: could not abort the write check's empty multipart upload of s3://{bucket}/{shown(probe)}")
 
 
+def not_in_backup(client: Any, bucket: str, prefix: str, only: str | None, names: set[str],
+                  page_size: int = 1000) -> int | None:
+    """How many objects under `prefix` in the target (whose original keys match `only`) are not
+    among the backup's `names`: a restore leaves them as they are. Page by page, in bounded
+    memory; None when this identity may not list the target."""
+    count = 0
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
+    try:
+        for page in pages:
+            for listed in page.get("Contents", []):
+                name = listed["Key"][len(prefix):]
+                if name not in names and (not only or fnmatch.fnmatchcase(name, only)):
+                    count += 1
+    except Exception as exc:
+        if s3.error_code(exc) in ("AccessDenied", "403"):
+            log(f"warning: cannot list s3://{bucket}/{shown(prefix)} (AccessDenied): the objects there that are not "
+                "in the backup are not counted")
+            return None
+        raise s3.explain(exc, f"list s3://{bucket}/{shown(prefix)}") from exc
+    return count
+
+
 def run_pool(items: list[Item], work: Any) -> None:
     """Run `work(item)` for every item, WORKERS at a time; the first error stops the rest."""
     pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="restore")
@@ -263,26 +291,28 @@ class Restore:
     uploads: Progress | None = None  # counts the objects uploaded (under its lock: 8 threads upload)
 
     def __call__(self, fetched: Fetched) -> dict[str, Any]:
-        with private_directory(prefix="restore-files-") as workdir:  # 0700: the decrypted archive lives here
+        # 0700: the decrypted archive lives here, in a file that has no name
+        with private_directory(prefix="restore-files-") as workdir, plaintext_file(fetched, workdir) as plaintext:
             plain = fetched.encryption == "zip"
-            path = fetched.path if plain else os.path.join(workdir, "backup.zip")
             total = (fetched.manifest or {}).get("plaintext_size") or os.path.getsize(fetched.path)
             progress = Progress("checked" if plain else "decrypted", total_bytes=total)
             log(f"{'checking' if plain else 'decrypting'} {fetched.label}")
-            contents = read_archive(fetched, keep=None if plain else path, progress=progress.update)
+            contents = read_archive(fetched, keep=None if plain else plaintext, progress=progress.update)
             progress.done()
             items, unsafe = items_of(contents, self.prefix, self.only, self.skip_unsafe)
             for left_out in unsafe:
                 log(f"warning: not restored: '{shown(left_out['name'])}': {left_out['reason']}")
             log(f"comparing {len(items)} members of {fetched.label} with s3://{self.bucket}/{shown(self.prefix)}")
-            run_pool(items, lambda item: setattr(item, "action", classify(self.client, self.bucket, path, item)))
+            run_pool(items, lambda item: setattr(item, "action", classify(self.client, self.bucket, plaintext, item)))
             todo = [item for item in items if item.action != IDENTICAL]
             self.todo = len(todo)
+            extra = (not_in_backup(self.client, self.bucket, self.prefix, self.only, {m.name for m in contents.members})
+                     if self.dry_run else None)
             if not self.dry_run and todo:
                 uploads = self.uploads = Progress("uploaded", total_bytes=sum(i.size for i in todo), total_objects=len(todo))
 
                 def put(item: Item) -> None:
-                    upload(self.client, self.bucket, path, item)
+                    upload(self.client, self.bucket, plaintext, item)
                     uploads.update(item.size, 1)
 
                 try:
@@ -290,7 +320,7 @@ class Restore:
                 except BackupError as exc:
                     raise BackupError(f"{exc}; {self.interrupted()}") from exc
                 uploads.done()
-        return {"items": items, "todo": todo, "unsafe": unsafe}
+        return {"items": items, "todo": todo, "unsafe": unsafe, "not_in_backup": extra}
 
     def interrupted(self) -> str:
         if self.dry_run or not self.todo:
@@ -315,6 +345,7 @@ def main(argv: list[str]) -> int:
         passphrases = config.passphrases()
     began = time.monotonic()
     target = s3.external_client(max_pool_connections=WORKERS + 4)
+    allow_non_ascii_metadata(target)  # metadata goes back as S3 returned it (put_parameters)
     check_target(target, target_bucket, prefix, args.dry_run)
     restore = Restore(target, target_bucket, prefix, args.only, args.dry_run, args.skip_unsafe_names)
     cli.on_interrupt(restore.interrupted)
@@ -349,6 +380,7 @@ def report(args: Any, retrieved: Retrieved[dict[str, Any]], where: str, seconds:
     }
     if args.dry_run:
         result["plan"] = [{"key": i.key, "action": i.action, "size": i.size} for i in items]
+        result["target_objects_not_in_backup"] = retrieved.result["not_in_backup"]
     only = f" matching '{shown(args.only)}'" if args.only else ""
     summary = (f"{counts[NEW]} new, {counts[CHANGED]} changed, {counts[IDENTICAL]} identical "
                f"of {len(items)} members{only}")
@@ -356,8 +388,12 @@ def report(args: Any, retrieved: Retrieved[dict[str, Any]], where: str, seconds:
         summary += f"; {len(retrieved.result['unsafe'])} left out for unsafe names"
     if args.dry_run:
         lines = [f"{i.action:9} {shown(i.key)} ({human_bytes(i.size)})" for i in items]
+        extra = retrieved.result["not_in_backup"]
+        extra_line = (f"{extra} objects under {shown(where)}{only} are not in this backup: a restore leaves them as "
+                      "they are (it never deletes)" if extra is not None else
+                      f"objects under {shown(where)} that are not in this backup: not counted (cannot list the target)")
         human = "\n".join([*lines, f"dry run: would upload {len(todo)} objects ({human_bytes(todo_bytes)}) from {fetched.label} "
-                                   f"to {shown(where)}: {summary}; uploaded nothing"])
+                                   f"to {shown(where)}: {summary}; uploaded nothing", extra_line])
     else:
         human = (f"restored {fetched.label} to {shown(where)}: uploaded {len(todo)} objects ({human_bytes(todo_bytes)}); "
                  f"{summary}; in {seconds:.1f} s")

@@ -25,6 +25,10 @@ ERRORS = {
     "503": (503, "SlowDown", "Please reduce your request rate."),
     "403-key": (403, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records."),
     "403-signature": (403, "SignatureDoesNotMatch", "The request signature we calculated does not match the signature you provided."),
+    # What GetObject answers for one object the job cannot read: SSE-C without its key, a KMS key or a policy.
+    "400-sse-c": (400, "InvalidRequest", "The object was stored using a form of Server Side Encryption. "
+                                         "The correct parameters must be provided to retrieve the object."),
+    "403-denied": (403, "AccessDenied", "Access Denied"),
 }
 FAULTS = (*ERRORS, "reset", "cut", "stall", "stall-body", "delay", "down")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "upgrade", "te"}
@@ -70,6 +74,7 @@ class Rule:
     `after`: let that many matching requests through first. `limit`: inject at most that many
     faults. `per_request`: fault one request (same path) at most that many times, so a transient
     fault can never exhaust the client's retries. `seconds`: how long a stall or delay lasts.
+    `path`: only requests whose path holds this (one object's key, URL-quoted).
     """
 
     operations: tuple[str, ...]
@@ -79,6 +84,7 @@ class Rule:
     limit: int | None = None
     per_request: int | None = None
     seconds: float = 30.0
+    path: str | None = None
     seen: int = 0
     injected: int = 0
     by_path: Counter = field(default_factory=Counter)
@@ -190,6 +196,8 @@ class FaultProxy:
             self.first.setdefault(op, threading.Event()).set()
             for rule in self.rules:
                 if op not in rule.operations and "*" not in rule.operations:
+                    continue
+                if rule.path is not None and rule.path not in path:
                     continue
                 rule.seen += 1
                 if rule.seen <= rule.after:

@@ -112,3 +112,42 @@ def decrypt_bytes(data: bytes, passphrase: str) -> bytes:
     return out.getvalue()
 
 
+
+
+# What a restore must give back besides the bytes: every attribute the files backup keeps.
+HEAD_ATTRIBUTES = ("ContentType", "ContentDisposition", "CacheControl", "ContentEncoding", "ContentLanguage",
+                   "Metadata", "ContentLength", "ETag")
+
+
+def heads(client, bucket: str, prefix: str = "") -> dict[str, tuple[str, dict]]:
+    """key → (sha256, the attributes HeadObject returns) for every object under prefix."""
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+
+    def one(key: str):
+        head = client.head_object(Bucket=bucket, Key=key)
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return key, (hashlib.sha256(body).hexdigest(), {name: head.get(name) for name in HEAD_ATTRIBUTES})
+
+    with ThreadPoolExecutor(8) as pool:
+        return dict(pool.map(one, keys))
+
+
+def put_raw(endpoint: str, bucket: str, key: str, body: bytes, headers: dict[str, bytes]) -> None:
+    """A PutObject whose header values go out as the bytes given (UTF-8 from an SDK that does not
+    refuse non-ASCII metadata, as botocore does); the local endpoint does not check signatures."""
+    import http.client
+    from urllib.parse import quote, urlsplit
+
+    where = urlsplit(endpoint)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    try:
+        connection.putrequest("PUT", f"/{bucket}/{quote(key, safe='/')}")
+        for name, value in {**headers, "Content-Length": str(len(body)).encode()}.items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        response = connection.getresponse()
+        assert response.status == 200, response.read()
+    finally:
+        connection.close()

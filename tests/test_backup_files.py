@@ -353,3 +353,98 @@ def test_objects_that_grew_after_the_listing_are_streamed_not_prefetched_whole()
     sizes = [sum(len(chunk) for chunk in fetched.chunks()) for fetched in fetch_in_order(GrowingBucket(), "app", listed)]
     assert sizes == [grown] * 300  # every byte still archived
     assert not any(body.read_whole for body in bodies)
+
+
+# -- objects GetObject refuses ------------------------------------------------------------------
+@pytest.mark.parametrize("fault, why", [("400-sse-c", "customer-provided key, SSE-C"), ("403-denied", "AccessDenied")])
+def test_objects_getobject_refuses_are_skipped_named_and_reported(run, s3server, bucket, fault, why):
+    """Issue 21, item 2: one object under SSE-C or a KMS key the job may not use used to abort
+    every files backup (with a stray ZipFile.__del__ traceback). It is skipped and named like an
+    archived object, the rest is backed up, and the daily check reports it."""
+    client = s3server.client()
+    source = new_bucket(s3server)
+    objects = {"a.txt": Obj(b"a", "text/plain"), "locked/small.bin": Obj(b"s" * 100),
+               "locked/large.bin": Obj(os.urandom(6 * MIB)), "z.txt": Obj(b"z", "text/plain")}  # large: streamed in turn
+    fill(client, source, objects)
+    with FaultProxy(s3server.endpoint) as proxy:
+        proxy.add("GetObject", fault=fault, path="/locked/")
+        done = run("backup_files.py", "--source-bucket", source, "--json", env={"SOURCE_AWS_ENDPOINT_URL": proxy.endpoint})
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    manifest = json.loads(done.stdout)
+    assert manifest["source"]["skipped"] == ["locked/large.bin", "locked/small.bin"]  # listing order
+    assert (manifest["source"]["skipped_count"], manifest["source"]["object_count"]) == (2, 2)
+    for key in ("locked/small.bin", "locked/large.bin"):
+        assert f"warning: s3://{source}/{key} is not in this backup: " in done.stderr and why in done.stderr
+
+    done = run("verify_backup.py", "--kind", "files", "--latest", env={"GITHUB_ACTIONS": "true"})
+    assert done.returncode == 0, done.stderr
+    assert "2 objects of the source were skipped" in done.stdout and "::warning::the files backup" in done.stderr
+    target = new_bucket(s3server, "restored")
+    run("restore_files.py", "--latest", "--target-bucket", target, check=True)
+    assert sorted(snapshot(client, target)) == ["a.txt", "z.txt"]
+
+
+def test_a_backup_where_getobject_refuses_every_object_fails(run, s3server, bucket):
+    """Refusals of every object are the job's access (a policy or key taken away), not one
+    object's: the backup must not complete and look healthy."""
+    client = s3server.client()
+    source = new_bucket(s3server)
+    fill(client, source, {f"k/{i}": Obj(b"x") for i in range(5)})
+    with FaultProxy(s3server.endpoint) as proxy:
+        proxy.add("GetObject", fault="403-denied")
+        done = run("backup_files.py", "--source-bucket", source, env={"SOURCE_AWS_ENDPOINT_URL": proxy.endpoint})
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    [line] = error_lines(done.stderr)
+    assert "refused 5 objects" in line and "not one object's" in line, line
+    assert versions(client, bucket) == []
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+@pytest.mark.parametrize("fault", ["403-key", "500", "cut"])
+def test_a_job_wide_error_on_one_object_still_fails_with_one_error_line(run, s3server, bucket, fault):
+    """Credentials refused, a server failing, or a body that breaks off after part of it went
+    into the archive (6 MiB: streamed into its member) is not that object's problem: the run
+    fails, aborts its upload, and says so in one line (no traceback after it)."""
+    client = s3server.client()
+    source = new_bucket(s3server)
+    fill(client, source, {"a": Obj(b"a"), "b/broken": Obj(os.urandom(6 * MIB)), "c": Obj(b"c")})
+    with FaultProxy(s3server.endpoint) as proxy:
+        proxy.add("GetObject", fault=fault, path="/b/broken")
+        done = run("backup_files.py", "--source-bucket", source, env={"SOURCE_AWS_ENDPOINT_URL": proxy.endpoint})
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    [line] = error_lines(done.stderr)
+    assert "b/broken" in line
+    assert versions(client, bucket) == []
+
+
+def test_refusals_are_told_from_job_wide_errors():
+    from backupkit.objects import refusal
+
+    assert "SSE-C" in refusal("InvalidRequest")
+    assert "AccessDenied" in refusal("AccessDenied")
+    assert "KMS.DisabledException" in refusal("KMS.DisabledException")
+    for job_wide in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "NoSuchBucket", "InternalError", None):
+        assert refusal(job_wide) is None
+
+
+def test_metadata_s3_did_not_return_is_said(capsys):
+    """S3 leaves out metadata entries with unprintable characters and counts them in
+    x-amz-missing-meta: the backup cannot hold them, and says so rather than claim a faithful copy."""
+    class Body:
+        def read(self) -> bytes:
+            return b"x"
+
+        def close(self) -> None:
+            pass
+
+    class Bucket:
+        def get_object(self, Bucket: str, Key: str) -> dict:  # boto3's parameter names
+            return {"ContentLength": 1, "Body": Body(), "Metadata": {"kept": "v"}, "MissingMeta": 2}
+
+    writer = ArchiveWriter(io.BytesIO())
+    result = archive_objects(Bucket(), "app", [SourceObject("doc.pdf", 1, datetime.now(UTC))], writer)
+    assert result.object_count == 1
+    assert "s3://app/doc.pdf: S3 did not return 2 of its metadata entries" in capsys.readouterr().err

@@ -8,6 +8,7 @@ Planted dumps are consistent (size, SHA-256, trailer and manifest all match): th
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -36,7 +38,7 @@ from tests.backup_factory import (
     zip_of,
 )
 from tests.conftest import PASSPHRASE, Runner, error_lines, one_error, public_tables
-from tests.files_helpers import Obj, fill, new_bucket, snapshot
+from tests.files_helpers import Obj, fill, heads, new_bucket, put_raw, snapshot
 from tests.procwatch import SpyBin
 
 RUNBOOK = (REPO / "runbook.md").read_text()
@@ -432,6 +434,70 @@ def test_an_archived_object_is_skipped_named_and_reported_by_the_check(run, s3se
     assert done.returncode == 0, done.stderr
     assert "1 objects of the source were skipped" in done.stdout
     assert "::warning::the files backup" in done.stderr
+
+
+CJK_NAME = "李小龍的文件名" * 17  # 119 characters: 1,071 once percent-encoded
+
+
+def awkward_uploads() -> dict[str, dict]:
+    """What an app's users can store with an ordinary upload (PutObject parameters by key), each
+    at or past a bound a naive encoder sets: all of it is within what S3 accepts and returns."""
+    encoded_title = "=?UTF-8?B?" + base64.b64encode(("李" * 500).encode()).decode() + "?="  # 1,500 bytes decoded
+    return {
+        "uploads/long-disposition.pdf": {"ContentType": "application/pdf",
+                                         "ContentDisposition": f"attachment; filename*=UTF-8''{quote(CJK_NAME)}"},
+        "uploads/long-metadata-name.bin": {"Metadata": {"x-original-" + "n" * 190: "v", "short": "s"}},
+        "uploads/metadata-at-2kb.bin": {"Metadata": {"a" * 1000: "b" * 1048}},  # S3's 2 KB, exactly
+        "uploads/tab-in-value.txt": {"ContentType": "text/plain", "Metadata": {"note": "before\tafter", "bell": "ding\x07"}},
+        "uploads/rfc2047.txt": {"Metadata": {"title": encoded_title}},  # how S3 returns non-ASCII metadata
+        "uploads/long-type.bin": {"ContentType": "application/vnd.example+" + "x" * 2000, "CacheControl": "max-age=" + "9" * 1500,
+                                  "ContentLanguage": "zh-Hant-TW", "ContentEncoding": "identity"},
+        "report.pdf": {"ContentType": "application/pdf"},
+        "report.pdf\0.exe": {"ContentType": "application/x-msdownload"},  # S3-compatible stores accept a NUL
+    }
+
+
+def test_awkward_uploads_back_up_verify_and_restore_identical(run, s3server, bucket):
+    """Issue 21, item 1: one such upload used to make every files backup unrestorable (the
+    reader refused the comment the writer wrote), and a NUL key came back cut to another
+    object's name. Every object but the NUL key restores byte- and metadata-identical; the NUL
+    key is skipped, named and counted, never truncated."""
+    client = s3server.client()
+    source = new_bucket(s3server)
+    uploads = awkward_uploads()
+    for key, parameters in uploads.items():
+        client.put_object(Bucket=source, Key=key, Body=f"body of {key}".encode(), **parameters)
+    # Another SDK sends UTF-8 in headers where botocore refuses to (metadata) or would not be asked.
+    put_raw(s3server.endpoint, source, "uploads/李.pdf", b"%PDF", {
+        "Content-Type": b"application/pdf", "Content-Disposition": 'attachment; filename="李小龍.pdf"'.encode(),
+        "x-amz-meta-uploaded-by": "Zoë 李".encode()})
+    nul_key = "report.pdf\0.exe"
+
+    done = run("backup_files.py", "--source-bucket", source, "--json")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads(done.stdout)
+    assert manifest["source"]["skipped"] == [nul_key] and manifest["source"]["skipped_count"] == 1
+    assert manifest["source"]["object_count"] == len(uploads)  # all the others, and the raw one
+    assert "report.pdf\\x00.exe is not in this backup: its key holds a NUL byte" in done.stderr
+    assert "Traceback" not in done.stderr
+
+    done = run("verify_backup.py", "--kind", "files", "--latest")
+    assert done.returncode == 0, done.stderr
+    assert "1 objects of the source were skipped" in done.stdout
+
+    target = new_bucket(s3server, "restored")
+    done = run("restore_files.py", "--latest", "--target-bucket", target, "--json")
+    assert done.returncode == 0, done.stderr
+    expected = heads(client, source)
+    del expected[nul_key]
+    assert heads(client, target) == expected
+    assert client.head_object(Bucket=target, Key="uploads/李.pdf")["Metadata"] == {"uploaded-by": "Zoë 李".encode().decode("latin-1")}
+
+    # A second run finds every object identical: the comparison reads the attributes as S3 returns them.
+    done = run("restore_files.py", "--latest", "--target-bucket", target, "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["identical"], result["uploaded"]) == (len(expected), 0)
 
 
 def test_a_file_mimicking_a_zip_descriptor_cannot_make_the_backup_unrestorable(run, s3server, bucket):

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -96,6 +97,35 @@ def test_dry_run_plans_and_uploads_nothing(run, s3server, backed_up):
     assert "new       img/c.png" in human and "uploaded nothing" in human
 
 
+def test_dry_run_counts_objects_in_the_target_that_are_not_in_the_backup(run, s3server, backed_up):
+    """The restore never deletes: a dry run says how many objects under the target prefix (and
+    --only) it would leave as they are."""
+    client = s3server.client()
+    target = new_bucket(s3server, "restored")
+    fill(client, target, {**{f"img/extra-{i}.png": Obj(b"x") for i in range(3)}, "docs/a.txt": Obj(b"in the backup"),
+                          "docs/new.txt": Obj(b"n"), "restored/docs/a.txt": Obj(b"a"), "restored/other": Obj(b"o")})
+    result, done = restore(run, "--latest", "--target-bucket", target, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert result["target_objects_not_in_backup"] == 3 + 1 + 2
+    result, _ = restore(run, "--latest", "--target-bucket", target, "--dry-run", "--target-prefix", "restored/")
+    assert result["target_objects_not_in_backup"] == 1  # restored/docs/a.txt is docs/a.txt, in the backup
+    human = run("restore_files.py", "--latest", "--target-bucket", target, "--dry-run", "--only", "img/*", check=True).stdout
+    assert human.splitlines()[-1] == (f"3 objects under s3://{target}/ matching 'img/*' are not in this backup: "
+                                      "a restore leaves them as they are (it never deletes)")
+    assert snapshot(client, target)["docs/a.txt"][1] == len(b"in the backup")  # a dry run: nothing changed
+
+
+def test_objects_not_in_the_backup_are_counted_page_by_page(s3server):
+    from restore_files import not_in_backup
+
+    client = s3server.client()
+    target = new_bucket(s3server, "restored")
+    fill(client, target, {f"p/{i:02d}": Obj(b"x") for i in range(25)})
+    in_backup = {f"{i:02d}" for i in range(0, 25, 3)}
+    assert not_in_backup(client, target, "p/", None, in_backup, page_size=4) == 25 - len(in_backup)
+    assert not_in_backup(client, target, "p/", "1*", in_backup, page_size=4) == 7  # 10..19, less 12, 15, 18
+
+
 def test_only_restores_matching_keys(run, s3server, backed_up):
     client = s3server.client()
     target = new_bucket(s3server, "restored")
@@ -182,6 +212,32 @@ def test_latest_skips_an_incomplete_newer_backup(run, s3server, bucket, backed_u
     assert "2099-01-01--00-00-00" in result["skipped"][0]["key"] and "no manifest" in result["skipped"][0]["reason"]
 
 
+def plaintext_being_written(pid: int, directory: Path) -> list[tuple[str, int]]:
+    """The files in the restore's own temporary directory under `directory` (where the decrypted
+    archive goes; the download has its own) that process `pid` holds open, named or not, and
+    their sizes."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+            if target.startswith(str(directory)) and "/restore-files-" in target:
+                found.append((target, fd.stat().st_size))
+        except OSError:
+            continue
+    return found
+
+
+def wait_for_decryption(proc, tmp: Path, at_least: int = MIB) -> list[tuple[str, int]]:
+    """Wait until the restore has written `at_least` bytes of the decrypted archive."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        held = plaintext_being_written(proc.pid, tmp)
+        if any(size >= at_least for _, size in held):
+            return held
+        time.sleep(0.005)
+    raise AssertionError("the restore never reached decryption")
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signals_remove_temporary_files(run, s3server, bucket, tmp_path, sig, code):
     client = s3server.client()
@@ -192,14 +248,7 @@ def test_signals_remove_temporary_files(run, s3server, bucket, tmp_path, sig, co
     tmp.mkdir()
     target = new_bucket(s3server, "restored")
     proc = run.popen("restore_files.py", "--latest", "--target-bucket", target, env={"TMPDIR": str(tmp)})
-    deadline = time.monotonic() + 60
-    seen: list[str] = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        seen = [p.name for p in tmp.glob("restore-files-*/*")]
-        if "backup.zip" in seen:  # decrypting: plaintext on disk
-            break
-        time.sleep(0.005)
-    assert "backup.zip" in seen, "the restore never reached decryption"
+    wait_for_decryption(proc, tmp)
     for directory in tmp.iterdir():
         assert directory.stat().st_mode & 0o777 == 0o700
         for child in directory.iterdir():
@@ -208,6 +257,29 @@ def test_signals_remove_temporary_files(run, s3server, bucket, tmp_path, sig, co
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
     assert list(tmp.iterdir()) == []
+    assert snapshot(client, target) == {}
+
+
+def test_sigkill_mid_decryption_leaves_no_plaintext(run, s3server, bucket, tmp_path):
+    """Nothing can clean up after SIGKILL: the decrypted archive lives in a file that has no name,
+    so it goes with the process (the encrypted download may stay; it is ciphertext)."""
+    client = s3server.client()
+    source = new_bucket(s3server)
+    marker = f"plaintext-marker-{os.getpid()}-{time.monotonic_ns()}".encode()
+    fill(client, source, {"large": Obj(marker + os.urandom(64 * MIB) + marker)})
+    run("backup_files.py", "--source-bucket", source, check=True)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    target = new_bucket(s3server, "restored")
+    proc = run.popen("restore_files.py", "--latest", "--target-bucket", target, env={"TMPDIR": str(tmp)})
+    held = wait_for_decryption(proc, tmp)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    left = [path for path in tmp.rglob("*") if path.is_file()]
+    assert not [path for path in left if marker in path.read_bytes()], left
+    assert not [path for path in left if "restore-files-" in str(path)], left
+    assert all(name.endswith(" (deleted)") for name, _ in held), held  # it never had a name
     assert snapshot(client, target) == {}
 
 

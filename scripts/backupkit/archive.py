@@ -9,87 +9,33 @@ verify_backup.py and restore_files.py, and `unsafe_name` for the restore.
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import re
+import tempfile
 import threading
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from .attributes import NotArchivable, decode_attributes, encode_attributes
 from .crypto import AESCRYPT_BUFFER, FullReader, aescrypt_decrypt, aescrypt_encrypt
 from .errors import BackupError, Problem, VerificationError
 from .objects import SourceObject, fetch_in_order
-from .output import has_unsafe_characters, shown
+from .output import has_unsafe_characters, log, shown
 from .retrieve import Fetched, check_plaintext
 from .s3 import explain
 from .streams import Tally, copy, enlarge_pipe
 from .zipcheck import ZipStreamChecker, size_extra
 
-# Headers kept with each object besides its bytes. ContentType and Metadata are what the contract
-# asks for; the other standard headers change how browsers serve a file, so they come along.
-ATTRIBUTES = ("ContentType", "Metadata", "CacheControl", "ContentDisposition", "ContentEncoding", "ContentLanguage")
 # Members this large are written with ZIP64 headers from the start: zipfile decides at 2 GiB
 # from the size we declare, this leaves room should the bytes we receive ever differ.
 ZIP64_FROM = 1024 * 1024 * 1024
 EARLIEST = datetime(1980, 1, 1, tzinfo=UTC)  # ZIP's DOS dates cannot say anything earlier
 LATEST = datetime(2107, 12, 31, 23, 59, 58, tzinfo=UTC)
-
-
-# -- member comments ----------------------------------------------------------------------------
-def encode_attributes(head: dict[str, Any]) -> bytes:
-    """The member comment: JSON of an object's ContentType, user Metadata and serving headers
-    (`head` is a GetObject/HeadObject response or a dict with those keys)."""
-    attributes: dict[str, Any] = {"ContentType": head.get("ContentType") or "binary/octet-stream",
-                                  "Metadata": dict(head.get("Metadata") or {})}
-    for name in ATTRIBUTES[2:]:
-        if head.get(name):
-            attributes[name] = head[name]
-    return json.dumps(attributes, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
-
-
-def decode_attributes(comment: bytes, name: str = "member") -> dict[str, Any]:
-    """The attributes from a member comment; an empty comment (a ZIP made by another tool)
-    gives none. Raises VerificationError for a comment that is not the JSON this tool writes, or
-    whose values S3 would not take back as they are."""
-    if not comment:
-        return {"Metadata": {}}
-
-    def bad(why: str) -> VerificationError:
-        return VerificationError(f"the ZIP comment of '{shown(name)}' is not the JSON this tool writes ({why})",
-                                 Problem.BAD_CONTENT)
-
-    try:
-        attributes = json.loads(comment.decode())
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise bad("not JSON") from None
-    if not isinstance(attributes, dict):
-        raise bad("not an object")
-    result: dict[str, Any] = {}
-    for key in ATTRIBUTES[2:] + ("ContentType",):
-        value = attributes.get(key)
-        if value is None:
-            continue
-        if not _header_value(value):
-            raise bad(f"{key} is not a short string of printable characters")
-        result[key] = value
-    metadata = attributes.get("Metadata", {})
-    if not isinstance(metadata, dict) or not all(_TOKEN.fullmatch(k) and _header_value(v) for k, v in metadata.items()
-                                                 if isinstance(k, str)):
-        raise bad("Metadata is not a map of names to printable strings")
-    if sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items()) > 2048:
-        raise bad("Metadata is over S3's 2 KB")
-    result["Metadata"] = dict(metadata)
-    return result
-
-
-_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}")
-
-
-def _header_value(value: Any) -> bool:
-    return isinstance(value, str) and len(value) <= 1024 and not has_unsafe_characters(value)
 
 
 def zip_date(moment: datetime) -> tuple[int, int, int, int, int, int]:
@@ -101,19 +47,59 @@ def zip_date(moment: datetime) -> tuple[int, int, int, int, int, int]:
 
 
 # -- writing ------------------------------------------------------------------------------------
-class ArchiveWriter:
-    """A ZIP written front to back on a sink that cannot seek (stored members, data descriptors);
-    ZIP64 where a member, the archive or the member count needs it."""
+def unzippable(key: str) -> str | None:
+    """Why an object key cannot be a ZIP member name as it is (None: it can). zipfile cuts a name
+    at its first NUL, which S3-compatible stores accept in keys: `report.pdf\\0.exe` would come back
+    as `report.pdf`."""
+    if "\0" in key:
+        return "its key holds a NUL byte, which a ZIP member name cannot carry (it would be cut there)"
+    try:
+        encoded = key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its key is not valid Unicode"
+    if len(encoded) > 0xFFFF:
+        return "its key is longer than a ZIP member name can be (65,535 bytes)"
+    if zipfile.ZipInfo(key).filename != key:  # by construction: whatever else zipfile would change
+        return "zipfile would change its key"
+    return None
+
+
+class _Gate:
+    """The ZIP writer's sink until the archive is abandoned; then writes go nowhere, so zipfile
+    finishing the archive when it is garbage-collected cannot reach a sink already closed."""
 
     def __init__(self, sink: Any):
+        self.sink: Any = sink
+
+    def write(self, data: bytes) -> int:
+        if self.sink is not None:
+            self.sink.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.sink is not None:
+            self.sink.flush()
+
+
+class ArchiveWriter:
+    """A ZIP written front to back on a sink that cannot seek (stored members, data descriptors);
+    ZIP64 where a member, the archive or the member count needs it. Use as a context manager:
+    leaving the block with an error abandons the archive (nothing more reaches the sink)."""
+
+    def __init__(self, sink: Any):
+        self._gate = _Gate(sink)
         # No tell() on the sink: zipfile then streams, counting the offsets itself.
-        self._zip = zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._zip = zipfile.ZipFile(self._gate, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         self.members = 0
         self.bytes = 0
 
     def add(self, name: str, size: int, last_modified: datetime, attributes: bytes,
             chunks: Iterable[bytes], progress: Callable[[int], None] | None = None) -> int:
-        """Write one member from `chunks` (which must yield exactly `size` bytes)."""
+        """Write one member from `chunks` (which must yield exactly `size` bytes); NotArchivable
+        for a name the member could not carry as it is."""
+        why = unzippable(name)
+        if why is not None:
+            raise NotArchivable(why)
         info = zipfile.ZipInfo(name, zip_date(last_modified))
         info.compress_type = zipfile.ZIP_STORED
         info.file_size = size
@@ -137,6 +123,21 @@ class ArchiveWriter:
         """Write the central directory (with every member's comment)."""
         self._zip.close()
 
+    def abandon(self) -> None:
+        """Stop writing: what was written is an incomplete archive its caller throws away."""
+        self._gate.sink = None
+        try:
+            self._zip.close()
+        except Exception:  # noqa: BLE001,S110 - a member left open mid-write: nothing more to write anyway
+            pass
+
+    def __enter__(self) -> ArchiveWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abandon()
+
 
 @dataclass
 class ArchiveResult:
@@ -147,30 +148,57 @@ class ArchiveResult:
 
 def archive_objects(client: Any, bucket: str, objects: Iterable[SourceObject], writer: ArchiveWriter,
                     progress: Callable[..., None] | None = None, **fetch_options: int) -> ArchiveResult:
-    """Write every object into `writer`, in order; vanished and archived objects are skipped and
-    named. `progress(nbytes=…, objects=…)` is called as bytes and objects are done."""
+    """Write every object into `writer`, in order. An object is skipped and named, never cut or
+    renamed, when it vanished, is archived, GetObject refuses it, its key cannot be a member name
+    or S3 would not store its attributes. But when GetObject refused objects and none could be
+    archived, the problem is the job's access, not one object's: that raises BackupError. On any
+    error the writer is abandoned. `progress(nbytes=…, objects=…)` is called as bytes and objects
+    are done."""
     skipped: list[tuple[str, str]] = []
+    refused: list[tuple[str, str]] = []
 
     def advance(nbytes: int) -> None:
         if progress is not None:
             progress(nbytes=nbytes)
 
-    for fetched in fetch_in_order(client, bucket, objects, **fetch_options):
-        key = fetched.source.key
-        if fetched.skipped:
-            skipped.append((key, fetched.skipped))
+    try:
+        for fetched in fetch_in_order(client, bucket, objects, skip=lambda obj: unzippable(obj.key), **fetch_options):
+            key = fetched.source.key
+            comment = b""
+            if not fetched.skipped:
+                try:
+                    comment = encode_attributes(fetched.head)
+                except NotArchivable as exc:
+                    fetched.discard()
+                    fetched.skipped = str(exc)
+            if fetched.skipped:
+                skipped.append((key, fetched.skipped))
+                if fetched.refused:
+                    refused.append((key, fetched.skipped))
+                if progress is not None:
+                    progress(objects=1)
+                continue
+            if fetched.head.get("MissingMeta"):  # S3 leaves out metadata with unprintable characters
+                log(f"warning: s3://{bucket}/{shown(key)}: S3 did not return {shown(fetched.head['MissingMeta'])} of its "
+                    "metadata entries (unprintable characters), so the backup and a restore lack them")
+            try:
+                writer.add(key, fetched.size, fetched.head.get("LastModified") or fetched.source.last_modified,
+                           comment, fetched.chunks(), advance)
+            except BackupError:
+                raise
+            except Exception as exc:
+                raise explain(exc, f"download s3://{bucket}/{shown(key)}") from exc
             if progress is not None:
                 progress(objects=1)
-            continue
-        try:
-            writer.add(key, fetched.size, fetched.head.get("LastModified") or fetched.source.last_modified,
-                       encode_attributes(fetched.head), fetched.chunks(), advance)
-        except BackupError:
-            raise
-        except Exception as exc:
-            raise explain(exc, f"download s3://{bucket}/{shown(key)}") from exc
-        if progress is not None:
-            progress(objects=1)
+        if refused and not writer.members:
+            first, why = refused[0]
+            raise BackupError(
+                f"GetObject refused {len(refused)} objects of s3://{bucket} and no object could be archived "
+                f"(the first, {shown(first)}: {why}): that is this job's access to the source bucket, not one object's. "
+                "Check the source credentials, the bucket's policy and its KMS key")
+    except BaseException:
+        writer.abandon()  # or zipfile, collected later, writes its directory into a sink already closed
+        raise
     return ArchiveResult(writer.members, writer.bytes, skipped)
 
 
@@ -284,7 +312,7 @@ class ArchiveContents:
 
 class _ArchiveSink:
     """pyAesCrypt's output (or a plain ZIP's bytes): hashed, walked by the ZIP checker, and kept in
-    a 0600 file when restoring."""
+    the restore's unnamed file."""
 
     def __init__(self, keep: IO[bytes] | None, progress: Callable[[int], None] | None):
         self.tally = Tally()
@@ -302,14 +330,42 @@ class _ArchiveSink:
         return len(data)
 
 
-def read_archive(fetched: Fetched, keep: str | None = None,
+def unnamed_file(directory: str) -> int:
+    """A new, empty 0600 file in `directory` that has no name, open for reading and writing: the
+    plaintext it receives goes with the descriptor, so even SIGKILL leaves nothing on disk.
+    O_TMPFILE where the filesystem has it, otherwise a file created and unlinked at once."""
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except AttributeError:  # not Linux
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    descriptor, path = tempfile.mkstemp(dir=directory)
+    os.unlink(path)
+    return descriptor
+
+
+@contextmanager
+def plaintext_file(fetched: Fetched, directory: str) -> Iterator[int]:
+    """A descriptor for the ZIP a restore reads its members from: the plain ZIP it was given, or
+    an `unnamed_file` in `directory` for the archive it decrypts (closed, and so gone, on exit)."""
+    descriptor = os.open(fetched.path, os.O_RDONLY) if fetched.encryption == "zip" else unnamed_file(directory)
+    try:
+        yield descriptor
+    finally:
+        os.close(descriptor)
+
+
+def read_archive(fetched: Fetched, keep: int | None = None,
                  progress: Callable[[int], None] | None = None) -> ArchiveContents:
     """Decrypt a files backup (AES Crypt: its HMAC is checked at the very end) or read a plain ZIP
     through the ZIP checker, then check everything a restore relies on: the plaintext against the
     manifest, the central directory against the local headers (so no entry can alias another's
-    bytes), every CRC, unique names, each member's attributes, the member count. With `keep`, the
-    plaintext is also written there (a new 0600 file), and means nothing unless this returns."""
-    handle = os.fdopen(os.open(keep, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") if keep else None
+    bytes), every CRC, unique names, each member's attributes, the member count. With `keep` (a
+    descriptor open for writing, e.g. an `unnamed_file`), the plaintext is also written there from
+    its start, and means nothing unless this returns."""
+    handle = open(keep, "wb", closefd=False) if keep is not None else None
     sink = _ArchiveSink(handle, progress)
     try:
         with open(fetched.path, "rb") as source:
@@ -359,14 +415,14 @@ def unsafe_name(member: ArchiveMember) -> str | None:
 
 
 class FileSection:
-    """A read-only, seekable window on part of a file (a member's bytes), for boto3 bodies."""
+    """A read-only, seekable window on part of an open file (a member's bytes), for boto3 bodies.
+    Reads with pread: any number of sections share one descriptor, each with its own position."""
 
-    def __init__(self, path: str, offset: int, length: int):
-        self._handle = open(path, "rb")  # closed by close()
+    def __init__(self, descriptor: int, offset: int, length: int):
+        self._descriptor = descriptor
         self._offset = offset
         self._length = length
         self._position = 0
-        self._handle.seek(offset)
 
     def __len__(self) -> int:
         return self._length
@@ -375,14 +431,13 @@ class FileSection:
         left = self._length - self._position
         if size is None or size < 0 or size > left:
             size = left
-        data = self._handle.read(size)
+        data = os.pread(self._descriptor, size, self._offset + self._position) if size else b""
         self._position += len(data)
         return data
 
     def seek(self, position: int, whence: int = os.SEEK_SET) -> int:
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._length}[whence]
         self._position = min(max(base + position, 0), self._length)
-        self._handle.seek(self._offset + self._position)
         return self._position
 
     def tell(self) -> int:
@@ -395,7 +450,7 @@ class FileSection:
         return True
 
     def close(self) -> None:
-        self._handle.close()
+        pass  # the descriptor is its owner's
 
     def __enter__(self) -> FileSection:
         return self

@@ -3,16 +3,16 @@ listing order by a small prefetch pool whose memory is bounded whatever the obje
 
 Objects up to WHOLE_OBJECT_LIMIT are fetched ahead, whole, by PREFETCH_WORKERS threads while at
 most PREFETCH_BYTES of them wait to be written; a larger object is streamed in CHUNK pieces
-when its turn comes. An object that vanished after the listing (NoSuchKey) is reported as
-skipped, and so is one in an archived storage class (GLACIER, DEEP_ARCHIVE, Intelligent-Tiering's
-archive tiers: GetObject answers InvalidObjectState until it is restored); any other error ends
-the run.
+when its turn comes. What GetObject answers about one object is that object's: one that vanished
+after the listing (NoSuchKey), one in an archived storage class (GLACIER, DEEP_ARCHIVE,
+Intelligent-Tiering's archive tiers: InvalidObjectState until it is restored) and one GetObject
+refuses (SSE-C, a KMS key or a policy this job may not use) is reported as skipped. Any other
+error (credentials, the bucket, the endpoint, a body cut short) ends the run.
 """
-
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -64,6 +64,7 @@ class Fetched:
     head: dict[str, Any] = field(default_factory=dict)
     data: bytes | None = None
     skipped: str | None = None  # why it is not in the backup
+    refused: bool = False  # skipped because GetObject refused it (see refusal)
 
     @property
     def size(self) -> int:
@@ -80,6 +81,27 @@ class Fetched:
         finally:
             body.close()
 
+    def discard(self) -> None:
+        """Leave the object out after all: a streamed body is closed unread."""
+        if self.data is None and "Body" in self.head:
+            self.head["Body"].close()
+
+
+def refusal(code: str | None) -> str | None:
+    """Why a GetObject error code refuses one object, not the job (None: it does not): an object
+    encrypted with a customer-provided key (SSE-C: 400 InvalidRequest, the request must carry that
+    key), a KMS key this identity may not use (403 AccessDenied, or a KMS.* code), a bucket policy
+    denying some keys (AccessDenied). Credentials, the bucket and the endpoint are the job's."""
+    if code == "InvalidRequest":
+        return ("GetObject refused it (InvalidRequest, S3's answer for an object encrypted with a customer-provided "
+                "key, SSE-C, which this job does not have)")
+    if code == "AccessDenied":
+        return ("GetObject is denied for it (AccessDenied: a bucket policy, or a KMS key this job may not use); "
+                "grant the job access to include it")
+    if code and code.startswith("KMS."):
+        return f"its KMS key cannot be used ({shown(code[:64])}); grant the job kms:Decrypt on it to include it"
+    return None
+
 
 def _get(client: Any, bucket: str, obj: SourceObject, whole: bool) -> Fetched:
     try:
@@ -89,6 +111,9 @@ def _get(client: Any, bucket: str, obj: SourceObject, whole: bool) -> Fetched:
             return Fetched(obj, skipped="deleted after the listing")
         if error_code(exc) in ARCHIVED:
             return Fetched(obj, skipped=f"in an archived storage class ({obj.storage_class}): restore it in S3 first")
+        refused = refusal(error_code(exc))
+        if refused is not None:
+            return Fetched(obj, skipped=refused, refused=True)
         raise explain(exc, f"download s3://{bucket}/{shown(obj.key)}") from exc
     fetched = Fetched(obj, head=response)
     # Whole only within what the listing said (and the prefetch budget reserved): an object that
@@ -104,7 +129,8 @@ def _get(client: Any, bucket: str, obj: SourceObject, whole: bool) -> Fetched:
 
 
 def fetch_in_order(client: Any, bucket: str, objects: Iterable[SourceObject], *,
-                   workers: int = PREFETCH_WORKERS, budget: int = PREFETCH_BYTES) -> Iterator[Fetched]:
+                   workers: int = PREFETCH_WORKERS, budget: int = PREFETCH_BYTES,
+                   skip: Callable[[SourceObject], str | None] = lambda obj: None) -> Iterator[Fetched]:
     """The objects, fetched, in the order given. Memory: at most `budget` bytes of small objects
     fetched ahead, plus one CHUNK of the large object being streamed."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
@@ -116,17 +142,18 @@ def fetch_in_order(client: Any, bucket: str, objects: Iterable[SourceObject], *,
         while window or nxt is not None:
             # Queue fetches ahead while the byte budget allows (the head is always allowed).
             while nxt is not None and len(window) < PREFETCH_AHEAD:
-                if nxt.size <= WHOLE_OBJECT_LIMIT:
+                if nxt.size <= WHOLE_OBJECT_LIMIT and skip(nxt) is None:
                     if window and reserved + nxt.size > budget:
                         break
                     reserved += nxt.size
                     window.append((nxt, pool.submit(_get, client, bucket, nxt, True)))
                 else:
-                    window.append((nxt, None))  # streamed when its turn comes
+                    window.append((nxt, None))  # streamed when its turn comes, or never fetched (skip)
                 nxt = next(pending, None)
             obj, future = window.popleft()
             if future is None:
-                yield _get(client, bucket, obj, whole=False)
+                why = skip(obj)  # an object `skip` gives a reason for comes in its turn, skipped
+                yield Fetched(obj, skipped=why) if why is not None else _get(client, bucket, obj, whole=False)
             else:
                 fetched = future.result()
                 reserved -= obj.size
