@@ -10,7 +10,8 @@ import time
 from backupkit import cli, config, crypto, s3
 from backupkit.compression import DEFAULT_LEVEL, LEVELS, check_zstd, start_zstd
 from backupkit.errors import UsageError
-from backupkit.manifest import COMPRESSIONS, backup_key, for_upload, write_manifest
+from backupkit.laststep import LastStep
+from backupkit.manifest import COMPRESSIONS, backup_key, for_upload
 from backupkit.output import log, md_code, shown
 from backupkit.pipeline import Pipeline
 from backupkit.postgres import check_dump_client, client_binary
@@ -98,6 +99,8 @@ def main(argv: list[str]) -> int:
     plaintext, compressed = Tally(), Tally()
     progress = Progress("uploaded")
     with StreamingUpload(client, bucket, key) as upload, Pipeline() as pipeline:
+        last = LastStep(upload, bucket)
+        cli.on_interrupt(last.left)
         dump = pipeline.start(
             "pg_dump",
             [pg_dump, "--format=plain", "--clean", "--if-exists", "--no-owner", "--no-privileges", *database.args()],
@@ -115,16 +118,16 @@ def main(argv: list[str]) -> int:
         # The manifest's key_id (0.15 s of PBKDF2), derived while the last parts upload: during
         # the dump every core is busy, and it would delay the dump by as much.
         crypto.start_key_ids([passphrase])
-        upload.complete()
-    progress.done()
-
-    manifest = for_upload(
-        upload, plaintext, kind="database", environment=environment, started_at=started, key_id=crypto.key_id(passphrase),
-        source={"database": database.database, "server_version": server_version, "pg_dump_version": client_version},
-        compression=None if level is None else {"compression": "zstd", "compressed_size": compressed.size,
-                                                "compressed_sha256": compressed.hexdigest()},
-    )
-    write_manifest(client.result(), bucket, manifest)
+        upload.flush()
+        key_id = crypto.key_id(passphrase)
+        progress.done()
+        # From here a signal no longer stops the backup half-way: it is completed with its manifest.
+        manifest = last.run(client.result(), lambda: for_upload(
+            upload, plaintext, kind="database", environment=environment, started_at=started, key_id=key_id,
+            source={"database": database.database, "server_version": server_version, "pg_dump_version": client_version},
+            compression=None if level is None else {"compression": "zstd", "compressed_size": compressed.size,
+                                                    "compressed_sha256": compressed.hexdigest()},
+        ))
     report(manifest, args.json, time.monotonic() - began, bucket)
     return 0
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 from backupkit import cli, config, s3
@@ -12,7 +11,7 @@ from backupkit.errors import BackupError, UsageError
 from backupkit.output import md_code, shown
 from backupkit.postgres import client_binary, user_tables
 from backupkit.progress import human_bytes
-from backupkit.retrieve import BucketReader, Retrieved, local_format, open_local
+from backupkit.retrieve import BucketReader, Fetched, Retrieved, local_format, open_local
 
 DESCRIPTION = """\
 Restore a database backup into TARGET with
@@ -84,7 +83,15 @@ def main(argv: list[str]) -> int:
             f"({', '.join(shown(t) for t in tables[:5])}{', …' if len(tables) > 5 else ''}): pass --replace to restore over them"
         )
 
-    restore = functools.partial(restore_dump, target=target, psql=psql)
+    committed: list[str] = []  # the backup whose restore psql committed: what a signal after it must not deny
+    cli.on_interrupt(lambda: f"{committed[0]} had been restored into database '{shown(target.database)}' (committed)"
+                     if committed else "")
+
+    def restore(fetched: Fetched) -> Restored:
+        restored = restore_dump(fetched, target=target, psql=psql)
+        committed.append(fetched.label)
+        return restored
+
     if args.file:
         retrieved = open_local(args.file, "database", passphrases, restore, require_manifest=not args.without_manifest)
     else:

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import botocore.exceptions
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 from .config import is_http_url
 from .errors import BackupError, UsageError
+from .threads import in_background
 
 T = TypeVar("T")
 # A response body that breaks off after its headers arrived: botocore's retries have ended by
@@ -93,12 +94,10 @@ def external_client_soon() -> Future:
     boto3 and loading the S3 model take 0.25-0.5 s of one core, which the one-line pipe spends
     while its pg_dump already runs. pg_dump then starts 0.24 s after launch instead of 0.49 s: a
     gain where a core is spare; on a machine already busy it only moves that CPU (bench/RESULTS.md,
-    summary). The endpoint variables are checked here, now."""
+    summary). The endpoint variables are checked here, now. A daemon thread: a run stopped
+    meanwhile does not wait for it at exit."""
     check_endpoints()
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-client")
-    future = pool.submit(external_client)
-    pool.shutdown(wait=False)
-    return future
+    return in_background(external_client, name="s3-client")
 
 
 def source_client(profile: str | None = None, max_pool_connections: int = 16):  # noqa: ANN201
