@@ -25,20 +25,33 @@ class Ping:
 
 
 class Monitor:
-    def __init__(self, delay: float = 0.0):
+    """A healthchecks.io stand-in. `delay`: each answer waits this long (only the ping to `hold`,
+    e.g. "/" for success, when given; `arrived[path]` is set when a ping comes). `trickle`: the
+    answer is sent one byte every that many seconds, as a monitor that is barely alive would."""
+
+    def __init__(self, delay: float = 0.0, hold: str | None = None, trickle: float | None = None):
         self.pings: list[Ping] = []
         self.token = f"hc-{os.urandom(8).hex()}"
-        pings, wait = self.pings, delay
+        self.arrived: dict[str, threading.Event] = {p: threading.Event() for p in ("/start", "/", "/fail")}
+        monitor = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 length = int(self.headers.get("Content-Length") or 0)
-                pings.append(Ping(self.command, self.path, self.rfile.read(length).decode() if length else ""))
-                time.sleep(wait)
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"OK")
+                ping = Ping(self.command, self.path, self.rfile.read(length).decode() if length else "")
+                monitor.pings.append(ping)
+                path = monitor.path_of(ping)
+                monitor.arrived.setdefault(path, threading.Event()).set()
+                if hold is None or path == hold:
+                    time.sleep(delay)
+                answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK"
+                if trickle is None:
+                    self.wfile.write(answer)
+                    return
+                for byte in answer:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(trickle)
 
             do_POST = do_GET
 
@@ -54,8 +67,11 @@ class Monitor:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/ping/{self.token}"
 
+    def path_of(self, ping: Ping) -> str:
+        return ping.path.removeprefix(f"/ping/{self.token}") or "/"
+
     def paths(self) -> list[str]:
-        return [p.path.removeprefix(f"/ping/{self.token}") or "/" for p in self.pings]
+        return [self.path_of(p) for p in self.pings]
 
     def close(self) -> None:
         self.server.shutdown()
