@@ -110,7 +110,25 @@ def stopped(run, script: str, args: list[str], env: dict, sig: int, moment: Call
 
 
 def after(seconds: float) -> Callable:
-    return lambda proc, watch: time.sleep(seconds)
+    """`seconds` after the script took SIGTERM (from its first import of the library): before,
+    the interpreter is still starting and the script has done nothing."""
+    def moment(proc, watch):
+        deadline = time.monotonic() + 30
+        while not catches(proc.pid, signal.SIGTERM) and proc.poll() is None:
+            assert time.monotonic() < deadline, "the script never took SIGTERM"
+            time.sleep(0.002)
+        time.sleep(seconds)
+    return moment
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether the process has a handler for `sig` (its SigCgt mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next((int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:")), 0)
+    return bool(mask >> (sig - 1) & 1)
 
 
 def when_held(proxy: FaultProxy, rule) -> Callable:
@@ -201,6 +219,7 @@ def slow_pg_dump(tmp_path: Path, real: str) -> Path:
 # -- the database backup ---------------------------------------------------------------------------
 DATABASE_MOMENTS = [
     # (name, S3 operation held by the proxy (or None), expected outcome)
+    ("importing", None, "nothing"),
     ("version-check", None, "nothing"),
     ("dump-started", "CreateMultipartUpload", "nothing"),
     ("mid-upload", "UploadPart", "nothing"),
@@ -220,6 +239,8 @@ def test_database_backup_stopped_at_each_moment(run, pg, medium_db, proxy, s3ser
         hold = LAST_HOLD if expected == "complete" else HOLD
         rule = proxy.add(held, fault="delay", seconds=hold, after=1 if held == "UploadPart" else 0, limit=1)
         moment = when_held(proxy, rule)
+    elif name == "importing":
+        moment = after(0)
     elif name == "version-check":
         env["PG_DUMP"] = str(slow_pg_dump(tmp_path, env.get("PG_DUMP") or run.env["PG_DUMP"]))
         moment = lambda proc, watch: (watch.wait_for("pg_dump", timeout=60), time.sleep(0.3))  # noqa: E731
@@ -261,12 +282,11 @@ def test_database_backup_stopped_at_a_sweep_of_moments(run, pg, medium_db, s3ser
     outcomes = []
     steps = 24
     for i in range(steps):
-        # Each in a fresh bucket, so what one run left cannot hide what the next one did. From
-        # 0.1 s: before, Python itself is still starting and the script cannot have done anything.
+        # Each in a fresh bucket, so what one run left cannot hide what the next one did.
         target = s3server.create_bucket(f"{bucket}-{i}")
         sig = (signal.SIGINT, signal.SIGTERM)[i % 2]
         ending = stopped(run, "backup_database.py", [], {**env, "BACKUP_BUCKET": target}, sig,
-                         after(0.1 + duration * 1.5 * i / steps), may_finish=True)
+                         after(duration * 1.5 * i / steps), may_finish=True)
         outcomes.append(judge(ending, sig, s3server, target))
     print(outcomes)
     assert {"nothing", "complete"} <= set(outcomes)  # the sweep spans the whole backup
@@ -315,7 +335,7 @@ def test_files_backup_stopped_at_a_sweep_of_moments(run, app_bucket, s3server, b
         target = s3server.create_bucket(f"{bucket}-{i}")
         sig = (signal.SIGTERM, signal.SIGINT)[i % 2]
         ending = stopped(run, "backup_files.py", [], {**env, "BACKUP_BUCKET": target}, sig,
-                         after(0.1 + duration * 1.5 * i / steps), may_finish=True)
+                         after(duration * 1.5 * i / steps), may_finish=True)
         outcomes.append(judge(ending, sig, s3server, target))
     print(outcomes)
     assert {"nothing", "complete"} <= set(outcomes)

@@ -36,16 +36,6 @@ def _stopped() -> str:
     return "; ".join(said) or "nothing was completed by this run"
 
 
-def _main_is_a_script() -> bool:
-    main = getattr(sys.modules.get("__main__"), "__file__", None) or ""
-    scripts = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-    return bool(main) and os.path.dirname(os.path.realpath(main)) == scripts
-
-
-if _main_is_a_script():
-    signals.take_early()  # before the heavier imports (boto's): a signal then still gets its line
-
-
 def secrets_in_environment() -> list[str]:
     """Every secret this process knows, longest first (so a secret's part is never left over)."""
     found: list[str] = []

@@ -47,7 +47,6 @@ class _State:
     at = 0.0  # when it came (time.monotonic)
     held = 0  # depth of held() blocks
     pending = False  # came while held: raised when the held block ends
-    early = False  # taken by take_early(), not yet by install()
     on_overdue: Callable[[int], None] | None = None
 
 
@@ -76,31 +75,25 @@ def _watchdog(signum: int) -> None:
         _state.on_overdue(signum)
 
 
-def take_early() -> None:
-    """For a script, from its first import of the library: a signal that comes while the rest is
-    imported is held, and raised by the run (raise_pending) instead of killing the process
-    without a word."""
-    _state.held, _state.early = 1, True
-    for sig in SIGNALS:
-        signal.signal(sig, _handler)
-
-
 def install(on_overdue: Callable[[int], None] | None = None) -> dict[int, Any]:
     """Take SIGINT and SIGTERM; `on_overdue(signum)` (from the watchdog's thread) must end the
     process when cleanup has not ended WATCHDOG seconds after the first signal. Returns the
-    handlers it replaced."""
-    came_early = _state.early and _state.received is not None
-    if not came_early:
-        _state.received, _state.pending = None, False
-    _state.held, _state.early, _state.on_overdue = 0, False, on_overdue
+    handlers it replaced. A signal that came while the script was importing (backupkit's
+    early_signals) is raised by raise_pending()."""
+    from . import early_signals
+
+    _state.received, _state.pending, _state.held, _state.on_overdue = None, False, 0, on_overdue
     previous = {sig: signal.signal(sig, _handler) for sig in SIGNALS}
-    if came_early and on_overdue is not None:
-        threading.Thread(target=_watchdog, args=(_state.received,), name="signal-watchdog", daemon=True).start()
+    if early_signals:
+        _state.received, _state.at, _state.pending = early_signals[0], time.monotonic(), True
+        early_signals.clear()
+        if on_overdue is not None:
+            threading.Thread(target=_watchdog, args=(_state.received,), name="signal-watchdog", daemon=True).start()
     return previous
 
 
 def raise_pending() -> None:
-    """Raise a signal that came before install() (see take_early)."""
+    """Raise a signal that came before install(), while the script was importing."""
     if _state.pending and not _state.held:
         _state.pending = False
         raise _exception(_state.received or signal.SIGINT)
