@@ -127,9 +127,10 @@ def test_a_url_that_is_not_http_is_a_usage_error_that_does_not_show_it(run):
     assert "hc-secret-token" not in done.stderr and "BACKUP_HEARTBEAT_URL" in error_lines(done.stderr)[0]
 
 
-@pytest.mark.parametrize("monitor_state", ["dead", pytest.param("slow", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("monitor_state", ["dead", pytest.param("slow", marks=pytest.mark.slow),
+                                           pytest.param("trickling", marks=pytest.mark.slow)])
 def test_a_dead_or_slow_monitor_costs_seconds_and_never_fails_a_backup(run, pg, sample_db, monitor_state):
-    slow = Monitor(delay=30) if monitor_state == "slow" else None
+    slow = {"slow": lambda: Monitor(delay=30), "trickling": lambda: Monitor(trickle=2)}.get(monitor_state, lambda: None)()
     url = slow.url if slow else "http://127.0.0.1:9/ping/hc-dead-token"
     try:
         started = time.monotonic()
@@ -181,3 +182,22 @@ def test_a_monitor_answering_garbage_never_changes_the_result(run, pg, sample_db
     [line] = error_lines(bad.stderr)
     assert errors.read_text() == f"backup_database.py: {line.removeprefix('error: ')}\n"
     assert "hc-garbled-token" not in good.stderr + bad.stderr
+
+
+@pytest.mark.parametrize("behaviour", ["trickling", "stalled"])
+def test_one_deadline_per_try_whatever_the_monitor_does(monkeypatch, capsys, behaviour):
+    """A monitor that sends its answer a byte at a time (each read well within the timeout) or
+    never answers: each try is abandoned when its deadline has passed (issue 21, item 12)."""
+    from backupkit import heartbeat
+
+    monkeypatch.setattr(heartbeat, "TIMEOUT", 0.5)
+    monitor = Monitor(trickle=0.3) if behaviour == "trickling" else Monitor(delay=30)
+    try:
+        began = time.monotonic()
+        heartbeat.Heartbeat(monitor.url).start()
+        elapsed = time.monotonic() - began
+    finally:
+        monitor.close()
+    assert monitor.paths() == ["/start", "/start"]  # both tries reached it
+    assert elapsed < heartbeat.TRIES * 0.5 + 0.5 + 0.5, f"{elapsed:.1f} s"
+    assert "warning: heartbeat start ping failed (no answer within" in capsys.readouterr().err
