@@ -32,20 +32,25 @@ store fewer bytes and take longer.
 
 Nothing plaintext touches the disk. The upload is completed only when pg_dump, zstd and openssl
 all exited 0; otherwise it is aborted, no manifest is written and the exit status is 1.
+Stopped by Ctrl-C or SIGTERM, it ends within 10 s and says what it left: nothing, or, when the
+signal came while the upload was being completed, the backup it completed with its manifest.
 The writer needs only s3:PutObject on the bucket (setup_bucket.py --print-policies).
 """
 
 EPILOG = """\
 environment:
   EXTERNAL_BACKUP_ENCRYPTION_KEY  the passphrase (required; never put it on a command line)
-  DATABASE_URL                    postgresql://USER:PASSWORD@HOST:PORT/DB (else libpq's PG* variables)
+  DATABASE_URL                    postgresql://USER@HOST:PORT/DB (several hosts: HOST1:PORT1,HOST2:PORT2),
+                                  else libpq's PG* variables
+  PGPASSWORD                      the database's password (a password inside the URL works too,
+                                  with : / ? # [ ] @ ! $ & ' ( ) * + , ; = % and space percent-encoded)
   BACKUP_BUCKET, BACKUP_ENVIRONMENT, AWS_* (credentials, region, AWS_ENDPOINT_URL)
   PG_DUMP                         the pg_dump to use (default: pg_dump on PATH)
   BACKUP_COMPRESSION, BACKUP_COMPRESSION_LEVEL   as --compression, --compression-level
   ZSTD                            the zstd to use (default: zstd on PATH; apt-get install zstd)
 
 example:
-  export EXTERNAL_BACKUP_ENCRYPTION_KEY=… DATABASE_URL=postgresql://app:…@db:5432/app
+  export EXTERNAL_BACKUP_ENCRYPTION_KEY=… DATABASE_URL=postgresql://app@db:5432/app PGPASSWORD=…
   scripts/backup_database.py --environment production --bucket acme-external-backups
 """
 
@@ -54,7 +59,7 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.parser("backup_database.py", DESCRIPTION, EPILOG)
     cli.add_target_args(p)
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"),
-                   help="source database URL (env DATABASE_URL; the password is passed to pg_dump via PGPASSWORD)")
+                   help="source database URL (env DATABASE_URL); its password in PGPASSWORD, not on the command line")
     p.add_argument("--pg-dump", default=os.environ.get("PG_DUMP"),
                    help="pg_dump binary, at least the server's major version, e.g. /usr/lib/postgresql/16/bin/pg_dump (env PG_DUMP)")
     p.add_argument("--compression", default=os.environ.get("BACKUP_COMPRESSION") or "zstd", metavar="zstd|none",

@@ -33,7 +33,9 @@ every table it holds: use it over a database the app has already started).
 EPILOG = """\
 environment:
   EXTERNAL_BACKUP_ENCRYPTION_KEY[_PREVIOUS]  passphrases; the manifest's key_id picks the right one
-  TARGET_DATABASE_URL                        postgresql://USER:PASSWORD@HOST:PORT/DB
+  TARGET_DATABASE_URL                        postgresql://USER@HOST:PORT/DB (several hosts:
+                                             HOST1:PORT1,HOST2:PORT2)
+  PGPASSWORD                                 the target's password: never put it on a command line
   BACKUP_BUCKET, BACKUP_ENVIRONMENT, AWS_*   the external bucket (read-only access is enough)
 
 examples:
@@ -53,7 +55,8 @@ def build_parser() -> cli.ArgumentParser:
                    help="with --file: restore a file that has no manifest. openssl has no integrity check, so "
                         "corruption inside the file cannot be detected (a cut-off dump still is)")
     p.add_argument("--target-database-url", default=os.environ.get("TARGET_DATABASE_URL"),
-                   help="the database to restore into (env TARGET_DATABASE_URL)")
+                   help="the database to restore into (env TARGET_DATABASE_URL); its password in PGPASSWORD, "
+                        "not on the command line")
     p.add_argument("--replace", action="store_true", help="restore over a database that already has tables")
     p.add_argument("--psql", default=os.environ.get("PSQL"), help="psql binary, at least as new as the pg_dump that made the backup (env PSQL)")
     cli.add_output_args(p)

@@ -4,6 +4,8 @@ never a traceback, and nothing is changed anywhere."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.backup_factory import openssl_encrypt
@@ -81,7 +83,7 @@ def test_database_url_that_is_not_a_url(run, url):
     usage_error(bad_run(run, "backup_database.py", "--database-url", url), 2, "DATABASE_URL")
     usage_error(bad_run(run, "restore_database.py", "--latest", "--target-database-url", url), 2, "TARGET_DATABASE_URL")
     usage_error(bad_run(run, "restore_database.py", "--latest", env={"TARGET_DATABASE_URL": url}), 2, "TARGET_DATABASE_URL")
-    assert "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE" in run.calls[-1].stderr  # not garbled by redaction
+    assert "expected postgresql://USER@HOST:PORT/DATABASE, with the password in PGPASSWORD" in run.calls[-1].stderr  # not garbled by redaction
 
 
 @pytest.mark.parametrize(("script", "args", "env", "code", "words"), [
@@ -222,3 +224,25 @@ def test_bad_input_is_one_clear_error(run, args, env, code):
     done = run(*args, env=env)
     assert done.returncode == code, done.stderr
     assert len(error_lines(done.stderr)) == 1 and "unexpected failure" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("script", ["backup_database.py", "restore_database.py", "verify_backup.py"])
+def test_help_teaches_pgpassword_and_shows_no_password_in_a_url(run, script):
+    """The runbook keeps passwords off command lines; the help must not show one inside a URL."""
+    done = run(script, "--help", check=True)
+    assert "PGPASSWORD" in done.stdout
+    assert not re.search(r"postgres(ql)?://[^\s@/]*:[^\s@/]*@", done.stdout), done.stdout
+
+
+def test_a_multi_host_url_is_taken_as_libpq_takes_it(run, pg, sample_db, scratch_db):
+    """postgresql://u@h1:p1,h2:p2/db: libpq tries each host in turn (here the first refuses), the
+    password comes from PGPASSWORD (issue 21, item 14: such URLs were refused)."""
+    def hosts(database: str) -> str:
+        return f"postgresql://{pg.user}@127.0.0.1:1,127.0.0.1:{pg.port}/{database}"
+
+    env = {"PGPASSWORD": pg.password}
+    done = run("backup_database.py", env={**env, "DATABASE_URL": hosts(sample_db)})
+    assert done.returncode == 0, done.stderr
+    done = run("restore_database.py", "--latest", "--target-database-url", hosts(scratch_db), env=env)
+    assert done.returncode == 0, done.stderr
+    assert pg.psql("SELECT count(*) FROM applications", scratch_db) == pg.psql("SELECT count(*) FROM applications", sample_db)
