@@ -639,9 +639,10 @@ def test_restore_fails_cleanly_when_downloads_keep_breaking_off(run, pg, sample_
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -9)])
 def test_decrypt_stopped_mid_way_leaves_nothing(run, tmp_path, sig, code):
-    """The partial plaintext (a hidden temp file beside OUT) goes, and so does openssl."""
+    """The partial plaintext (a file with no name in OUT's directory) never shows, not even after
+    SIGKILL; openssl goes too (after SIGKILL, it dies on its own at its first write)."""
     slow = tmp_path / "bin"
     slow.mkdir()
     real = shutil.which("openssl")
@@ -655,12 +656,17 @@ def test_decrypt_stopped_mid_way_leaves_nothing(run, tmp_path, sig, code):
     proc = run.popen("./decrypt.py", "-i", str(encrypted), "-o", str(out / "db.sql"),
                      env={"PATH": f"{slow}:{os.environ['PATH']}"})
     watch = ProcWatch(proc.pid).start()
-    wait_until(lambda: list(out.iterdir()) and any("openssl" in " ".join(s.cmdline) for s in watch.seen), what="decryption under way")
+    wait_until(lambda: any("openssl" in " ".join(s.cmdline) for s in watch.seen), what="decryption under way")
+    assert list(out.iterdir()) == []  # nothing to see while it runs
     proc.send_signal(sig)
     done = finish(proc, watch, timeout=30)
     assert done.returncode == code, done.stderr
-    one_error(done)
     assert list(out.iterdir()) == []
+    if sig == signal.SIGKILL:
+        for left in watch.alive():
+            os.kill(int(left.split()[0]), signal.SIGKILL)
+        return
+    one_error(done)
     deadline = time.monotonic() + 10
     while watch.alive() and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -4,6 +4,7 @@ never a traceback, and nothing is changed anywhere."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -246,3 +247,21 @@ def test_a_multi_host_url_is_taken_as_libpq_takes_it(run, pg, sample_db, scratch
     done = run("restore_database.py", "--latest", "--target-database-url", hosts(scratch_db), env=env)
     assert done.returncode == 0, done.stderr
     assert pg.psql("SELECT count(*) FROM applications", scratch_db) == pg.psql("SELECT count(*) FROM applications", sample_db)
+
+
+def test_a_fifo_in_place_of_a_backup_or_its_manifest_never_hangs(run, pg, scratch_db, tmp_path):
+    """A FIFO named IN.manifest.json (or IN itself) is refused without being opened for a
+    blocking read, which would wait for a writer forever (issue 21, item 14)."""
+    encrypted = tmp_path / "x.sql.encrypted"
+    encrypted.write_bytes(openssl_encrypt(b"SELECT 1;\n-- PostgreSQL database dump complete\n", PASSPHRASE))
+    os.mkfifo(f"{encrypted}.manifest.json")
+    done = run("./decrypt.py", "-i", str(encrypted), "-o", str(tmp_path / "out.sql"), input="", timeout=30)
+    usage_error(done, 1, "not a regular file", "manifest")
+    done = run("restore_database.py", "--file", str(encrypted), "--target-database-url", pg.url(scratch_db), input="", timeout=30)
+    assert done.returncode in (1, 2), done.stderr
+    one_error(done, "manifest")
+    fifo = tmp_path / "fifo.sql.encrypted"
+    os.mkfifo(fifo)
+    done = run("./decrypt.py", "-i", str(fifo), "-o", str(tmp_path / "out.sql"), input="", timeout=30)
+    usage_error(done, 1, "not a regular file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.sql.encrypted", "x.sql.encrypted", "x.sql.encrypted.manifest.json"]
