@@ -328,3 +328,28 @@ def test_an_aescrypt_archive_larger_than_its_manifest_says_is_stopped_there(tmp_
     done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(tmp_path / "out.zip")], env=env(), capture_output=True, text=True)
     assert done.returncode == 1 and "more than the 1000 bytes its manifest promises" in done.stderr, done.stderr
     assert not (tmp_path / "out.zip").exists()
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "fallback"])
+def test_the_output_has_no_name_until_it_is_published(tmp_path, monkeypatch, unnamed):
+    """In process: with O_TMPFILE nothing shows in OUT's directory until publish(); where the
+    filesystem cannot make unnamed files, a hidden 0600 file that discard() removes."""
+    standalone = load_standalone()
+    if not unnamed:
+        monkeypatch.delattr(standalone.os, "O_TMPFILE")
+    out = standalone.Output(str(tmp_path / "out.sql"), limit=10)
+    out.write(b"0123456789")
+    with pytest.raises(standalone.TooLarge):
+        out.write(b"x")
+    seen = [p.name for p in tmp_path.iterdir()]
+    assert seen == [] if unnamed else (len(seen) == 1 and seen[0].startswith(".decrypt-"))
+    out.publish(force=False)
+    out.discard()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.sql"]
+    assert (tmp_path / "out.sql").read_bytes() == b"0123456789" and (tmp_path / "out.sql").stat().st_mode & 0o777 == 0o600
+    again = standalone.Output(str(tmp_path / "out.sql"), limit=10)
+    with pytest.raises(standalone.Failure, match="exists"):
+        again.publish(force=False)
+    again.publish(force=True)
+    again.discard()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.sql"] and (tmp_path / "out.sql").read_bytes() == b""
