@@ -265,3 +265,18 @@ def test_a_fifo_in_place_of_a_backup_or_its_manifest_never_hangs(run, pg, scratc
     done = run("./decrypt.py", "-i", str(fifo), "-o", str(tmp_path / "out.sql"), input="", timeout=30)
     usage_error(done, 1, "not a regular file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.sql.encrypted", "x.sql.encrypted", "x.sql.encrypted.manifest.json"]
+
+
+def test_a_profile_that_access_keys_override_is_said_to_be_ignored(run, tmp_path):
+    """boto3 takes AWS_ACCESS_KEY_ID before AWS_PROFILE: switching to a profile with the keys of
+    an earlier step still set would silently change nothing (the runbook's on-call walk)."""
+    config = tmp_path / "aws-config"
+    config.write_text("[profile restorer]\nregion = us-east-1\n")
+    done = run("list_backups.py", env={"AWS_CONFIG_FILE": str(config), "AWS_PROFILE": "restorer"})
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: AWS_PROFILE")]
+    assert len(warnings) == 1, done.stderr
+    assert "boto3 uses the keys (access key id testing), not the profile" in warnings[0]
+    assert "unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN" in warnings[0]
+    done = run("list_backups.py", env={"AWS_CONFIG_FILE": str(config), "AWS_PROFILE": "restorer", "AWS_ACCESS_KEY_ID": None,
+                                       "AWS_SECRET_ACCESS_KEY": None})
+    assert "warning: AWS_PROFILE" not in done.stderr
