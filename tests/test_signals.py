@@ -447,3 +447,22 @@ def test_worker_threads_never_hold_up_the_exit():
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "scripts")})
     assert done.returncode == 0 and done.stdout == "exiting\n", done.stderr
     assert time.monotonic() - began < 5
+
+
+@pytest.mark.parametrize(("script", "args"), [
+    pytest.param("list_backups.py", [], id="list_backups"),
+    pytest.param("restore_database.py", ["--latest"], id="restore_database", marks=pytest.mark.slow),
+])
+def test_a_reader_stopped_while_s3_stalls_ends_within_the_bound(run, pg, sample_db, scratch_db, proxy, script, args):
+    """A manifest read that S3 never answers (60 s of read timeout, five attempts) while the run
+    is stopped: whatever still waits for it (here the catalogue's pool, which joins its workers),
+    the process ends within the bound with its line (the watchdog's, at 9 s)."""
+    run("backup_database.py", env={"DATABASE_URL": pg.url(sample_db)}, check=True)
+    rule = proxy.add("GetObject", fault="stall", seconds=60)
+    ending = stopped(run, script, [*args, *(["--target-database-url", pg.url(scratch_db)] if "--latest" in args else [])],
+                     {"AWS_ENDPOINT_URL": proxy.endpoint}, signal.SIGTERM, when_held(proxy, rule))
+    assert ending.seconds < BOUND and ending.code == 143, (ending.seconds, ending.stderr)
+    line = ending.last_line()
+    print(line, f"({ending.seconds:.1f} s)")
+    assert line.startswith("error: terminated (SIGTERM): stopped;") and "nothing was completed" in line, ending.stderr
+    assert "Traceback" not in ending.stderr

@@ -27,8 +27,8 @@ from .threads import in_background
 T = TypeVar("T")
 
 EXIT_BOUND = 10.0  # seconds from the first signal to the end of the process, at most
-CLEANUP_BOUND = 8.0  # waits after a signal end by then (aborts, pings); the watchdog fires at WATCHDOG
-WATCHDOG = 9.0
+CLEANUP_BOUND = EXIT_BOUND - 2  # waits after a signal end by then (aborts, stage kills, pings)
+WATCHDOG = EXIT_BOUND - 1  # then the process ends, whatever is still running
 LAST_STEP_GRACE = 5.0  # a held step still running this long after the signal is abandoned
 # Requests under way when a signal came (upload parts, a files restore's uploads) are waited for
 # this long, so that what the run says it left is exact; then they are abandoned.
@@ -110,10 +110,6 @@ def ignore() -> None:
     not even while the interpreter shuts down (Python's own handlers are gone by then)."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-
-
-def received() -> int | None:
-    return _state.received
 
 
 def time_left(default: float | None = None) -> float | None:
