@@ -121,7 +121,7 @@ def not_backups(tmp_path):
 
 @pytest.mark.parametrize(("name", "restore_words", "decrypt_words"), [
     ("does-not-exist.sql.encrypted", ("no such file",), ("no such file",)),
-    ("a-directory", ("no such file",), ("no such file",)),
+    ("a-directory", ("no such file",), ("not a regular file",)),
     ("empty.sql.encrypted", ("empty",), ("empty",)),
     ("notes.txt", ("not an encrypted database backup",), ("not an encrypted backup",)),
 ])

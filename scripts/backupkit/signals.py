@@ -100,7 +100,8 @@ def raise_pending() -> None:
 
 
 def restore(previous: dict[int, Any]) -> None:
-    _state.on_overdue = None
+    """Put back the handlers install() replaced, and forget any signal (for callers in process)."""
+    _state.received, _state.pending, _state.held, _state.on_overdue = None, False, 0, None
     for sig, handler in previous.items():
         signal.signal(sig, handler)
 
