@@ -197,12 +197,13 @@ def judge(ending: Ending, sig: int, s3server, bucket: str, *, unanswered: bool =
     return "nothing"
 
 
-def _both(moments: list[tuple]) -> list:
-    """Each moment with both signals: one of them in `make test` (alternating), the other slow."""
+def _both(moments: list[tuple], slow: tuple[str, ...] = ()) -> list:
+    """Each moment with both signals: one of them in `make test` (alternating), the other slow;
+    the moments in `slow` with both slow."""
     params = []
     for i, (name, *rest) in enumerate(moments):
         for j, sig in enumerate((signal.SIGINT, signal.SIGTERM)):
-            marks = [pytest.mark.slow] if (i + j) % 2 else []
+            marks = [pytest.mark.slow] if (i + j) % 2 or name in slow else []
             params.append(pytest.param(name, *rest, sig, id=f"{name}-{NAMES[sig]}", marks=marks))
     return params
 
@@ -303,7 +304,9 @@ FILES_MOMENTS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "held", "expected", "sig"), _both(FILES_MOMENTS))
+# The last step is the database backup's code (laststep.py): in `make test` there, slow here.
+@pytest.mark.parametrize(("name", "held", "expected", "sig"),
+                         _both(FILES_MOMENTS, slow=("completing", "writing-manifest", "after-manifest")))
 def test_files_backup_stopped_at_each_moment(run, app_bucket, proxy, s3server, bucket, name, held, expected, sig):
     env = {"SOURCE_BUCKET": app_bucket, "AWS_ENDPOINT_URL": proxy.endpoint}
     monitor = None
@@ -450,7 +453,7 @@ def test_worker_threads_never_hold_up_the_exit():
 
 
 @pytest.mark.parametrize(("script", "args"), [
-    pytest.param("list_backups.py", [], id="list_backups"),
+    pytest.param("list_backups.py", [], id="list_backups", marks=pytest.mark.slow),
     pytest.param("restore_database.py", ["--latest"], id="restore_database", marks=pytest.mark.slow),
 ])
 def test_a_reader_stopped_while_s3_stalls_ends_within_the_bound(run, pg, sample_db, scratch_db, proxy, script, args):
