@@ -270,6 +270,9 @@ def decrypt_openssl(source: typing.BinaryIO, out: Output, passphrase: str, compr
                 out.write(first)
                 while chunk := openssl.stdout.read1(BUFFER):
                     out.write(chunk)
+        except BaseException:
+            _kill(zstd, openssl)  # first: the feeding thread may be reading openssl's output
+            raise
         finally:
             openssl.stdout.close()  # so an openssl still writing gets SIGPIPE, not a full pipe
         problem = openssl.stderr.read().decode(errors="replace")
@@ -282,10 +285,14 @@ def decrypt_openssl(source: typing.BinaryIO, out: Output, passphrase: str, compr
             detail = " ".join(zstd.stderr.read().decode(errors="replace").split())[:300]
             raise ValueError(f"corrupted file or wrong passphrase: it does not decompress (zstd: {detail})")
     finally:
-        for proc in (openssl, zstd):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _kill(openssl, zstd)
+
+
+def _kill(*procs: subprocess.Popen | None) -> None:
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _feed(first: bytes, source: typing.BinaryIO, sink: typing.BinaryIO) -> None:
