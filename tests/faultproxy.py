@@ -24,8 +24,11 @@ ERRORS = {
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
     "503": (503, "SlowDown", "Please reduce your request rate."),
     "403-key": (403, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records."),
-    "403-denied": (403, "AccessDenied", "Access Denied"),
     "403-signature": (403, "SignatureDoesNotMatch", "The request signature we calculated does not match the signature you provided."),
+    # What GetObject answers for one object the job cannot read: SSE-C without its key, a KMS key or a policy.
+    "400-sse-c": (400, "InvalidRequest", "The object was stored using a form of Server Side Encryption. "
+                                         "The correct parameters must be provided to retrieve the object."),
+    "403-denied": (403, "AccessDenied", "Access Denied"),
 }
 FAULTS = (*ERRORS, "reset", "cut", "stall", "stall-body", "delay", "down")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "upgrade", "te"}
