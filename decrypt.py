@@ -16,10 +16,13 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import typing
 from collections.abc import Iterator
 
@@ -32,6 +35,10 @@ MAX_MANIFEST_BYTES = 256 * 1024
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 TRAILER = b"-- PostgreSQL database dump complete"
 BUFFER = 1024 * 1024
+# Without a manifest nothing says how large the plaintext is: the output may be at most this many
+# times the input (--max-ratio). A dump compresses 3-10× (zstd -1); a planted zstd stream can
+# promise 30,000× (131 KB → 4 GiB).
+MAX_RATIO = 1000
 # Never handed to openssl or zstd (the passphrase goes through a pipe); same list as backupkit.config.
 SECRET_VARIABLES = (
     "EXTERNAL_BACKUP_ENCRYPTION_KEY", "EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS", "DATABASE_URL", "TARGET_DATABASE_URL",
@@ -52,7 +59,11 @@ backup (openssl has no integrity check): it says so, and a dump must at least en
 completion trailer. A compressed dump (.sql.zst.encrypted) is written as plain SQL (zstd -d;
 the zstd program is ZSTD, default zstd on PATH).
 
-OUT must not exist (--force replaces it). On any failure nothing is left at OUT.
+OUT must not exist (--force replaces it). The plaintext goes to a file with no name in OUT's
+directory and gets its name only once checked: on any failure, Ctrl-C or even SIGKILL, nothing is
+left. It never grows past the manifest's plaintext_size; without a manifest, past --max-ratio
+(default 1000) times the input, so a planted zstd stream cannot fill the disk. IN and its manifest
+must be regular files (a FIFO is refused, never waited on).
 
 examples:
   export EXTERNAL_BACKUP_ENCRYPTION_KEY=…        # or let it prompt
@@ -110,14 +121,98 @@ def one_line(passphrase: str, where: str) -> str:
     return passphrase
 
 
-def sha256_file(path: str) -> tuple[int, str]:
+def open_regular(path: str, what: str) -> typing.BinaryIO:
+    """`path` opened for reading if it is a regular file. A FIFO, a device or a directory is
+    refused without blocking: opening a FIFO for reading waits for a writer forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise Failure(f"{what} {path}: no such file") from None
+    except OSError as exc:
+        raise Failure(f"{what} {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Failure(f"{what} {path} is not a regular file (a FIFO, a device or a directory?): give the file itself")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def sha256_file(handle: typing.BinaryIO) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(BUFFER):
-            digest.update(chunk)
-            size += len(chunk)
+    handle.seek(0)
+    while chunk := handle.read(BUFFER):
+        digest.update(chunk)
+        size += len(chunk)
+    handle.seek(0)
     return size, digest.hexdigest()
+
+
+class TooLarge(Exception):
+    pass
+
+
+class Output:
+    """Where the plaintext goes until it is checked: a file with no name (O_TMPFILE) in OUT's
+    directory, so nothing is left on disk whatever happens to this process, SIGKILL included;
+    given its name only at the end (publish). Where the filesystem cannot make unnamed files,
+    a hidden 0600 temporary file instead, removed on any failure. `write` refuses to take the
+    output past `limit` bytes; size and SHA-256 are taken on the way."""
+
+    def __init__(self, outfile: str, limit: int):
+        self.outfile = outfile
+        self.limit = limit
+        self.temp: str | None = None  # the named temporary file, when unnamed ones are not possible
+        directory = os.path.dirname(os.path.abspath(outfile))
+        try:
+            if not os.path.isdir("/proc/self/fd"):
+                raise OSError("no /proc to name the file at the end")
+            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except (AttributeError, OSError):  # no O_TMPFILE (not Linux, or not this filesystem)
+            fd, self.temp = tempfile.mkstemp(prefix=".decrypt-", dir=directory)  # 0600
+        self.file = os.fdopen(fd, "w+b")
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty again, for the next passphrase."""
+        self.file.seek(0)
+        self.file.truncate()
+        self.size = 0
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        if self.size + len(data) > self.limit:
+            raise TooLarge()
+        self.file.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def publish(self, force: bool) -> None:
+        """Give the checked output its name: atomically, and never over an existing file
+        without `force` (one created meanwhile included)."""
+        self.file.flush()
+        source = self.temp or f"/proc/self/fd/{self.file.fileno()}"
+        directory = os.open(os.path.dirname(os.path.abspath(self.outfile)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # linkat(…, AT_SYMLINK_FOLLOW), which os.link uses only given a directory descriptor: it
+        # links the file /proc/self/fd/N points to, not that symbolic link.
+        name = os.path.basename(self.outfile)
+        try:
+            if not force:
+                os.link(source, name, dst_dir_fd=directory)
+            else:
+                beside = f".decrypt-{secrets.token_hex(6)}"
+                os.link(source, beside, dst_dir_fd=directory)
+                os.replace(beside, name, src_dir_fd=directory, dst_dir_fd=directory)
+        except FileExistsError:
+            raise Failure(f"{self.outfile} exists: pass --force to replace it") from None
+        finally:
+            os.close(directory)
+
+    def discard(self) -> None:
+        self.file.close()
+        if self.temp is not None and os.path.exists(self.temp):
+            os.unlink(self.temp)
 
 
 def candidate_passphrases(explicit: str | None) -> list[str]:
@@ -138,9 +233,11 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES and not k.startswith("ACTIONS_")}
 
 
-def decrypt_openssl(infile: str, outfile: str, passphrase: str, compression: str | None) -> None:
-    """openssl -d into `outfile`, through `zstd -d` when the data is compressed (told by the
+def decrypt_openssl(source: typing.BinaryIO, out: Output, passphrase: str, compression: str | None) -> None:
+    """openssl -d into `out`, through `zstd -d` when the data is compressed (told by the
     manifest, else by the first bytes of the decrypted stream)."""
+    source.seek(0)
+    os.lseek(source.fileno(), 0, os.SEEK_SET)  # openssl reads the descriptor: seek() may only move the buffer
     read_end, write_end = os.pipe()
     os.write(write_end, passphrase.encode() + b"\n")
     os.close(write_end)
@@ -149,35 +246,35 @@ def decrypt_openssl(infile: str, outfile: str, passphrase: str, compression: str
         try:
             with _signals_held():
                 openssl = subprocess.Popen(
-                    ["openssl", "enc", "-d", *OPENSSL_ARGS, "-in", infile, "-pass", f"fd:{read_end}"],
-                    pass_fds=(read_end,), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
+                    ["openssl", "enc", "-d", *OPENSSL_ARGS, "-pass", f"fd:{read_end}"],
+                    pass_fds=(read_end,), stdin=source, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
         except FileNotFoundError:
             raise Failure("openssl: command not found (apt-get install openssl)") from None
         finally:
             os.close(read_end)
-        with open(outfile, "wb") as out:
-            first = openssl.stdout.read(len(ZSTD_MAGIC))
+        first = openssl.stdout.read(len(ZSTD_MAGIC))
+        try:
             if compression == "zstd" or (compression is None and first == ZSTD_MAGIC):
                 try:
                     with _signals_held():
                         zstd = subprocess.Popen([os.environ.get("ZSTD") or "zstd", "-d", "-q", "-c"], stdin=subprocess.PIPE,
-                                                stdout=out, stderr=subprocess.PIPE, env=child_env())
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
                 except FileNotFoundError:
                     raise Failure("zstd: command not found: this backup is compressed; install the zstd package "
                                   "(apt-get install zstd), or set ZSTD to its path") from None
-                sink = zstd.stdin
+                # openssl → zstd in a thread; zstd → OUT here, where the output is bounded.
+                threading.Thread(target=_feed, args=(first, openssl.stdout, zstd.stdin), name="zstd-feed", daemon=True).start()
+                while chunk := zstd.stdout.read1(BUFFER):
+                    out.write(chunk)
             else:
-                sink = out
-            try:
-                sink.write(first)
-                while chunk := openssl.stdout.read(BUFFER):
-                    sink.write(chunk)
-                if zstd is not None:
-                    zstd.stdin.close()
-            except BrokenPipeError:
-                pass  # zstd stopped: its exit status says why
-            finally:
-                openssl.stdout.close()  # so an openssl still writing gets SIGPIPE, not a full pipe
+                out.write(first)
+                while chunk := openssl.stdout.read1(BUFFER):
+                    out.write(chunk)
+        except BaseException:
+            _kill(zstd, openssl)  # first: the feeding thread may be reading openssl's output
+            raise
+        finally:
+            openssl.stdout.close()  # so an openssl still writing gets SIGPIPE, not a full pipe
         problem = openssl.stderr.read().decode(errors="replace")
         code, unzstd = openssl.wait(), (zstd.wait() if zstd is not None else 0)
         # zstd stopping on bad data makes openssl fail writing to it: then zstd's failure is the cause.
@@ -188,32 +285,52 @@ def decrypt_openssl(infile: str, outfile: str, passphrase: str, compression: str
             detail = " ".join(zstd.stderr.read().decode(errors="replace").split())[:300]
             raise ValueError(f"corrupted file or wrong passphrase: it does not decompress (zstd: {detail})")
     finally:
-        for proc in (openssl, zstd):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _kill(openssl, zstd)
 
 
-def decrypt_aescrypt(infile: str, outfile: str, passphrase: str, compression: str | None) -> None:
+def _kill(*procs: subprocess.Popen | None) -> None:
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _feed(first: bytes, source: typing.BinaryIO, sink: typing.BinaryIO) -> None:
+    """Copy openssl's output into zstd; a zstd that stopped (bad data, or killed) ends it."""
+    try:
+        sink.write(first)
+        while chunk := source.read1(BUFFER):
+            sink.write(chunk)
+    except (BrokenPipeError, ValueError, OSError):
+        pass  # zstd stopped, or openssl's output was closed: their exit statuses say why
+    finally:
+        try:
+            sink.close()
+        except OSError:
+            pass
+
+
+def decrypt_aescrypt(source: typing.BinaryIO, out: Output, passphrase: str, compression: str | None) -> None:
     try:
         import pyAesCrypt
     except ImportError:
         raise Failure("pyAesCrypt is not installed: pip install pyAesCrypt") from None
-    with open(infile, "rb") as source, open(outfile, "wb") as target:
-        try:
-            pyAesCrypt.decryptStream(source, target, passphrase, BUFFER)
-        except (ValueError, IndexError) as exc:  # IndexError: cut right after the header
-            raise ValueError(f"wrong passphrase or corrupted file ({exc})") from None
+    source.seek(0)
+    try:
+        pyAesCrypt.decryptStream(source, out, passphrase, BUFFER)
+    except (ValueError, IndexError) as exc:  # IndexError: cut right after the header
+        raise ValueError(f"wrong passphrase or corrupted file ({exc})") from None
 
 
-def check_looks_like_a_dump(path: str) -> None:
+def check_looks_like_a_dump(out: Output) -> None:
     """Without a manifest: openssl has no MAC, so a wrong passphrase passes its padding check
     about once in 256 tries and yields noise, and a damaged or cut file decrypts silently. A dump
     is UTF-8 text that ends with pg_dump's completion trailer; noise and a cut dump are not."""
-    with open(path, "rb") as handle:
-        head = handle.read(64 * 1024)
-        handle.seek(max(os.path.getsize(path) - 1024, 0))
-        tail = handle.read()
+    out.file.flush()
+    out.file.seek(0)
+    head = out.file.read(64 * 1024)
+    out.file.seek(max(out.size - 1024, 0))
+    tail = out.file.read()
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -225,7 +342,7 @@ def check_looks_like_a_dump(path: str) -> None:
 
 def read_manifest(path: str) -> dict:
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path, "the manifest") as handle:
             body = handle.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
         raise Failure(f"cannot read the manifest {path}: {exc.strerror}") from None
@@ -253,57 +370,71 @@ def matching_passphrases(passphrases: list[str], wanted: str) -> list[str]:
     return exact or [p + "\n" for p in passphrases if key_id(p + "\n") == wanted]
 
 
-def decrypt(infile: str, outfile: str, passphrases: list[str], manifest: dict | None, force: bool = False) -> str:
+def decrypt(infile: str, outfile: str, passphrases: list[str], manifest: dict | None, force: bool = False,
+            max_ratio: float = MAX_RATIO) -> str:
     """Decrypt infile to outfile (atomically; an existing outfile only with `force`); returns the
-    format's name."""
-    with open(infile, "rb") as handle:
-        head = handle.read(8)
-    if head.startswith(b"Salted__"):
-        kind, function = "openssl aes-256-cbc", decrypt_openssl
-    elif head.startswith(b"AES"):
-        kind, function = "AES Crypt", decrypt_aescrypt
-    elif not head:
-        raise Failure(f"{infile} is empty: not a backup")
-    else:
-        raise Failure(f"{infile} is not an encrypted backup (it starts with neither 'Salted__' nor 'AES')")
-
-    compression = None
-    if manifest is not None:
-        size, digest = sha256_file(infile)
-        if digest != manifest["encrypted_sha256"] or size != manifest["encrypted_size"]:
-            raise Failure(f"{infile} does not match its manifest (size {size}, SHA-256 {digest}): corrupted or truncated download")
-        matching = matching_passphrases(passphrases, manifest["key_id"])
-        if not matching:
-            raise Failure(f"this backup needs the passphrase with key_id {manifest['key_id']}; the passphrases given have "
-                          f"key_id {', '.join(key_id(p) for p in passphrases)}: mistyped, or an older one missing?")
-        passphrases = matching
-        compression = manifest.get("compression", "none")
-
-    directory = os.path.dirname(os.path.abspath(outfile))
-    fd, temp = tempfile.mkstemp(prefix=".decrypt-", dir=directory)  # 0600
-    os.close(fd)
-    try:
-        problems = []
-        for passphrase in passphrases:
-            try:
-                function(infile, temp, passphrase, compression)
-                if function is decrypt_openssl and manifest is None:
-                    check_looks_like_a_dump(temp)
-                break
-            except ValueError as exc:
-                problems.append(str(exc))
+    format's name. The output never grows past the manifest's plaintext_size, or, without a
+    manifest, past `max_ratio` times the input."""
+    with open_regular(infile, "--filein") as source:
+        head = source.read(8)
+        if head.startswith(b"Salted__"):
+            kind, function = "openssl aes-256-cbc", decrypt_openssl
+        elif head.startswith(b"AES"):
+            kind, function = "AES Crypt", decrypt_aescrypt
+        elif not head:
+            raise Failure(f"{infile} is empty: not a backup")
         else:
-            tried = f" (tried {len(passphrases)} passphrases)" if len(passphrases) > 1 else ""
-            raise Failure(f"cannot decrypt {infile}{tried}: {problems[-1]}")
-        if manifest is not None and sha256_file(temp) != (manifest["plaintext_size"], manifest["plaintext_sha256"]):
-            raise Failure(f"the decrypted data does not match the manifest's plaintext size and SHA-256: {infile} is corrupted")
-        if os.path.exists(outfile) and not force:  # created meanwhile
-            raise Failure(f"{outfile} exists: pass --force to replace it")
-        os.replace(temp, outfile)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+            raise Failure(f"{infile} is not an encrypted backup (it starts with neither 'Salted__' nor 'AES')")
+
+        compression = None
+        size = os.fstat(source.fileno()).st_size
+        limit = int(size * max_ratio)
+        if manifest is not None:
+            size, digest = sha256_file(source)
+            if digest != manifest["encrypted_sha256"] or size != manifest["encrypted_size"]:
+                raise Failure(f"{infile} does not match its manifest (size {size}, SHA-256 {digest}): corrupted or truncated download")
+            matching = matching_passphrases(passphrases, manifest["key_id"])
+            if not matching:
+                raise Failure(f"this backup needs the passphrase with key_id {manifest['key_id']}; the passphrases given have "
+                              f"key_id {', '.join(key_id(p) for p in passphrases)}: mistyped, or an older one missing?")
+            passphrases = matching
+            compression = manifest.get("compression", "none")
+            limit = manifest["plaintext_size"]
+
+        out = Output(outfile, limit)
+        try:
+            problems = []
+            for passphrase in passphrases:
+                out.reset()
+                try:
+                    function(source, out, passphrase, compression)
+                    if function is decrypt_openssl and manifest is None:
+                        check_looks_like_a_dump(out)
+                    break
+                except ValueError as exc:
+                    problems.append(str(exc))
+                except TooLarge:
+                    raise Failure(too_large(infile, manifest, size, max_ratio)) from None
+            else:
+                tried = f" (tried {len(passphrases)} passphrases)" if len(passphrases) > 1 else ""
+                raise Failure(f"cannot decrypt {infile}{tried}: {problems[-1]}")
+            if manifest is not None and (out.size, out.sha256.hexdigest()) != (manifest["plaintext_size"], manifest["plaintext_sha256"]):
+                raise Failure(f"the decrypted data does not match the manifest's plaintext size and SHA-256: {infile} is corrupted")
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # from here the output exists: a signal changes nothing
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            out.publish(force)
+        finally:
+            out.discard()
     return kind
+
+
+def too_large(infile: str, manifest: dict | None, size: int, max_ratio: float) -> str:
+    if manifest is not None:
+        return (f"{infile} decrypts to more than the {manifest['plaintext_size']} bytes its manifest promises: stopped "
+                "there, nothing was written. It is damaged or was planted (a decompression bomb): restore another backup")
+    return (f"{infile} decrypts to more than {max_ratio:g} times its own size ({size * max_ratio / 2**20:.0f} MiB) and has no "
+            "manifest to say how large it should be: stopped there, nothing was written. A decompression bomb, or a genuine "
+            "but very repetitive dump: fetch it with its manifest (fetch_backup.py), or pass a larger --max-ratio")
 
 
 def use_the_checkouts_venv() -> None:
@@ -331,27 +462,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--password", help="passphrase (visible to other users: prefer the environment)")
     parser.add_argument("--manifest", help="manifest to check against (default: INFILE.manifest.json when present)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--max-ratio", type=float, default=MAX_RATIO, metavar="N",
+                        help=f"without a manifest: stop when the output grows past N times the input (default {MAX_RATIO}; "
+                             "a decompression bomb would fill the disk); with one, its plaintext_size is the limit")
     args = parser.parse_args(argv)
+    if not args.max_ratio > 0:
+        parser.error("--max-ratio must be a positive number")
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if not os.path.isfile(args.infile):
+        if not os.path.lexists(args.infile):
             raise Failure(f"{args.infile}: no such file")
         if os.path.abspath(args.infile) == os.path.abspath(args.outfile):
             raise Failure("--fileout must differ from --filein")
-        if os.path.exists(args.outfile) and not args.force:
+        if os.path.lexists(args.outfile) and not args.force:
             raise Failure(f"{args.outfile} exists: pass --force to replace it, or choose another --fileout")
         if args.password:
             print("warning: --password is visible in the process list; prefer EXTERNAL_BACKUP_ENCRYPTION_KEY", file=sys.stderr)
-        if args.manifest and not os.path.isfile(args.manifest):
+        if args.manifest and not os.path.lexists(args.manifest):
             raise Failure(f"--manifest {args.manifest}: no such file")
         manifest_path = args.manifest or args.infile + ".manifest.json"
-        manifest = read_manifest(manifest_path) if os.path.exists(manifest_path) else None
+        manifest = read_manifest(manifest_path) if os.path.lexists(manifest_path) else None
         if os.path.abspath(args.outfile) == os.path.abspath(manifest_path):
             raise Failure("--fileout must differ from the manifest")
         if manifest is None:
             print(f"warning: no manifest ({manifest_path}): the integrity of the output cannot be checked; fetch the "
                   "backup with fetch_backup.py to get its manifest", file=sys.stderr)
-        kind = decrypt(args.infile, args.outfile, candidate_passphrases(args.password), manifest, args.force)
+        kind = decrypt(args.infile, args.outfile, candidate_passphrases(args.password), manifest, args.force, args.max_ratio)
     except Failure as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

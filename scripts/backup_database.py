@@ -10,7 +10,8 @@ import time
 from backupkit import cli, config, crypto, s3
 from backupkit.compression import DEFAULT_LEVEL, LEVELS, check_zstd, start_zstd
 from backupkit.errors import UsageError
-from backupkit.manifest import COMPRESSIONS, backup_key, for_upload, write_manifest
+from backupkit.laststep import LastStep
+from backupkit.manifest import COMPRESSIONS, backup_key, for_upload
 from backupkit.output import log, md_code, shown
 from backupkit.pipeline import Pipeline
 from backupkit.postgres import check_dump_client, client_binary
@@ -31,20 +32,25 @@ store fewer bytes and take longer.
 
 Nothing plaintext touches the disk. The upload is completed only when pg_dump, zstd and openssl
 all exited 0; otherwise it is aborted, no manifest is written and the exit status is 1.
+Stopped by Ctrl-C or SIGTERM, it ends within 10 s and says what it left: nothing, or, when the
+signal came while the upload was being completed, the backup it completed with its manifest.
 The writer needs only s3:PutObject on the bucket (setup_bucket.py --print-policies).
 """
 
 EPILOG = """\
 environment:
   EXTERNAL_BACKUP_ENCRYPTION_KEY  the passphrase (required; never put it on a command line)
-  DATABASE_URL                    postgresql://USER:PASSWORD@HOST:PORT/DB (else libpq's PG* variables)
+  DATABASE_URL                    postgresql://USER@HOST:PORT/DB (several hosts: HOST1:PORT1,HOST2:PORT2),
+                                  else libpq's PG* variables
+  PGPASSWORD                      the database's password (a password inside the URL works too,
+                                  with : / ? # [ ] @ ! $ & ' ( ) * + , ; = % and space percent-encoded)
   BACKUP_BUCKET, BACKUP_ENVIRONMENT, AWS_* (credentials, region, AWS_ENDPOINT_URL)
   PG_DUMP                         the pg_dump to use (default: pg_dump on PATH)
   BACKUP_COMPRESSION, BACKUP_COMPRESSION_LEVEL   as --compression, --compression-level
   ZSTD                            the zstd to use (default: zstd on PATH; apt-get install zstd)
 
 example:
-  export EXTERNAL_BACKUP_ENCRYPTION_KEY=… DATABASE_URL=postgresql://app:…@db:5432/app
+  export EXTERNAL_BACKUP_ENCRYPTION_KEY=… DATABASE_URL=postgresql://app@db:5432/app PGPASSWORD=…
   scripts/backup_database.py --environment production --bucket acme-external-backups
 """
 
@@ -53,7 +59,7 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.parser("backup_database.py", DESCRIPTION, EPILOG)
     cli.add_target_args(p)
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"),
-                   help="source database URL (env DATABASE_URL; the password is passed to pg_dump via PGPASSWORD)")
+                   help="source database URL (env DATABASE_URL); its password in PGPASSWORD, not on the command line")
     p.add_argument("--pg-dump", default=os.environ.get("PG_DUMP"),
                    help="pg_dump binary, at least the server's major version, e.g. /usr/lib/postgresql/16/bin/pg_dump (env PG_DUMP)")
     p.add_argument("--compression", default=os.environ.get("BACKUP_COMPRESSION") or "zstd", metavar="zstd|none",
@@ -98,6 +104,8 @@ def main(argv: list[str]) -> int:
     plaintext, compressed = Tally(), Tally()
     progress = Progress("uploaded")
     with StreamingUpload(client, bucket, key) as upload, Pipeline() as pipeline:
+        last = LastStep(upload, bucket)
+        cli.on_interrupt(last.left)
         dump = pipeline.start(
             "pg_dump",
             [pg_dump, "--format=plain", "--clean", "--if-exists", "--no-owner", "--no-privileges", *database.args()],
@@ -115,16 +123,16 @@ def main(argv: list[str]) -> int:
         # The manifest's key_id (0.15 s of PBKDF2), derived while the last parts upload: during
         # the dump every core is busy, and it would delay the dump by as much.
         crypto.start_key_ids([passphrase])
-        upload.complete()
-    progress.done()
-
-    manifest = for_upload(
-        upload, plaintext, kind="database", environment=environment, started_at=started, key_id=crypto.key_id(passphrase),
-        source={"database": database.database, "server_version": server_version, "pg_dump_version": client_version},
-        compression=None if level is None else {"compression": "zstd", "compressed_size": compressed.size,
-                                                "compressed_sha256": compressed.hexdigest()},
-    )
-    write_manifest(client.result(), bucket, manifest)
+        upload.flush()
+        key_id = crypto.key_id(passphrase)
+        progress.done()
+        # From here a signal no longer stops the backup half-way: it is completed with its manifest.
+        manifest = last.run(client.result(), lambda: for_upload(
+            upload, plaintext, kind="database", environment=environment, started_at=started, key_id=key_id,
+            source={"database": database.database, "server_version": server_version, "pg_dump_version": client_version},
+            compression=None if level is None else {"compression": "zstd", "compressed_size": compressed.size,
+                                                    "compressed_sha256": compressed.hexdigest()},
+        ))
     report(manifest, args.json, time.monotonic() - began, bucket)
     return 0
 

@@ -8,7 +8,8 @@ import time
 
 from backupkit import cli, config, crypto, s3
 from backupkit.archive import ArchiveWriter, EncryptingSink, archive_objects
-from backupkit.manifest import MAX_SKIPPED_LISTED, backup_key, for_upload, write_manifest
+from backupkit.laststep import LastStep
+from backupkit.manifest import MAX_SKIPPED_LISTED, backup_key, for_upload
 from backupkit.objects import PREFETCH_WORKERS, list_objects
 from backupkit.output import log, md_code, shown
 from backupkit.progress import Progress, human_bytes
@@ -86,21 +87,23 @@ def main(argv: list[str]) -> int:
         f"s3://{source_bucket}/{shown(prefix)} to s3://{bucket}/{key}")
     progress = Progress("archived", total_bytes=listing.total_bytes, total_objects=len(listing.objects))
     with StreamingUpload(client, bucket, key) as upload:
+        last = LastStep(upload, bucket)
+        cli.on_interrupt(last.left)
         with EncryptingSink(passphrase, upload.write) as sink:
             writer = ArchiveWriter(sink)
             result = archive_objects(source, source_bucket, listing.objects, writer, progress.update)
             writer.close()
             sink.close()  # raises unless the encryption ended cleanly
-        upload.complete()
-    progress.done()
-
-    manifest = for_upload(
-        upload, sink.plaintext, kind="files", environment=environment, started_at=started, key_id=crypto.key_id(passphrase),
-        source={"bucket": source_bucket, "prefix": prefix, "object_count": result.object_count,
-                "total_bytes": result.total_bytes, "skipped": [left_out for left_out, _ in result.skipped[:MAX_SKIPPED_LISTED]],
-                "skipped_count": len(result.skipped)},
-    )
-    write_manifest(client, bucket, manifest)
+        upload.flush()
+        key_id = crypto.key_id(passphrase)
+        progress.done()
+        # From here a signal no longer stops the backup half-way: it is completed with its manifest.
+        manifest = last.run(client, lambda: for_upload(
+            upload, sink.plaintext, kind="files", environment=environment, started_at=started, key_id=key_id,
+            source={"bucket": source_bucket, "prefix": prefix, "object_count": result.object_count,
+                    "total_bytes": result.total_bytes, "skipped": [left_out for left_out, _ in result.skipped[:MAX_SKIPPED_LISTED]],
+                    "skipped_count": len(result.skipped)},
+        ))
     report(manifest, result.skipped, time.monotonic() - began, bucket, args.json)
     return 0
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 from backupkit import cli, config, s3
@@ -12,7 +11,7 @@ from backupkit.errors import BackupError, UsageError
 from backupkit.output import md_code, shown
 from backupkit.postgres import client_binary, user_tables
 from backupkit.progress import human_bytes
-from backupkit.retrieve import BucketReader, Retrieved, local_format, open_local
+from backupkit.retrieve import BucketReader, Fetched, Retrieved, local_format, open_local
 
 DESCRIPTION = """\
 Restore a database backup into TARGET with
@@ -34,7 +33,9 @@ every table it holds: use it over a database the app has already started).
 EPILOG = """\
 environment:
   EXTERNAL_BACKUP_ENCRYPTION_KEY[_PREVIOUS]  passphrases; the manifest's key_id picks the right one
-  TARGET_DATABASE_URL                        postgresql://USER:PASSWORD@HOST:PORT/DB
+  TARGET_DATABASE_URL                        postgresql://USER@HOST:PORT/DB (several hosts:
+                                             HOST1:PORT1,HOST2:PORT2)
+  PGPASSWORD                                 the target's password: never put it on a command line
   BACKUP_BUCKET, BACKUP_ENVIRONMENT, AWS_*   the external bucket (read-only access is enough)
 
 examples:
@@ -54,7 +55,8 @@ def build_parser() -> cli.ArgumentParser:
                    help="with --file: restore a file that has no manifest. openssl has no integrity check, so "
                         "corruption inside the file cannot be detected (a cut-off dump still is)")
     p.add_argument("--target-database-url", default=os.environ.get("TARGET_DATABASE_URL"),
-                   help="the database to restore into (env TARGET_DATABASE_URL)")
+                   help="the database to restore into (env TARGET_DATABASE_URL); its password in PGPASSWORD, "
+                        "not on the command line")
     p.add_argument("--replace", action="store_true", help="restore over a database that already has tables")
     p.add_argument("--psql", default=os.environ.get("PSQL"), help="psql binary, at least as new as the pg_dump that made the backup (env PSQL)")
     cli.add_output_args(p)
@@ -84,7 +86,15 @@ def main(argv: list[str]) -> int:
             f"({', '.join(shown(t) for t in tables[:5])}{', …' if len(tables) > 5 else ''}): pass --replace to restore over them"
         )
 
-    restore = functools.partial(restore_dump, target=target, psql=psql)
+    committed: list[str] = []  # the backup whose restore psql committed: what a signal after it must not deny
+    cli.on_interrupt(lambda: f"{committed[0]} had been restored into database '{shown(target.database)}' (committed)"
+                     if committed else "")
+
+    def restore(fetched: Fetched) -> Restored:
+        restored = restore_dump(fetched, target=target, psql=psql)
+        committed.append(fetched.label)
+        return restored
+
     if args.file:
         retrieved = open_local(args.file, "database", passphrases, restore, require_manifest=not args.without_manifest)
     else:

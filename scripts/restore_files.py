@@ -8,12 +8,12 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from backupkit import cli, config, s3
+from backupkit import cli, config, s3, signals
 from backupkit.archive import ArchiveContents, FileSection, plaintext_file, read_archive, unsafe_name
 from backupkit.attributes import allow_non_ascii_metadata, put_parameters
 from backupkit.errors import BackupError, UsageError
@@ -21,6 +21,7 @@ from backupkit.output import log, md_code, shown
 from backupkit.progress import Progress, human_bytes
 from backupkit.retrieve import BucketReader, Fetched, Retrieved, local_format, open_local, private_directory
 from backupkit.streams import CHUNK
+from backupkit.threads import DaemonPool
 
 DESCRIPTION = """\
 Restore a files backup into TARGET_BUCKET: the backup is downloaded and checked against its
@@ -267,14 +268,15 @@ def not_in_backup(client: Any, bucket: str, prefix: str, only: str | None, names
 
 def run_pool(items: list[Item], work: Any) -> None:
     """Run `work(item)` for every item, WORKERS at a time; the first error stops the rest."""
-    pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="restore")
+    pool = DaemonPool(max_workers=WORKERS, thread_name_prefix="restore")
     try:
         for future in [pool.submit(work, item) for item in items]:
             future.result()
     finally:
-        # Uploads under way finish (the interpreter would wait for them anyway), so the count an
-        # interrupted or failed restore reports is final; the ones not started are cancelled.
-        pool.shutdown(wait=True, cancel_futures=True)
+        # Uploads under way finish, so the count an interrupted or failed restore reports is
+        # final; the ones not started are cancelled. After a signal they are waited for a few
+        # seconds only: those still running then are counted as such.
+        pool.shutdown(wait=True, cancel_futures=True, timeout=signals.in_flight_wait())
 
 
 @dataclass
@@ -289,6 +291,8 @@ class Restore:
     skip_unsafe: bool
     todo: int = 0
     uploads: Progress | None = None  # counts the objects uploaded (under its lock: 8 threads upload)
+    in_flight: int = 0  # uploads started and not ended
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, fetched: Fetched) -> dict[str, Any]:
         # 0700: the decrypted archive lives here, in a file that has no name
@@ -312,8 +316,17 @@ class Restore:
                 uploads = self.uploads = Progress("uploaded", total_bytes=sum(i.size for i in todo), total_objects=len(todo))
 
                 def put(item: Item) -> None:
-                    upload(self.client, self.bucket, plaintext, item)
-                    uploads.update(item.size, 1)
+                    with self._lock:
+                        self.in_flight += 1
+                    uploaded = False
+                    try:
+                        upload(self.client, self.bucket, plaintext, item)
+                        uploaded = True
+                    finally:
+                        with self._lock:  # counted in one place at a time, for interrupted()
+                            self.in_flight -= 1
+                            if uploaded:
+                                uploads.update(item.size, 1)
 
                 try:
                     run_pool(todo, put)
@@ -325,8 +338,10 @@ class Restore:
     def interrupted(self) -> str:
         if self.dry_run or not self.todo:
             return "nothing was uploaded"
-        uploaded = self.uploads.objects if self.uploads else 0
-        return (f"{uploaded} of {self.todo} objects were uploaded (each complete), the others not; run the same "
+        with self._lock:
+            uploaded, running = (self.uploads.objects if self.uploads else 0), self.in_flight
+        unsure = f", {running} more were being uploaded when it stopped (each is either complete or absent)" if running else ""
+        return (f"{uploaded} of {self.todo} objects were uploaded (each complete){unsure}, the others not; run the same "
                 "command again to finish: objects already identical in the target are skipped")
 
 

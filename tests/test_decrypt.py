@@ -259,3 +259,97 @@ def test_a_signal_while_a_child_starts_is_raised_once_the_child_is_held(sig, rai
         assert signal.getsignal(signal.SIGTERM) is standalone._on_sigterm
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+# -- a plaintext bounded by its manifest (issue 21, item 8) ----------------------------------------
+def zstd_bomb(size: int) -> bytes:
+    """A valid zstd frame of `size` bytes of 'A', in raw-literal RLE blocks of 128 KiB: 4 bytes
+    a block, so 4 GiB take 131 KB and 16 GiB 512 KiB."""
+    block = 128 * 1024
+    frame = bytearray(b"\x28\xb5\x2f\xfd\x00\x38")  # magic; no content size; a 128 KiB window
+    count, rest = divmod(size, block)
+    sizes = [block] * count + ([rest] if rest else [])
+    for i, n in enumerate(sizes):
+        frame += ((n << 3) | (1 << 1) | (i == len(sizes) - 1)).to_bytes(3, "little") + b"A"  # RLE block header, its byte
+    return bytes(frame)
+
+
+def manifest_for(encrypted, plaintext_size: int, compression: str = "zstd") -> dict:
+    data = encrypted.read_bytes()
+    return {"key_id": load_standalone().key_id(PASSPHRASE), "encrypted_size": len(data),
+            "encrypted_sha256": hashlib.sha256(data).hexdigest(), "plaintext_size": plaintext_size,
+            "plaintext_sha256": "0" * 64, "compression": compression}
+
+
+def test_a_zstd_bomb_is_stopped_at_the_size_its_manifest_promises(tmp_path):
+    """16 GiB promised as 64 bytes: refused at once, nothing written."""
+    encrypted = tmp_path / "bomb.sql.zst.encrypted"
+    openssl_encrypt(encrypted, zstd_bomb(16 * 2**30))
+    (tmp_path / "bomb.sql.zst.encrypted.manifest.json").write_text(json.dumps(manifest_for(encrypted, 64)))
+    began = time.monotonic()
+    done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(tmp_path / "out.sql")], env=env(), capture_output=True,
+                          text=True, timeout=60)
+    elapsed = time.monotonic() - began
+    assert done.returncode == 1 and "more than the 64 bytes its manifest promises" in done.stderr, done.stderr
+    assert error_lines(done.stderr) == done.stderr.splitlines()[-1:]
+    assert elapsed < 3, f"{elapsed:.1f} s"  # PBKDF2 of the key_id and Python's start are most of it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.sql.zst.encrypted", "bomb.sql.zst.encrypted.manifest.json"]
+
+
+def test_without_a_manifest_the_output_is_bounded_by_a_ratio(tmp_path):
+    """The issue's 131 KB plant that expands to 4 GiB: stopped at --max-ratio (default 1000) times
+    the input, loudly, nothing left; a larger --max-ratio lets a genuine repetitive dump through."""
+    encrypted = tmp_path / "plant.sql.zst.encrypted"
+    openssl_encrypt(encrypted, zstd_bomb(4 * 2**30))
+    assert 131_000 < len(zstd_bomb(4 * 2**30)) < 132_000
+    began = time.monotonic()
+    done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(tmp_path / "out.sql")], env=env(), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and "more than 1000 times its own size" in done.stderr and "--max-ratio" in done.stderr, done.stderr
+    assert time.monotonic() - began < 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plant.sql.zst.encrypted"]
+
+    repetitive = tmp_path / "genuine.sql.zst.encrypted"
+    sql = b"INSERT INTO t VALUES (1);\n" * 400_000 + b"--\n-- PostgreSQL database dump complete\n--\n"
+    openssl_encrypt(repetitive, subprocess.run(["zstd", "-19", "-q", "-c"], input=sql, capture_output=True, check=True).stdout)
+    ratio = len(sql) / repetitive.stat().st_size
+    done = subprocess.run([*DECRYPT, "-i", str(repetitive), "-o", str(tmp_path / "g.sql"), "--max-ratio", str(int(ratio / 2))],
+                          env=env(), capture_output=True, text=True)
+    assert done.returncode == 1 and not (tmp_path / "g.sql").exists()
+    subprocess.run([*DECRYPT, "-i", str(repetitive), "-o", str(tmp_path / "g.sql"), "--max-ratio", str(int(ratio * 2))],
+                   env=env(), check=True, capture_output=True)
+    assert (tmp_path / "g.sql").read_bytes() == sql
+
+
+def test_an_aescrypt_archive_larger_than_its_manifest_says_is_stopped_there(tmp_path):
+    encrypted = tmp_path / "x.zip.encrypted"
+    aescrypt_encrypt(encrypted, PLAIN)
+    (tmp_path / "x.zip.encrypted.manifest.json").write_text(json.dumps(manifest_for(encrypted, 1000, "none")))
+    done = subprocess.run([*DECRYPT, "-i", str(encrypted), "-o", str(tmp_path / "out.zip")], env=env(), capture_output=True, text=True)
+    assert done.returncode == 1 and "more than the 1000 bytes its manifest promises" in done.stderr, done.stderr
+    assert not (tmp_path / "out.zip").exists()
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "fallback"])
+def test_the_output_has_no_name_until_it_is_published(tmp_path, monkeypatch, unnamed):
+    """In process: with O_TMPFILE nothing shows in OUT's directory until publish(); where the
+    filesystem cannot make unnamed files, a hidden 0600 file that discard() removes."""
+    standalone = load_standalone()
+    if not unnamed:
+        monkeypatch.delattr(standalone.os, "O_TMPFILE")
+    out = standalone.Output(str(tmp_path / "out.sql"), limit=10)
+    out.write(b"0123456789")
+    with pytest.raises(standalone.TooLarge):
+        out.write(b"x")
+    seen = [p.name for p in tmp_path.iterdir()]
+    assert seen == [] if unnamed else (len(seen) == 1 and seen[0].startswith(".decrypt-"))
+    out.publish(force=False)
+    out.discard()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.sql"]
+    assert (tmp_path / "out.sql").read_bytes() == b"0123456789" and (tmp_path / "out.sql").stat().st_mode & 0o777 == 0o600
+    again = standalone.Output(str(tmp_path / "out.sql"), limit=10)
+    with pytest.raises(standalone.Failure, match="exists"):
+        again.publish(force=False)
+    again.publish(force=True)
+    again.discard()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.sql"] and (tmp_path / "out.sql").read_bytes() == b""

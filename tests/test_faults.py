@@ -171,6 +171,26 @@ def test_backup_into_a_missing_bucket(run, pg, sample_db, s3server):
     assert "no-such-bucket-here" not in [b["Name"] for b in s3server.client().list_buckets()["Buckets"]]
 
 
+@pytest.mark.parametrize(("script", "operation", "words"), [
+    pytest.param("list_backups.py", "ListObjectVersions", ("AccessDenied", "IAM policy"), id="read"),
+    pytest.param("backup_database.py", "PutObject", ("AccessDenied", "write_only"), id="write"),
+])
+def test_access_denied_names_the_credentials_used_and_the_bucket_name(run, pg, sample_db, proxy, via, tmp_path, script, operation, words):
+    """A 403 names the access key id S3 refused (not a secret) and where it came from, and says a
+    wrong bucket name looks the same (a bucket of another account answers AccessDenied); with an
+    AWS_PROFILE that the keys override, it says the profile was ignored."""
+    proxy.add(operation, fault="403-denied")
+    done = run(script, env={**via, "DATABASE_URL": pg.url(sample_db)})
+    assert done.returncode == 1
+    line = one_error(done, *words, "bucket name", "access key id testing (from AWS_ACCESS_KEY_ID)")
+    assert "AWS_PROFILE" not in line
+    config = tmp_path / "aws-config"
+    config.write_text("[profile restorer]\nregion = us-east-1\n")
+    done = run(script, env={**via, "DATABASE_URL": pg.url(sample_db), "AWS_CONFIG_FILE": str(config), "AWS_PROFILE": "restorer"})
+    one_error(done, "access key id testing", "AWS_PROFILE is ignored while AWS_ACCESS_KEY_ID is set: unset the keys")
+    assert "warning: AWS_PROFILE is set (restorer) but so is AWS_ACCESS_KEY_ID" in done.stderr
+
+
 @pytest.mark.parametrize("script, args", [
     pytest.param("list_backups.py", [], id="list_backups"),
     pytest.param("restore_database.py", ["--latest", "--target-database-url", "postgresql://u@127.0.0.1:1/x"], id="restore_database"),
@@ -639,9 +659,10 @@ def test_restore_fails_cleanly_when_downloads_keep_breaking_off(run, pg, sample_
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -9)])
 def test_decrypt_stopped_mid_way_leaves_nothing(run, tmp_path, sig, code):
-    """The partial plaintext (a hidden temp file beside OUT) goes, and so does openssl."""
+    """The partial plaintext (a file with no name in OUT's directory) never shows, not even after
+    SIGKILL; openssl goes too (after SIGKILL, it dies on its own at its first write)."""
     slow = tmp_path / "bin"
     slow.mkdir()
     real = shutil.which("openssl")
@@ -655,12 +676,17 @@ def test_decrypt_stopped_mid_way_leaves_nothing(run, tmp_path, sig, code):
     proc = run.popen("./decrypt.py", "-i", str(encrypted), "-o", str(out / "db.sql"),
                      env={"PATH": f"{slow}:{os.environ['PATH']}"})
     watch = ProcWatch(proc.pid).start()
-    wait_until(lambda: list(out.iterdir()) and any("openssl" in " ".join(s.cmdline) for s in watch.seen), what="decryption under way")
+    wait_until(lambda: any("openssl" in " ".join(s.cmdline) for s in watch.seen), what="decryption under way")
+    assert list(out.iterdir()) == []  # nothing to see while it runs
     proc.send_signal(sig)
     done = finish(proc, watch, timeout=30)
     assert done.returncode == code, done.stderr
-    one_error(done)
     assert list(out.iterdir()) == []
+    if sig == signal.SIGKILL:
+        for left in watch.alive():
+            os.kill(int(left.split()[0]), signal.SIGKILL)
+        return
+    one_error(done)
     deadline = time.monotonic() + 10
     while watch.alive() and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -25,20 +25,33 @@ class Ping:
 
 
 class Monitor:
-    def __init__(self, delay: float = 0.0):
+    """A healthchecks.io stand-in. `delay`: each answer waits this long (only the ping to `hold`,
+    e.g. "/" for success, when given; `arrived[path]` is set when a ping comes). `trickle`: the
+    answer is sent one byte every that many seconds, as a monitor that is barely alive would."""
+
+    def __init__(self, delay: float = 0.0, hold: str | None = None, trickle: float | None = None):
         self.pings: list[Ping] = []
         self.token = f"hc-{os.urandom(8).hex()}"
-        pings, wait = self.pings, delay
+        self.arrived: dict[str, threading.Event] = {p: threading.Event() for p in ("/start", "/", "/fail")}
+        monitor = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 length = int(self.headers.get("Content-Length") or 0)
-                pings.append(Ping(self.command, self.path, self.rfile.read(length).decode() if length else ""))
-                time.sleep(wait)
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"OK")
+                ping = Ping(self.command, self.path, self.rfile.read(length).decode() if length else "")
+                monitor.pings.append(ping)
+                path = monitor.path_of(ping)
+                monitor.arrived.setdefault(path, threading.Event()).set()
+                if hold is None or path == hold:
+                    time.sleep(delay)
+                answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK"
+                if trickle is None:
+                    self.wfile.write(answer)
+                    return
+                for byte in answer:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(trickle)
 
             do_POST = do_GET
 
@@ -54,8 +67,11 @@ class Monitor:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/ping/{self.token}"
 
+    def path_of(self, ping: Ping) -> str:
+        return ping.path.removeprefix(f"/ping/{self.token}") or "/"
+
     def paths(self) -> list[str]:
-        return [p.path.removeprefix(f"/ping/{self.token}") or "/" for p in self.pings]
+        return [self.path_of(p) for p in self.pings]
 
     def close(self) -> None:
         self.server.shutdown()
@@ -111,9 +127,10 @@ def test_a_url_that_is_not_http_is_a_usage_error_that_does_not_show_it(run):
     assert "hc-secret-token" not in done.stderr and "BACKUP_HEARTBEAT_URL" in error_lines(done.stderr)[0]
 
 
-@pytest.mark.parametrize("monitor_state", ["dead", pytest.param("slow", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("monitor_state", ["dead", pytest.param("slow", marks=pytest.mark.slow),
+                                           pytest.param("trickling", marks=pytest.mark.slow)])
 def test_a_dead_or_slow_monitor_costs_seconds_and_never_fails_a_backup(run, pg, sample_db, monitor_state):
-    slow = Monitor(delay=30) if monitor_state == "slow" else None
+    slow = {"slow": lambda: Monitor(delay=30), "trickling": lambda: Monitor(trickle=2)}.get(monitor_state, lambda: None)()
     url = slow.url if slow else "http://127.0.0.1:9/ping/hc-dead-token"
     try:
         started = time.monotonic()
@@ -165,3 +182,22 @@ def test_a_monitor_answering_garbage_never_changes_the_result(run, pg, sample_db
     [line] = error_lines(bad.stderr)
     assert errors.read_text() == f"backup_database.py: {line.removeprefix('error: ')}\n"
     assert "hc-garbled-token" not in good.stderr + bad.stderr
+
+
+@pytest.mark.parametrize("behaviour", ["trickling", "stalled"])
+def test_one_deadline_per_try_whatever_the_monitor_does(monkeypatch, capsys, behaviour):
+    """A monitor that sends its answer a byte at a time (each read well within the timeout) or
+    never answers: each try is abandoned when its deadline has passed (issue 21, item 12)."""
+    from backupkit import heartbeat
+
+    monkeypatch.setattr(heartbeat, "TIMEOUT", 0.5)
+    monitor = Monitor(trickle=0.3) if behaviour == "trickling" else Monitor(delay=30)
+    try:
+        began = time.monotonic()
+        heartbeat.Heartbeat(monitor.url).start()
+        elapsed = time.monotonic() - began
+    finally:
+        monitor.close()
+    assert monitor.paths() == ["/start", "/start"]  # both tries reached it
+    assert elapsed < heartbeat.TRIES * 0.5 + 0.5 + 0.5, f"{elapsed:.1f} s"
+    assert "warning: heartbeat start ping failed (no answer within" in capsys.readouterr().err

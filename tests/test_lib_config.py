@@ -65,7 +65,15 @@ def test_the_passphrase_rule(monkeypatch):
     ("postgresql://app:p@ss@db/app", "postgresql://app@db/app", "p@ss", "app"),  # '@' parses (the last one ends the userinfo)
     ("postgres://app@db/app?password=pw&sslmode=require", "postgres://app@db/app?sslmode=require", "pw", "app"),
     ("postgresql://u@[::1]:5432/x", "postgresql://u@[::1]:5432/x", None, "x"),
-    ("postgresql:///app?host=/var/run/postgresql", "postgresql:///app?host=%2Fvar%2Frun%2Fpostgresql", None, "app"),
+    ("postgresql:///app?host=/var/run/postgresql", "postgresql:///app?host=/var/run/postgresql", None, "app"),
+    # Several hosts: libpq tries them in turn (issue 21, item 14).
+    ("postgresql://u:pw@h1:5432,h2:5433/db", "postgresql://u@h1:5432,h2:5433/db", "pw", "db"),
+    ("postgresql://u@[::1]:5432,db2,10.0.0.3:6432/x?target_session_attrs=read-write",
+     "postgresql://u@[::1]:5432,db2,10.0.0.3:6432/x?target_session_attrs=read-write", None, "x"),
+    # libpq decodes %XX in the query and leaves '+' alone; the rest of the query is kept as written.
+    ("postgresql://app@db/app?sslmode=require&password=a+b%26c", "postgresql://app@db/app?sslmode=require", "a+b&c", "app"),
+    ("postgresql://app:Zq%3A%2F%3F%23%5B%5D%40%21%24%26%27%28%29%2A%2B%2C%3B%3D%25%20Xv@db/app", "postgresql://app@db/app",
+     "Zq:/?#[]@!$&'()*+,;=% Xv", "app"),
 ])
 def test_database_urls_are_split_into_a_password_free_url_and_the_password(url, dbname, password, database):
     target = config.database_target(url)
@@ -76,13 +84,30 @@ def test_database_urls_are_split_into_a_password_free_url_and_the_password(url, 
 @pytest.mark.parametrize("url", [
     "postgresql://app:pa#ss@db/app", "postgresql://app:pa/ss@db:5432/app", "postgresql://app:pa?ss@db/app",
     "postgresql://[::1", "postgresql://u:pw@db:notaport/app", "mysql://u:pw@db/app", "not a url",
+    # The issue's: '#' encoded, the rest not; read naively, the password is 'p' and the host 'ss%23w'.
+    "postgresql://app:p@ss%23w/rd?@127.0.0.1/app", "postgresql://app:pa@ss/x@db/app",
+    "postgresql://app:pa[ss]@db/app", "postgresql://app:pa%zzss@db/app", "postgresql://app:pa\tss@db/app",
+    "postgresql://app@db/app?password=pa&zq9x=1", "postgresql://u:pw@h1:5432,h2:x/db",
 ])
 def test_urls_libpq_would_misread_are_refused_without_showing_them(url):
     with pytest.raises(UsageError) as raised:
         config.database_target(url, "DATABASE_URL")
     message = str(raised.value)
     assert message.startswith("DATABASE_URL") and url not in message
-    assert not [secret for secret in ("pa#ss", "pa/ss", "pa?ss", ":pw@") if secret in message]
+    assert not [secret for secret in ("pa#ss", "pa/ss", "pa?ss", ":pw@", "ss%23w", "ss/x", "zq9x", "zzss") if secret in message]
+
+
+def test_the_refusal_says_which_characters_to_encode():
+    with pytest.raises(UsageError) as raised:
+        config.database_target("postgresql://app:p@ss%23w/rd?@127.0.0.1/app", "DATABASE_URL")
+    assert "an '@' after the host" in str(raised.value)
+    assert ": / ? # [ ] @ ! $ & ' ( ) * + , ; = % and space" in str(raised.value) and "PGPASSWORD" in str(raised.value)
+
+
+def test_everything_that_could_be_the_password_of_a_refused_url_is_a_secret():
+    secrets = config.url_secrets("postgresql://app:p@ss%23w/rd?@127.0.0.1/app")
+    assert "p@ss%23w/rd?" in secrets and "p@ss#w/rd?" in secrets
+    assert config.url_secrets("postgresql://postgres@db/app") == []  # a user name is no secret
 
 
 def test_an_sslpassword_is_refused_without_showing_it():

@@ -227,3 +227,94 @@ def test_decrypt_output_is_private_and_nothing_is_left_on_failure(run, pg, sampl
     done = run("./decrypt.py", "-i", str(encrypted), "-o", str(out / "db.sql"), env={"EXTERNAL_BACKUP_ENCRYPTION_KEY": "wrong-Passphrase-1"})
     assert done.returncode == 1
     assert list(Path(out).iterdir()) == []
+
+
+# -- a database password never shows, however it is written in a URL -------------------------------
+# Every character that ends or splits a part of a URL, and a space; and the issue's own, whose '@'
+# comes before its '/' (issue 21, item 11).
+PASSWORDS = {"reserved": "Zq:/?#[]@!$&'()*+,;=% Xv", "issue": "p@ss#w/rd?"}
+
+
+def written(password: str) -> dict[str, str]:
+    """The password as operators write it in a URL: encoded, or only in part."""
+    from urllib.parse import quote
+
+    return {
+        "encoded": quote(password, safe=""),
+        "only-#-encoded": password.replace("#", "%23"),  # the issue's URL
+        "raw": password,
+        "all-but-@": quote(password, safe="@"),
+        "all-but-/?": quote(password, safe="/?"),
+        "all-but-[]": quote(password, safe="[]"),
+        "all-but-&=": quote(password, safe="&="),
+        "all-but-%": quote(password, safe="").replace("%25", "%"),
+        "all-but-space": quote(password, safe=" "),
+    }
+
+
+def fragments(password: str, forms: dict[str, str]) -> set[str]:
+    """Every 4-character piece of the password, decoded or as written."""
+    return {text[i:i + 4] for text in (password, *forms.values()) for i in range(len(text) - 3)}
+
+
+ENTRY_POINTS = [
+    # (script, args before the URL, the URL's flag or None: its variable, variable)
+    ("backup_database.py", [], None, "DATABASE_URL"),
+    ("backup_database.py", [], "--database-url", None),
+    ("restore_database.py", ["--latest"], None, "TARGET_DATABASE_URL"),
+    ("restore_database.py", ["--latest"], "--target-database-url", None),
+    ("verify_backup.py", ["--kind", "database", "--latest"], "--restore-into", None),
+]
+FAST_FORMS = ("encoded", "only-#-encoded")
+
+
+def _leak_cases() -> list:
+    cases = []
+    for which, password in PASSWORDS.items():
+        for form in written(password) if which == "reserved" else FAST_FORMS:
+            for where in ("userinfo", "query"):
+                for script, args, flag, variable in ENTRY_POINTS:
+                    fast = form in FAST_FORMS and where == "userinfo" and (which, form) != ("reserved", "only-#-encoded")
+                    cases.append(pytest.param(which, form, where, script, args, flag, variable,
+                                              marks=[] if fast else [pytest.mark.slow],
+                                              id=f"{script}-{flag or variable}-{which}-{where}-{form}"))
+    return cases
+
+
+@pytest.mark.parametrize(("which", "form", "where", "script", "args", "flag", "variable"), _leak_cases())
+def test_no_fragment_of_a_database_password_in_any_output(run, pg, tmp_path, which, form, where, script, args, flag, variable):
+    """The URL is refused, or reaches the server with a wrong password, or an unreachable one:
+    stdout, stderr, the error file, the heartbeat's /fail body and the step summary hold no
+    4-character piece of the password, decoded or as written."""
+    from tests.test_heartbeat import Monitor
+
+    raw = PASSWORDS[which]
+    password = written(raw)[form]
+    base = "postgresql://app-user@127.0.0.1:{port}/appdb"
+    if where == "userinfo":
+        url = base.replace("app-user@", f"app-user:{password}@")
+    else:
+        url = base + f"?password={password}&sslmode=disable"
+    monitor = Monitor()
+    try:
+        for port in (pg.port, 1):  # a server that refuses the password, and none at all
+            summary, errors = tmp_path / f"summary-{port}.md", tmp_path / f"errors-{port}.txt"
+            target = url.format(port=port)
+            env = {"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary), "BACKUP_ERROR_FILE": str(errors),
+                   "BACKUP_HEARTBEAT_URL": monitor.url, "DATABASE_URL": None, "TARGET_DATABASE_URL": None}
+            if variable:
+                env[variable] = target
+            done = run(script, *args, *([flag, target] if flag else []), env=env)
+            assert done.returncode in (1, 2), done.stderr
+            outputs = {"stdout": done.stdout, "stderr": done.stderr,
+                       "error file": errors.read_text() if errors.exists() else "",
+                       "step summary": summary.read_text() if summary.exists() else "",
+                       "heartbeat": " ".join(p.body for p in monitor.pings)}
+            assert error_lines(done.stderr), done.stderr
+            leaked = {name: sorted(f for f in fragments(raw, {form: password}) if f in text)
+                      for name, text in outputs.items()}
+            assert not any(leaked.values()), (leaked, done.stderr)
+            if done.returncode == 2:
+                break  # refused before any connection: the port changes nothing
+    finally:
+        monitor.close()

@@ -4,6 +4,9 @@ never a traceback, and nothing is changed anywhere."""
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 
 from tests.backup_factory import openssl_encrypt
@@ -81,7 +84,7 @@ def test_database_url_that_is_not_a_url(run, url):
     usage_error(bad_run(run, "backup_database.py", "--database-url", url), 2, "DATABASE_URL")
     usage_error(bad_run(run, "restore_database.py", "--latest", "--target-database-url", url), 2, "TARGET_DATABASE_URL")
     usage_error(bad_run(run, "restore_database.py", "--latest", env={"TARGET_DATABASE_URL": url}), 2, "TARGET_DATABASE_URL")
-    assert "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE" in run.calls[-1].stderr  # not garbled by redaction
+    assert "expected postgresql://USER@HOST:PORT/DATABASE, with the password in PGPASSWORD" in run.calls[-1].stderr  # not garbled by redaction
 
 
 @pytest.mark.parametrize(("script", "args", "env", "code", "words"), [
@@ -118,7 +121,7 @@ def not_backups(tmp_path):
 
 @pytest.mark.parametrize(("name", "restore_words", "decrypt_words"), [
     ("does-not-exist.sql.encrypted", ("no such file",), ("no such file",)),
-    ("a-directory", ("no such file",), ("no such file",)),
+    ("a-directory", ("no such file",), ("not a regular file",)),
     ("empty.sql.encrypted", ("empty",), ("empty",)),
     ("notes.txt", ("not an encrypted database backup",), ("not an encrypted backup",)),
 ])
@@ -222,3 +225,58 @@ def test_bad_input_is_one_clear_error(run, args, env, code):
     done = run(*args, env=env)
     assert done.returncode == code, done.stderr
     assert len(error_lines(done.stderr)) == 1 and "unexpected failure" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("script", ["backup_database.py", "restore_database.py", "verify_backup.py"])
+def test_help_teaches_pgpassword_and_shows_no_password_in_a_url(run, script):
+    """The runbook keeps passwords off command lines; the help must not show one inside a URL."""
+    done = run(script, "--help", check=True)
+    assert "PGPASSWORD" in done.stdout
+    assert not re.search(r"postgres(ql)?://[^\s@/]*:[^\s@/]*@", done.stdout), done.stdout
+
+
+def test_a_multi_host_url_is_taken_as_libpq_takes_it(run, pg, sample_db, scratch_db):
+    """postgresql://u@h1:p1,h2:p2/db: libpq tries each host in turn (here the first refuses), the
+    password comes from PGPASSWORD (issue 21, item 14: such URLs were refused)."""
+    def hosts(database: str) -> str:
+        return f"postgresql://{pg.user}@127.0.0.1:1,127.0.0.1:{pg.port}/{database}"
+
+    env = {"PGPASSWORD": pg.password}
+    done = run("backup_database.py", env={**env, "DATABASE_URL": hosts(sample_db)})
+    assert done.returncode == 0, done.stderr
+    done = run("restore_database.py", "--latest", "--target-database-url", hosts(scratch_db), env=env)
+    assert done.returncode == 0, done.stderr
+    assert pg.psql("SELECT count(*) FROM applications", scratch_db) == pg.psql("SELECT count(*) FROM applications", sample_db)
+
+
+def test_a_fifo_in_place_of_a_backup_or_its_manifest_never_hangs(run, pg, scratch_db, tmp_path):
+    """A FIFO named IN.manifest.json (or IN itself) is refused without being opened for a
+    blocking read, which would wait for a writer forever (issue 21, item 14)."""
+    encrypted = tmp_path / "x.sql.encrypted"
+    encrypted.write_bytes(openssl_encrypt(b"SELECT 1;\n-- PostgreSQL database dump complete\n", PASSPHRASE))
+    os.mkfifo(f"{encrypted}.manifest.json")
+    done = run("./decrypt.py", "-i", str(encrypted), "-o", str(tmp_path / "out.sql"), input="", timeout=30)
+    usage_error(done, 1, "not a regular file", "manifest")
+    done = run("restore_database.py", "--file", str(encrypted), "--target-database-url", pg.url(scratch_db), input="", timeout=30)
+    assert done.returncode in (1, 2), done.stderr
+    one_error(done, "manifest")
+    fifo = tmp_path / "fifo.sql.encrypted"
+    os.mkfifo(fifo)
+    done = run("./decrypt.py", "-i", str(fifo), "-o", str(tmp_path / "out.sql"), input="", timeout=30)
+    usage_error(done, 1, "not a regular file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.sql.encrypted", "x.sql.encrypted", "x.sql.encrypted.manifest.json"]
+
+
+def test_a_profile_that_access_keys_override_is_said_to_be_ignored(run, tmp_path):
+    """boto3 takes AWS_ACCESS_KEY_ID before AWS_PROFILE: switching to a profile with the keys of
+    an earlier step still set would silently change nothing (the runbook's on-call walk)."""
+    config = tmp_path / "aws-config"
+    config.write_text("[profile restorer]\nregion = us-east-1\n")
+    done = run("list_backups.py", env={"AWS_CONFIG_FILE": str(config), "AWS_PROFILE": "restorer"})
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: AWS_PROFILE")]
+    assert len(warnings) == 1, done.stderr
+    assert "boto3 uses the keys (access key id testing), not the profile" in warnings[0]
+    assert "unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN" in warnings[0]
+    done = run("list_backups.py", env={"AWS_CONFIG_FILE": str(config), "AWS_PROFILE": "restorer", "AWS_ACCESS_KEY_ID": None,
+                                       "AWS_SECRET_ACCESS_KEY": None})
+    assert "warning: AWS_PROFILE" not in done.stderr

@@ -12,6 +12,7 @@ again with that venv's Python.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 __version__ = "0.2.0"
@@ -40,3 +41,18 @@ def _run_with_the_checkouts_venv() -> None:
 
 
 _run_with_the_checkouts_venv()
+
+# SIGINT and SIGTERM that come while a script of ours is still importing (boto's imports take a
+# tenth of a second): remembered here and raised by cli.run (signals.py), so that the run still
+# ends with its line instead of a traceback or a silent death.
+early_signals: list[int] = []
+
+
+def _remember(signum: int, frame: object) -> None:
+    early_signals.append(signum)
+
+
+if os.path.dirname(os.path.realpath(getattr(sys.modules.get("__main__"), "__file__", None) or "/")) == \
+        os.path.dirname(os.path.dirname(os.path.realpath(__file__))):
+    for _signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signal, _remember)

@@ -8,34 +8,32 @@ import json
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from . import signals
 from .config import SECRET_VARS, flag_secrets, url_secrets
 from .errors import BackupError, UsageError
 from .heartbeat import Heartbeat
 from .output import annotation, annotation_property, log, md_code, safe_lines, shown
+from .signals import Terminated
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a cancelled CI job), raised in the main thread so every `with` block cleans up."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
-
+__all__ = ["Terminated"]  # scripts and tests name it cli.Terminated
 
 _interrupt_notes: list[Callable[[], str]] = []
 
 
 def on_interrupt(note: Callable[[], str]) -> None:
-    """What to say of the work done when the script is stopped (default: nothing was completed)."""
+    """What to say of the work done when the script is stopped: `note()` returns what the run
+    left behind, or "" for nothing (default: nothing was completed)."""
     _interrupt_notes.append(note)
 
 
 def _stopped() -> str:
-    return "; ".join(note() for note in _interrupt_notes) or "nothing was completed by this run"
+    said = [text for text in (note() for note in _interrupt_notes) if text]
+    return "; ".join(said) or "nothing was completed by this run"
 
 
 def secrets_in_environment() -> list[str]:
@@ -86,6 +84,7 @@ def warn(message: str) -> None:
 
 
 _heartbeat: Heartbeat | None = None
+_standalone = False  # run() is the script's own (not called in process by a test)
 _debug = False  # --debug: a traceback with an unexpected failure
 
 
@@ -107,19 +106,39 @@ def parse_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     return args
 
 
+# Held while the error line is written: the signal watchdog writes it only if nobody did.
+_line_lock = threading.Lock()
+_line_written = False
+
+
+def _write_error_line(message: str, script: str, patience: float = -1) -> None:
+    global _line_written
+    if not _line_lock.acquire(timeout=patience):
+        return
+    try:
+        if _line_written:
+            return
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        if os.environ.get("GITHUB_ACTIONS") == "true":
+            print(f"::error title={annotation_property(script)}::{annotation(message)}", file=sys.stderr, flush=True)
+            step_summary(f"### {script}: failed\n\n{md_code(message, already_shown=True)}")
+        error_file = os.environ.get("BACKUP_ERROR_FILE")
+        if error_file:
+            try:
+                with open(error_file, "a", encoding="utf-8") as handle:
+                    handle.write(f"{script}: {message}\n")
+            except OSError as exc:
+                log(f"warning: could not write BACKUP_ERROR_FILE ({exc.strerror})")
+        _line_written = True
+    finally:
+        _line_lock.release()
+
+
 def fail(message: str, code: int, script: str) -> NoReturn:
+    if _standalone:
+        signals.ignore()  # this line is the outcome: a signal now must not cut it short
     message = _one_line(message)
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    if os.environ.get("GITHUB_ACTIONS") == "true":
-        print(f"::error title={annotation_property(script)}::{annotation(message)}", file=sys.stderr, flush=True)
-        step_summary(f"### {script}: failed\n\n{md_code(message, already_shown=True)}")
-    error_file = os.environ.get("BACKUP_ERROR_FILE")
-    if error_file:
-        try:
-            with open(error_file, "a", encoding="utf-8") as handle:
-                handle.write(f"{script}: {message}\n")
-        except OSError as exc:
-            log(f"warning: could not write BACKUP_ERROR_FILE ({exc.strerror})")
+    _write_error_line(message, script)
     if _heartbeat is not None:  # last: the error line is out whatever the monitor does
         _heartbeat.fail(f"{script}: {message}")  # message is redacted already
     sys.exit(code)
@@ -174,32 +193,59 @@ def print_result(result: Any, as_json: bool, human: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _overdue(signum: int, script: str) -> None:
+    """The signal watchdog (its own thread): cleanup overran, so the process ends now, with the
+    error line written if it was not yet."""
+    code = signals.EXIT_CODES[signum]
+    try:
+        _write_error_line(_one_line(f"{signals.STOPPED_BY[signum]}: stopped; cleanup did not end within "
+                                    f"{signals.WATCHDOG:.0f} s and was cut short; {_stopped()}"), script, patience=0.5)
+        sys.stderr.flush()
+        sys.stdout.flush()
+    finally:
+        os._exit(code)
+
+
 def run(main: Callable[[list[str]], int], argv: list[str] | None = None) -> NoReturn:
-    """Run a script's main(argv) and turn what it raises into an exit status and one line."""
+    """Run a script's main(argv) and turn what it raises into an exit status and one line.
+
+    SIGINT and SIGTERM stop the run (signals.py) and the line says what it left behind
+    (on_interrupt). Once the outcome is decided a signal changes nothing, and the process ends
+    within signals.EXIT_BOUND seconds of the first one. With `argv` given (called in process, by a
+    test) the caller's signal handlers are put back on the way out."""
+    global _standalone
+    in_process = argv is not None
+    _standalone = not in_process
     argv = sys.argv[1:] if argv is None else argv
     script = os.path.basename(sys.argv[0] or "script")
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signals.install(on_overdue=None if in_process else lambda signum: _overdue(signum, script))
     try:
-        code = main(argv)
-    except UsageError as exc:
-        fail(str(exc), 2, script)
-    except BackupError as exc:
-        fail(str(exc), 1, script)
-    except Terminated:
-        fail(f"terminated (SIGTERM): stopped; {_stopped()}", 143, script)
-    except KeyboardInterrupt:
-        fail(f"interrupted (SIGINT): stopped; {_stopped()}", 130, script)
-    except OSError as exc:
-        if _debug:
-            print(redact(traceback.format_exc()), file=sys.stderr)
-        where = f": {shown(exc.filename)}" if exc.filename else ""
-        fail(f"{exc.strerror or type(exc).__name__}{where}", 1, script)
-    except Exception as exc:  # noqa: BLE001 - last resort: one line, never a traceback by default
-        if _debug:
-            print(redact(traceback.format_exc()), file=sys.stderr)
-        fail(f"unexpected failure: {type(exc).__name__}: {exc} (run with --debug for a traceback)", 1, script)
-    if _heartbeat is not None and code == 0:
-        _heartbeat.success()
-    elif _heartbeat is not None:
-        _heartbeat.fail(f"{script}: exit status {code}")
-    sys.exit(code)
+        try:
+            signals.raise_pending()
+            code = main(argv)
+        except UsageError as exc:
+            fail(str(exc), 2, script)
+        except BackupError as exc:
+            fail(str(exc), 1, script)
+        except KeyboardInterrupt as exc:
+            signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+            fail(f"{signals.STOPPED_BY[signum]}: stopped; {_stopped()}", signals.EXIT_CODES[signum], script)
+        except OSError as exc:
+            if _debug:
+                print(redact(traceback.format_exc()), file=sys.stderr)
+            where = f": {shown(exc.filename)}" if exc.filename else ""
+            fail(f"{exc.strerror or type(exc).__name__}{where}", 1, script)
+        except Exception as exc:  # noqa: BLE001 - last resort: one line, never a traceback by default
+            if _debug:
+                print(redact(traceback.format_exc()), file=sys.stderr)
+            fail(f"unexpected failure: {type(exc).__name__}: {exc} (run with --debug for a traceback)", 1, script)
+        if _standalone:
+            signals.ignore()  # the result is printed: a signal now changes nothing
+        if _heartbeat is not None and code == 0:
+            _heartbeat.success()
+        elif _heartbeat is not None:
+            _heartbeat.fail(f"{script}: exit status {code}")
+        sys.exit(code)
+    finally:
+        if in_process:
+            signals.restore(previous)

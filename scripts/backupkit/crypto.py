@@ -11,12 +11,13 @@ import os
 import subprocess
 import threading
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, BinaryIO
 
 from .config import child_env
 from .errors import Problem, UsageError, VerificationError
 from .pipeline import Pipeline, Stage
+from .threads import DaemonPool
 
 OPENSSL_MAGIC = b"Salted__"
 AESCRYPT_MAGIC = b"AES"
@@ -44,7 +45,7 @@ def _derive_key_id(passphrase: str) -> str:
 # second overlaps with listing, downloading or dumping instead of adding to them.
 _key_ids: dict[str, Future[str]] = {}
 _key_ids_lock = threading.Lock()
-_key_id_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="key-id")
+_key_id_pool = DaemonPool(max_workers=2, thread_name_prefix="key-id")  # never waited for at exit
 
 
 def start_key_ids(passphrases: Iterable[str]) -> None:

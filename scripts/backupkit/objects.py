@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 from .output import shown
 from .s3 import error_code, explain, s3_errors
 from .streams import CHUNK
+from .threads import DaemonPool
 
 PREFETCH_WORKERS = 8  # GETs in flight: hides per-request latency for buckets of small files
 PREFETCH_BYTES = 16 * 1024 * 1024  # bytes fetched ahead and not yet written, at most
@@ -133,7 +134,7 @@ def fetch_in_order(client: Any, bucket: str, objects: Iterable[SourceObject], *,
                    skip: Callable[[SourceObject], str | None] = lambda obj: None) -> Iterator[Fetched]:
     """The objects, fetched, in the order given. Memory: at most `budget` bytes of small objects
     fetched ahead, plus one CHUNK of the large object being streamed."""
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
+    pool = DaemonPool(max_workers=workers, thread_name_prefix="fetch")  # a stuck GET never holds up the exit
     window: collections.deque[tuple[SourceObject, Future | None]] = collections.deque()
     pending = iter(objects)
     nxt: SourceObject | None = next(pending, None)

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Sequence
 from typing import IO, Any
 
+from . import signals
 from .errors import BackupError
 from .streams import Tally, copy, enlarge_pipe, is_pipe, tee_pipes
 
@@ -80,7 +81,7 @@ class Stage:
             return
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=grace)
+            self.proc.wait(timeout=signals.time_left(grace))  # after a signal, within the run's exit bound
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

@@ -249,7 +249,7 @@ def read_local_manifest(path: str, kind: str) -> dict[str, Any] | None:
     manifest_path = path + MANIFEST_SUFFIX
     if not os.path.exists(manifest_path):
         return None
-    with open(manifest_path, "rb") as handle:
+    with open(manifest_path, "rb", opener=lambda p, f: os.open(p, f | os.O_NONBLOCK)) as handle:  # a FIFO: no waiting
         body = handle.read(MAX_MANIFEST_BYTES + 1)
     return parse_manifest(body, kind=kind)
 

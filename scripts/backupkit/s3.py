@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import botocore.exceptions
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 from .config import is_http_url
 from .errors import BackupError, UsageError
+from .threads import in_background
 
 T = TypeVar("T")
 # A response body that breaks off after its headers arrived: botocore's retries have ended by
@@ -84,8 +85,48 @@ def external_client(max_pool_connections: int = 16, region: str | None = None): 
     import boto3
 
     check_endpoints()
+    warn_of_ignored_profile()
     with s3_errors("create the S3 client"):
-        return boto3.session.Session(region_name=region).client("s3", config=_config(max_pool_connections))
+        session = boto3.session.Session(region_name=region)
+        _sessions.setdefault("external bucket", session)
+        return session.client("s3", config=_config(max_pool_connections))
+
+
+# The sessions this run made clients from, to name the identity an access error came from.
+_sessions: dict[str, Any] = {}
+_warned: list[str] = []
+
+
+def warn_of_ignored_profile() -> None:
+    """boto3 takes AWS_ACCESS_KEY_ID before AWS_PROFILE: an operator who switched to a profile
+    with the keys of an earlier step still set would silently act as the keys' identity."""
+    profile, key = os.environ.get("AWS_PROFILE"), os.environ.get("AWS_ACCESS_KEY_ID")
+    if profile and key and not _warned:
+        _warned.append(profile)
+        print(f"warning: AWS_PROFILE is set ({profile}) but so is AWS_ACCESS_KEY_ID: boto3 uses the keys (access key id "
+              f"{key}), not the profile. To use the profile: unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY "
+              "AWS_SESSION_TOKEN; to use the keys, unset AWS_PROFILE", file=sys.stderr, flush=True)
+
+
+_METHODS = {"env": "AWS_ACCESS_KEY_ID", "explicit": "SOURCE_AWS_ACCESS_KEY_ID", "shared-credentials-file": "profile {profile}",
+            "config-file": "profile {profile}", "assume-role": "the role of profile {profile}", "sso": "the SSO login of profile {profile}",
+            "iam-role": "the instance's role", "container-role": "the container's role",
+            "assume-role-with-web-identity": "a web identity (OIDC) role"}
+
+
+def identities() -> str:
+    """'access key id AKIA… (from AWS_ACCESS_KEY_ID)' for each session used, or '' (not a secret:
+    it names who asked, so an operator sees which credentials S3 refused)."""
+    said = []
+    for what, session in list(_sessions.items()):
+        credentials = None
+        with contextlib.suppress(Exception):  # naming them is a courtesy; the error is what matters
+            credentials = session.get_credentials()
+        if credentials is None or not credentials.access_key:
+            continue
+        source = _METHODS.get(credentials.method, credentials.method or "boto3's chain").format(profile=session.profile_name)
+        said.append(f"access key id {credentials.access_key} (from {source}{f', for the {what}' if len(_sessions) > 1 else ''})")
+    return "; ".join(said)
 
 
 def external_client_soon() -> Future:
@@ -93,12 +134,10 @@ def external_client_soon() -> Future:
     boto3 and loading the S3 model take 0.25-0.5 s of one core, which the one-line pipe spends
     while its pg_dump already runs. pg_dump then starts 0.24 s after launch instead of 0.49 s: a
     gain where a core is spare; on a machine already busy it only moves that CPU (bench/RESULTS.md,
-    summary). The endpoint variables are checked here, now."""
+    summary). The endpoint variables are checked here, now. A daemon thread: a run stopped
+    meanwhile does not wait for it at exit."""
     check_endpoints()
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-client")
-    future = pool.submit(external_client)
-    pool.shutdown(wait=False)
-    return future
+    return in_background(external_client, name="s3-client")
 
 
 def source_client(profile: str | None = None, max_pool_connections: int = 16):  # noqa: ANN201
@@ -121,13 +160,18 @@ def source_client(profile: str | None = None, max_pool_connections: int = 16):  
                 region_name=region,
             )
         else:
+            warn_of_ignored_profile()
             session = boto3.session.Session(region_name=region)
+        _sessions.setdefault("source bucket", session)
         return session.client("s3", endpoint_url=endpoint or None, config=_config(max_pool_connections))
 
 
+# A bucket of another account answers AccessDenied, not NoSuchBucket: a mistyped name looks like
+# a permission problem.
+BUCKET_NAME_HINT = "and that the bucket name is right (a bucket of another account answers AccessDenied too)"
 _HINTS = {
     "NoSuchBucket": "the bucket does not exist: check BACKUP_BUCKET / --bucket and the region",
-    "AccessDenied": "access denied: check the credentials and that their IAM policy allows this",
+    "AccessDenied": f"access denied: check the credentials and that their IAM policy allows this, {BUCKET_NAME_HINT}",
     "AllAccessDisabled": "access denied: check the credentials and that their IAM policy allows this",
     "InvalidAccessKeyId": "the AWS access key is not valid: check the credentials",
     "SignatureDoesNotMatch": "the AWS secret key does not match the access key: check the credentials",
@@ -137,6 +181,10 @@ _HINTS = {
     "NoSuchVersion": "no such object version",
 }
 
+
+# Answers that mean "these credentials may not": the error names them.
+CREDENTIAL_ERRORS = ("AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                     "ExpiredToken", "InvalidToken")
 
 # Actions (as `explain` is told them) that write the external bucket.
 WRITES = ("upload", "start the multipart upload", "complete the multipart upload", "write the manifest")
@@ -154,7 +202,13 @@ def explain(exc: BaseException, action: str) -> BackupError:
         if code in ("AccessDenied", "403") and action.startswith(WRITES):
             hint = ("denied by a bucket policy or missing s3:PutObject: check the bucket with setup_bucket.py --check "
                     "(a TLS-only policy refuses a plain-HTTP endpoint), and the writer's IAM policy against "
-                    "setup_bucket.py --print-policies (write_only)")
+                    f"setup_bucket.py --print-policies (write_only), {BUCKET_NAME_HINT}")
+        elif code == "403":
+            hint = f"access denied: check the credentials and that their IAM policy allows this, {BUCKET_NAME_HINT}"
+        if code in CREDENTIAL_ERRORS and (who := identities()):
+            hint += f"; credentials used: {who}"
+            if os.environ.get("AWS_PROFILE") and os.environ.get("AWS_ACCESS_KEY_ID"):
+                hint += " (AWS_PROFILE is ignored while AWS_ACCESS_KEY_ID is set: unset the keys to use the profile)"
         return BackupError(f"could not {action}: S3 answered {code}: {hint}")
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return BackupError(f"could not {action}: no AWS credentials found (set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")

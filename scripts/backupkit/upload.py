@@ -4,17 +4,24 @@ Bytes go in through `write()`; full parts are uploaded by a bounded pool. At mos
 part buffers exist at once (the one being filled included), so memory stays at about
 MAX_IN_FLIGHT × part size whatever the backup's size. Size and SHA-256 are computed
 on the way. Nothing becomes a visible object until `complete()`; `abort()` otherwise.
+
+The part workers are daemon threads: after a signal, an abort waits for the parts under way only
+until the run's exit bound (signals.time_left), then leaves them (S3 refuses a part of an aborted
+upload), and the abort request itself is abandoned if S3 does not answer by then.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
+from . import signals
 from .s3 import error_code, explain, s3_errors
+from .threads import DaemonPool, in_background
 
 MIB = 1024 * 1024
 # 6 MiB, not 8: the same wall time, 6 MiB less peak memory, which keeps the whole tree of a
@@ -59,11 +66,12 @@ class StreamingUpload:
         self.key = key
         self._initial = initial_part_size
         self._slots = threading.BoundedSemaphore(max_in_flight)
-        self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="upload")
+        self._pool = DaemonPool(max_workers=max_in_flight, thread_name_prefix="upload")
         self._futures: list = []
         self._parts: dict[int, dict[str, str]] = {}
         self._error: BaseException | None = None
         self._upload_id: str | None = None
+        self._starting: Future | None = None  # CreateMultipartUpload, until it answered
         self._buffer = bytearray()
         self._free: list[bytearray] = []  # part buffers whose upload finished, for reuse
         self._filled = 0
@@ -71,7 +79,8 @@ class StreamingUpload:
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.version_id: str | None = None
-        self.state = "open"  # open → completed | aborted
+        # open → completing (the request is sent: the object may exist) → completed; or aborted
+        self.state = "open"
 
     @property
     def _client(self) -> Any:
@@ -122,10 +131,13 @@ class StreamingUpload:
         if self._next_part > MAX_PARTS:
             raise explain(RuntimeError("more than 10,000 parts"), f"upload s3://{self.bucket}/{self.key}")
         if self._upload_id is None:
+            # In a thread of its own: when a signal stops the wait, abort() still learns the id
+            # of an upload that S3 started, and aborts it.
+            client = self._client
+            self._starting = in_background(lambda: client.create_multipart_upload(
+                Bucket=self.bucket, Key=self.key, ContentType=CONTENT_TYPE, ChecksumAlgorithm="CRC32"), name="create-upload")
             with s3_errors(f"start the multipart upload of s3://{self.bucket}/{self.key}"):
-                response = self._client.create_multipart_upload(
-                    Bucket=self.bucket, Key=self.key, ContentType=CONTENT_TYPE, ChecksumAlgorithm="CRC32"
-                )
+                response = self._starting.result()
             self._upload_id = response["UploadId"]
         body = self._take_buffer()
         number = self._next_part
@@ -170,31 +182,42 @@ class StreamingUpload:
         self._futures.clear()
 
     # -- finishing ---------------------------------------------------------------------------
-    def complete(self) -> str | None:
-        """Make the object visible; returns its version id (None in an unversioned bucket)."""
+    def flush(self) -> None:
+        """Upload what is buffered and wait for every part: after this, complete() is one request."""
         if self.state != "open":
             raise ValueError(f"upload is {self.state}")
-        target = f"s3://{self.bucket}/{self.key}"
-        if self._upload_id is None:
-            # Under one part (empty included): a multipart upload with zero parts is MalformedXML.
-            with s3_errors(f"upload {target}"):
-                response = self._client.put_object(
-                    Bucket=self.bucket,
-                    Key=self.key,
-                    Body=bytes(self._take_buffer()),
-                    ContentType=CONTENT_TYPE,
-                    ChecksumAlgorithm="CRC32",
-                )
-        else:
+        if self._upload_id is not None:
             if self._filled:
                 self._submit_part()
             self._wait_for_parts()
             self._raise_worker_error()
-            parts = [self._parts[n] for n in sorted(self._parts)]
-            with s3_errors(f"complete the multipart upload of {target}"):
-                response = self._client.complete_multipart_upload(
-                    Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
-                )
+
+    def complete(self) -> str | None:
+        """Make the object visible; returns its version id (None in an unversioned bucket)."""
+        self.flush()
+        target = f"s3://{self.bucket}/{self.key}"
+        client = self._client
+        self.state = "completing"
+        try:
+            if self._upload_id is None:
+                # Under one part (empty included): a multipart upload with zero parts is MalformedXML.
+                with s3_errors(f"upload {target}"):
+                    response = client.put_object(
+                        Bucket=self.bucket,
+                        Key=self.key,
+                        Body=bytes(self._take_buffer()),
+                        ContentType=CONTENT_TYPE,
+                        ChecksumAlgorithm="CRC32",
+                    )
+            else:
+                parts = [self._parts[n] for n in sorted(self._parts)]
+                with s3_errors(f"complete the multipart upload of {target}"):
+                    response = client.complete_multipart_upload(
+                        Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
+                    )
+        except Exception:
+            self.state = "open"  # S3 answered with an error: nothing was completed, abort() cleans up
+            raise
         self._pool.shutdown(wait=True)
         self.state = "completed"
         self.version_id = response.get("VersionId")
@@ -208,19 +231,29 @@ class StreamingUpload:
         self.state = "aborted"
         if self._error is None:
             self._error = RuntimeError("aborted")
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True, timeout=signals.in_flight_wait())
         self._buffer = bytearray()
+        if self._upload_id is None and self._starting is not None:
+            # Stopped while S3 was starting the upload: S3 refused it, or it is aborted below.
+            with contextlib.suppress(Exception):
+                self._upload_id = self._starting.result(timeout=signals.in_flight_wait())["UploadId"]
         if self._upload_id is None:
             return
+        client, upload_id = self._client, self._upload_id
+        request = in_background(lambda: client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=upload_id),
+                                name="abort")
         try:
-            self._client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id)
+            signals.wait(request)
+            return
+        except TimeoutError:
+            reason = "S3 did not answer in time" if not request.done() else "timed out"
         except Exception as exc:  # noqa: BLE001 - we are already failing; say so and go on
             reason = error_code(exc) or type(exc).__name__
-            print(
-                f"warning: could not abort the incomplete multipart upload of s3://{self.bucket}/{self.key} "
-                f"({reason}); it is not a backup and the bucket's lifecycle rule removes it after 7 days",
-                file=sys.stderr,
-            )
+        print(
+            f"warning: could not abort the incomplete multipart upload of s3://{self.bucket}/{self.key} "
+            f"({reason}); it is not a backup and the bucket's lifecycle rule removes it after 7 days",
+            file=sys.stderr,
+        )
 
     def __enter__(self) -> StreamingUpload:
         return self
