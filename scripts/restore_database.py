@@ -7,7 +7,7 @@ import functools
 import os
 
 from backupkit import cli, config, s3
-from backupkit.dump import Restored, check_restore_target, restore_dump
+from backupkit.dump import Restored, add_restore_args, check_restore_target, restore_dump, restore_options
 from backupkit.errors import BackupError, UsageError
 from backupkit.output import md_code, shown
 from backupkit.postgres import client_binary, user_tables
@@ -22,11 +22,28 @@ the download's size and SHA-256 match the manifest, openssl (and zstd) exited 0,
 SHA-256 matches, and pg_dump's completion trailer is there. Until then the end of the dump is
 held back from psql; on any failure psql is killed and its transaction rolls back.
 
-psql runs restricted (its \\restrict, with a key of ours) from its first input byte: a backup
-holding psql commands such as \\! (a shell command) is refused and rolled back, never run.
-The psql must be recent enough to be restricted: 13.22, 14.19, 15.14, 16.10, 17.6 or newer.
+psql runs restricted (its \\restrict, with a key of ours) from its first input byte, and the SQL
+passes a guard on its way: only the statements a plain pg_dump of one database writes reach psql.
+A backup holding psql commands (\\! runs a shell command), transaction control (a COMMIT of its
+own would end the single transaction), role or session changes (ALTER ROLE, SET ROLE), ALTER
+SYSTEM, database or tablespace commands, COPY to or from a file or a program, DO, or a SELECT of
+anything but what pg_dump calls is refused and rolled back, and the error names what it held.
+psql's own variables (:DBNAME, :"USER", …) cannot change what the dump means. Before the commit, a
+check rolls the restore back if it changed roles, role or database settings or other shared
+catalogs (a function of the dump, called from a default or an index, could). The psql must be
+recent enough to be restricted: 13.22, 14.19, 15.14, 16.10, 17.6 or newer.
 
---latest takes the newest backup that verifies, naming the newer ones it skipped and why.
+The target's role must not be a superuser (nor a member of pg_execute_server_program,
+pg_read_server_files or pg_write_server_files): the backup's SQL runs with its rights on the
+database server, where a superuser's COPY … TO PROGRAM runs commands. --allow-superuser accepts it.
+
+Never more than the manifest promised is read (a compressed plant cannot expand without end), no
+statement runs longer than --statement-timeout (default 1h), and one backup's restore is stopped
+after --timeout (default 24h); both roll back.
+
+--latest takes the newest backup that verifies, naming the newer ones it skipped and why. When
+one fails after psql started, it goes on only if the target is as it was before (its objects,
+their storage, the role's settings and memberships); otherwise it stops and says so.
 A target that already has tables is refused unless --replace (the dump drops and recreates
 every table it holds: use it over a database the app has already started).
 """
@@ -36,6 +53,8 @@ environment:
   EXTERNAL_BACKUP_ENCRYPTION_KEY[_PREVIOUS]  passphrases; the manifest's key_id picks the right one
   TARGET_DATABASE_URL                        postgresql://USER:PASSWORD@HOST:PORT/DB
   BACKUP_BUCKET, BACKUP_ENVIRONMENT, AWS_*   the external bucket (read-only access is enough)
+  BACKUP_RESTORE_TIMEOUT, BACKUP_STATEMENT_TIMEOUT, BACKUP_ALLOW_SUPERUSER=1
+                                             --timeout, --statement-timeout, --allow-superuser
 
 examples:
   scripts/restore_database.py --environment production --latest --target-database-url "$TARGET_DATABASE_URL"
@@ -57,6 +76,7 @@ def build_parser() -> cli.ArgumentParser:
                    help="the database to restore into (env TARGET_DATABASE_URL)")
     p.add_argument("--replace", action="store_true", help="restore over a database that already has tables")
     p.add_argument("--psql", default=os.environ.get("PSQL"), help="psql binary, at least as new as the pg_dump that made the backup (env PSQL)")
+    add_restore_args(p)
     cli.add_output_args(p)
     return p
 
@@ -77,14 +97,15 @@ def main(argv: list[str]) -> int:
     else:
         environment = config.environment_name(args.environment)
         bucket = config.bucket_name(args.bucket)
-    tables = check_restore_target(target, psql)
+    options = restore_options(args)
+    tables = check_restore_target(target, psql, options)
     if tables and not args.replace:
         raise BackupError(
             f"the target database '{shown(target.database)}' already has {len(tables)} tables "
             f"({', '.join(shown(t) for t in tables[:5])}{', …' if len(tables) > 5 else ''}): pass --replace to restore over them"
         )
 
-    restore = functools.partial(restore_dump, target=target, psql=psql)
+    restore = functools.partial(restore_dump, target=target, psql=psql, options=options)
     if args.file:
         retrieved = open_local(args.file, "database", passphrases, restore, require_manifest=not args.without_manifest)
     else:

@@ -139,8 +139,8 @@ def test_planted_commands_never_run_in_the_daily_drill(run, pg, scratch_db, s3se
 
 def test_planted_sql_gets_no_server_commands_from_a_restore_as_the_apps_own_role(run, pg, s3server, bucket, genuine_dump):
     """Restricted psql stops backslash commands; SQL that runs commands on the server (COPY … TO
-    PROGRAM) needs a superuser. Restored as the role the README asks for (owner of the target,
-    not a superuser) the plant fails and nothing is committed; as a superuser, the script warns."""
+    PROGRAM, with a superuser's rights) is refused by the guard, and a superuser target is refused
+    before anything is downloaded unless the operator says --allow-superuser."""
     drop = Path(tempfile.mkdtemp(prefix="restore-drop-"))
     drop.chmod(0o777)  # writable by the server's OS user: the command would succeed if it ran
     marker = drop / "pwned"
@@ -151,25 +151,33 @@ def test_planted_sql_gets_no_server_commands_from_a_restore_as_the_apps_own_role
             "CREATE ROLE app_owner LOGIN NOSUPERUSER PASSWORD 'owner-pw-3'")
     pg.psql("CREATE DATABASE app_owned OWNER app_owner")
     as_owner = f"postgresql://app_owner:owner-pw-3@127.0.0.1:{pg.port}/app_owned"
+    no_override = {"BACKUP_ALLOW_SUPERUSER": None}
     try:
-        done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", as_owner)
+        done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", as_owner, env=no_override)
         assert done.returncode == 1 and not marker.exists()
-        one_error(done, "pg_execute_server_program")
+        one_error(done, "COPY to or from somewhere other than psql's input", "not made by the backup job")
         assert "superuser" not in done.stderr.split("error:")[0]  # no warning: the right role
         assert public_tables(pg, "app_owned") == "0"
 
-        pg.drop_database("app_owned")
-        pg.create_database("app_owned")
-        done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", pg.url("app_owned"))
+        done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", pg.url("app_owned"),
+                   env=no_override)
+        assert done.returncode == 1 and not marker.exists()
+        one_error(done, "'postgres' is a superuser", "COPY … TO PROGRAM", "--allow-superuser")
+        assert "restoring" not in done.stderr  # refused before anything was downloaded
+
+        done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", pg.url("app_owned"),
+                   "--allow-superuser", env=no_override)
         assert "warning: the target's role 'postgres' is a superuser" in done.stderr
+        assert done.returncode == 1 and not marker.exists()
+        assert public_tables(pg, "app_owned") == "0"
     finally:
         shutil.rmtree(drop)
 
 
 def runbook_restore_command() -> str:
-    """The runbook's manual restore, exactly as printed there."""
-    block = RUNBOOK[RUNBOOK.index("RESTRICT_KEY=$(openssl rand"):]
-    return block[: block.index("\n```")]
+    """The runbook's manual restore, exactly as printed there (the guard found where it is)."""
+    block = RUNBOOK[RUNBOOK.index("TABLES=$(psql"):]
+    return block[: block.index("\n```")].replace("scripts/backupkit/sqlstream.py", str(REPO / "scripts/backupkit/sqlstream.py"))
 
 
 @pytest.mark.parametrize(("name", "where", "framing"), [
@@ -180,7 +188,7 @@ def test_planted_commands_never_run_in_the_runbooks_manual_restore(pg, scratch_d
     (tmp_path / "database-backup.sql").write_bytes(plant(genuine_dump, command(name, marker), where, reuse_framing=framing))
     done = subprocess.run(["bash", "-c", runbook_restore_command()], cwd=tmp_path, capture_output=True, text=True,
                           env={**pg.env(), "TARGET_DATABASE_URL": pg.url(scratch_db, password=False)})
-    assert "backslash commands are restricted" in done.stderr or "wrong key" in done.stderr, done.stderr
+    assert "sqlstream.py: refused: the dump holds psql commands" in done.stderr, done.stderr
     assert "restore committed" not in done.stdout
     assert not marker.exists() and public_tables(pg, scratch_db) == "0"
 
@@ -343,7 +351,7 @@ def test_injected_strings_never_reach_output_raw(run, s3server, bucket, tmp_path
 def test_an_injection_in_a_server_message_is_escaped_in_the_error_line(run, pg, scratch_db, s3server, bucket, tmp_path):
     """psql quotes the failing SQL in its error: a planted dump chooses that text."""
     summary = tmp_path / "summary.md"
-    dump = b'CREATE TABLE t (id int);\nSELECT * FROM "\r::stop-commands::pwn\n::error::forged";\n' + TRAILER
+    dump = b'CREATE TABLE t (id int);\nCOMMENT ON TABLE "\r::stop-commands::pwn\n::error::forged" IS \'x\';\n' + TRAILER
     upload_dump(s3server.client(), bucket, at(0), dump, PASSPHRASE)
     done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db),
                env={"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary)})
