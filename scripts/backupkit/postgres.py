@@ -118,8 +118,8 @@ def risky_role(target: DatabaseTarget, psql: str = "psql") -> tuple[str, str]:
 
 
 # What a restore could change in its target, digested: every user object's catalog row (a
-# committed change to one gives it a new xmin), the tables' storage and size, large objects, and
-# the role's own settings, memberships and database. Equal before and after a failed restore:
+# committed change to one gives it a new xmin), the tables' storage and size, sequences (nextval
+# is not rolled back), large objects, and the role's own settings, memberships and database. Equal before and after a failed restore:
 # nothing of it was committed. Locks held by a restore still dying make it wait, not read early.
 _STATE = """
 SET lock_timeout = '20s';
@@ -139,6 +139,8 @@ SELECT pg_catalog.md5(pg_catalog.concat_ws('|',
      UNION ALL SELECT oid, xmin FROM pg_catalog.pg_foreign_server) x WHERE x.oid >= 16384),
   (SELECT pg_catalog.string_agg(pg_catalog.concat(d.objoid, ':', d.classoid, ':', d.objsubid, ':', d.xmin), ','
           ORDER BY d.objoid, d.classoid, d.objsubid) FROM pg_catalog.pg_description d WHERE d.objoid >= 16384),
+  (SELECT pg_catalog.string_agg(pg_catalog.concat(q.schemaname, '.', q.sequencename, ':', q.last_value), ','
+          ORDER BY q.schemaname, q.sequencename) FROM pg_catalog.pg_sequences q),
   (SELECT pg_catalog.concat(r.oid, r.rolsuper, r.rolinherit, r.rolcreaterole, r.rolcreatedb, r.rolcanlogin,
           r.rolreplication, r.rolbypassrls, r.rolconnlimit, r.rolvaliduntil, r.rolconfig)
      FROM pg_catalog.pg_roles r WHERE r.rolname = current_user),

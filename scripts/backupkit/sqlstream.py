@@ -705,7 +705,7 @@ class SqlGuard:
         name = found.group(1).lower() if found else b""
         if name not in _SET_NAMES:
             if "ROLE" in head[1:3] or "SESSION" in head[1:3]:
-                raise Refused(f"a role or session-authorization change ({_label(head, 3)})")
+                raise Refused(f"a role or session-authorization change ({_label(head, 3 if head[1:2] == ['SESSION'] else 2)})")
             shown = name.decode() if name else _label(head[1:], 1).lower()
             raise Refused(f"SET of something pg_dump never sets ({shown[:40]})")
         if name == b"client_encoding":
