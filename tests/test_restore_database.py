@@ -246,12 +246,20 @@ def test_a_genuine_dump_holding_commit_lines_and_psql_variables_restores_exactly
     assert 'CHECK ((arr[:"DBNAME"] IS NOT NULL))' in pg.psql(DEFINITIONS, name)
 
 
-def test_large_objects_do_not_end_the_single_transaction(run, pg, tricky_db, scratch_db, s3server, bucket):
-    """A restore that fails after pg_dump's BEGIN … COMMIT around large objects commits nothing."""
-    dump = subprocess.run([str(pg.bin / "pg_dump"), "--clean", "--if-exists", "--no-owner", "--no-privileges",
-                           f"--dbname={pg.url(tricky_db, password=False)}"], env=pg.env(), capture_output=True, check=True).stdout
-    after = dump.index(b"SELECT pg_catalog.lo_close(0);\n\nCOMMIT;\n") + len(b"SELECT pg_catalog.lo_close(0);\n\nCOMMIT;\n")
-    failing = dump[:after] + b"CREATE TABLE public.notes (id int);\n" + dump[after:]  # already exists: psql stops
+def test_large_objects_do_not_end_the_single_transaction(run, pg, scratch_db, s3server, bucket):
+    """pg_dump writes large objects' data between BEGIN; and COMMIT;, which ended psql's single
+    transaction: a restore that failed after them kept all that came before."""
+    source = "blobs_src"
+    pg.create_database(source)
+    try:
+        pg.psql("CREATE TABLE kept (id int); INSERT INTO kept VALUES (1); SELECT lo_from_bytea(0, 'blob')", source)
+        dump = subprocess.run([str(pg.bin / "pg_dump"), "--clean", "--if-exists", "--no-owner", "--no-privileges",
+                               f"--dbname={pg.url(source, password=False)}"], env=pg.env(), capture_output=True, check=True).stdout
+    finally:
+        pg.drop_database(source)
+    blob_end = b"SELECT pg_catalog.lo_close(0);\n\nCOMMIT;\n"
+    after = dump.index(blob_end) + len(blob_end)
+    failing = dump[:after] + b"CREATE TABLE public.kept (id int);\n" + dump[after:]  # already exists: psql stops
     upload_dump(s3server.client(), bucket, at(1), failing, PASSPHRASE)
     done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db))
     assert done.returncode == 1
