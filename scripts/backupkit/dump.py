@@ -117,7 +117,7 @@ def check_restore_target(target: DatabaseTarget, psql: str, options: RestoreOpti
         if not options.allow_superuser:
             raise BackupError(f"{why}. Restore as the app's own role (owner of the target database, not a superuser; "
                               "README, Threat model), or pass --allow-superuser (BACKUP_ALLOW_SUPERUSER=1) to accept it")
-        log(f"warning: {why}; restoring anyway (--allow-superuser)")
+        log(f"warning: {why}; allowed by --allow-superuser")
     return tables
 
 
