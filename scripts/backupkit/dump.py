@@ -366,22 +366,26 @@ def _restore(fetched: Fetched, target: DatabaseTarget, psql: str, options: Resto
         guard = SqlGuard(restore.stdin.write, restrict_key=secrets.token_hex(32), seal=True,
                          statement_timeout_ms=int(options.statement_timeout.total_seconds() * 1000))
         with _Deadline(options.timeout.total_seconds(), lambda: [restore, *pipeline.stages]) as deadline:
-            held, broken, refused = hold_back(_Bounded(reader.stdout, plaintext, fetched), guard, deadline.expired,
-                                              defer=fetched.manifest is None)
-            if not deadline.expired.is_set():
-                reader.finish()
-                _check_dump(plaintext, held, fetched)
-                if refused is not None:
-                    raise refused
-                if not broken:
-                    try:
-                        guard.feed(held)
-                        guard.finish()
-                        restore.stdin.close()
-                    except BrokenPipeError:
-                        pass
+            try:
+                held, broken, refused = hold_back(_Bounded(reader.stdout, plaintext, fetched), guard, deadline.expired,
+                                                  defer=fetched.manifest is None)
+                if not deadline.expired.is_set():
+                    reader.finish()
+                    _check_dump(plaintext, held, fetched)
+                    if refused is not None:
+                        raise refused
+                    if not broken:
+                        try:
+                            guard.feed(held)
+                            guard.finish()
+                            restore.stdin.close()
+                        except BrokenPipeError:
+                            pass
+            except BackupError:
+                if not deadline.expired.is_set():
+                    raise  # else: a stage the deadline killed says so, the deadline is why
             code = restore.wait()
-        if deadline.expired.is_set():
+        if code != 0 and deadline.expired.is_set():  # psql's exit status 0: it committed in time
             raise VerificationError(f"the restore did not finish within {format_age(options.timeout)} and was stopped; "
                                     "nothing is committed: raise --timeout (BACKUP_RESTORE_TIMEOUT) if the backup is "
                                     "that big", Problem.BAD_CONTENT)

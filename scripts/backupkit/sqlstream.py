@@ -249,6 +249,7 @@ class SqlGuard:
             raise Refused("a statement that never ends")
         if self._lo:
             raise Refused("transaction control (BEGIN) that never ends")
+        self._compact()
         self._write(bytes(self._buf))
         self._buf.clear()
         if self._seal:
@@ -258,11 +259,13 @@ class SqlGuard:
         return self._mode == "copy"
 
     # -- the statement being read ------------------------------------------------------------
-    def _new_statement(self) -> None:
-        self._scan = 0
+    def _new_statement(self, start: int = 0) -> None:
+        """The next statement starts at `start` in the buffer (what is before it was written)."""
+        self._start = start
+        self._scan = start
         self._lex = INITIAL
         self._has_tokens = False
-        self._first = 0  # where its first token starts
+        self._first = start  # where its first token starts
         self._head: list[str] = []
         self._head_open = True
         self._paren = 0
@@ -271,8 +274,8 @@ class SqlGuard:
         self._after_begin = False
         self._body_head = False
         self._edits: list[tuple[int, int, bytes]] = []  # (start, end, replacement), in order
-        self._quote_end = 0  # just after the last dollar quote's end
-        self._str_start = 0
+        self._quote_end = start  # just after the last dollar quote's end
+        self._str_start = start
         self._backslash = False
         self._comment_depth = 0
         self._dollar_end = b""
@@ -342,9 +345,24 @@ class SqlGuard:
             start -= 1
         return bytes(buf[start:at])
 
+    def _compact(self) -> None:
+        """Drop what was written from the buffer: once per chunk, not once per statement (a
+        dump of many small statements would move its chunk's bytes again for each of them)."""
+        shift = self._start
+        if shift:
+            del self._buf[:shift]
+            self._start = 0
+            self._scan -= shift
+            self._first = max(self._first - shift, 0)
+            self._quote_end = max(self._quote_end - shift, 0)
+            self._str_start = max(self._str_start - shift, 0)
+            self._edits = [(a - shift, b - shift, r) for a, b, r in self._edits]
+
     # -- scanning ------------------------------------------------------------------------------
     def _run(self, final: bool) -> None:
         while True:
+            if self._mode != "sql":
+                self._compact()
             if self._mode == "sql":
                 if not self._scan_sql(final):
                     break
@@ -370,6 +388,7 @@ class SqlGuard:
                     raise Refused(PSQL_COMMANDS if self._buf[rest] == 0x5C else
                                   "psql commands or SQL after pg_dump's closing \\unrestrict")
                 break
+        self._compact()
         if len(self._buf) > MAX_STATEMENT:
             raise Refused(f"a statement longer than {MAX_STATEMENT >> 20} MiB")
 
@@ -583,7 +602,7 @@ class SqlGuard:
         matching `\\unrestrict KEY` after the completion trailer; they are dropped (psql is
         restricted with our own key)."""
         buf = self._buf
-        if self._has_tokens or (buf[at - 1] != 0x0A if at else not self._line_start):
+        if self._has_tokens or (buf[at - 1] != 0x0A if at > self._start else not self._line_start):
             raise Refused(PSQL_COMMANDS)
         newline = buf.find(b"\n", at)
         if newline < 0 and not final:
@@ -596,13 +615,13 @@ class SqlGuard:
         key = frame.group(2)
         if frame.group(1) is None and self._dump_key is None and not self._statements:
             self._dump_key = key
-        elif frame.group(1) is not None and key == self._dump_key and TRAILER in buf[:at]:
+        elif frame.group(1) is not None and key == self._dump_key and TRAILER in buf[self._start:at]:
             self._mode = "tail"
         else:
             raise Refused(PSQL_COMMANDS)
-        self._write(bytes(buf[:at]))
-        del buf[:line_end]
-        self._scan, self._line_start = 0, True
+        self._write(bytes(buf[self._start:at]))
+        self._new_statement(line_end)
+        self._line_start = True
         return _ENDED if self._mode == "tail" else _GO_ON
 
     def _semicolon(self, at: int) -> int:
@@ -632,17 +651,16 @@ class SqlGuard:
             else:
                 extra, keep = self._check(self._head, text, psql_sends)
         out = bytearray()
-        at = 0
+        at = self._start
         for start, stop, replacement in self._edits:
             out += buf[at:start]
             out += replacement
             at = stop
         out += buf[at:end if keep else self._first]
         self._write(bytes(out) + extra)
-        del buf[:end]
         self._statements += 1
         self._line_start = False
-        self._new_statement()
+        self._new_statement(end)
 
     def _check(self, head: list[str], text: bytes, psql_sends: bool) -> tuple[bytes, bool]:
         """Refuse what pg_dump never writes; returns what to send after the statement, and
