@@ -365,6 +365,22 @@ def test_a_function_of_the_dump_that_alters_the_role_is_rolled_back_by_the_seal(
     assert public_tables(pg, name) == "0"
 
 
+def test_a_deferrable_constraint_trigger_is_refused(run, pg, app_db, s3server, bucket):
+    """Its function runs at the COMMIT, after the seal, and can defer itself again from inside
+    (SET CONSTRAINTS): no check before the commit sees what it does, so the restore refuses it."""
+    name, url = app_db
+    later = (b"CREATE FUNCTION public.evil_later() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN\n"
+             b"PERFORM public.evil(); RETURN NULL; END $$;\nCREATE TABLE public.t (a integer);\n"
+             b"CREATE CONSTRAINT TRIGGER t_evil AFTER INSERT ON public.t DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+             b"EXECUTE FUNCTION public.evil_later();\nCOPY public.t (a) FROM stdin;\n1\n\\.\n")
+    manifest = upload_dump(s3server.client(), bucket, at(1), HEADER + EVIL + later + TRAILER, PASSPHRASE)
+    done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", url, env=NO_OVERRIDE)
+    assert done.returncode == 1
+    one_error(done, "a deferrable constraint trigger", "after the restore's last check")
+    role_untouched(pg, name)
+    assert public_tables(pg, name) == "0"
+
+
 # -- 1c. a compressed plant is read only as far as its manifest promised -------------------------
 @pytest.fixture(scope="module")
 def zstd_bomb() -> bytes:

@@ -133,6 +133,7 @@ COMMIT;
 ALTER TABLE ONLY public.t
     ADD CONSTRAINT t_pkey PRIMARY KEY (id);
 CREATE INDEX t_lower_idx ON public.t USING btree (lower(c));
+CREATE CONSTRAINT TRIGGER t_check AFTER INSERT ON public.t NOT DEFERRABLE INITIALLY IMMEDIATE FOR EACH ROW EXECUTE FUNCTION public.f();
 GRANT SELECT ON TABLE public.t TO PUBLIC;
 REFRESH MATERIALIZED VIEW public.mv;
 """ + TRAILER
@@ -231,6 +232,10 @@ def test_backslashes_in_standard_strings_mean_the_same_whatever_standard_conform
     (b"TRUNCATE t;", "a statement pg_dump never writes (TRUNCATE T)"),
     (b"INSERT INTO t VALUES (1);", "a statement pg_dump never writes (INSERT INTO T)"),
     (b"CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC COMMIT; END;", "inside a function body (COMMIT)"),
+    (b"CREATE CONSTRAINT TRIGGER t AFTER INSERT ON t DEFERRABLE INITIALLY IMMEDIATE FOR EACH ROW EXECUTE FUNCTION f();",
+     "a deferrable constraint trigger"),
+    (b"CREATE OR REPLACE CONSTRAINT TRIGGER t AFTER INSERT ON t INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION f();",
+     "a deferrable constraint trigger"),
     (b"\\! touch x", "psql commands"),
     (b"SELECT 1 \\g |touch x", "psql commands"),
     (b"CREATE TABLE a (x int)\\; COMMIT;", "psql commands"),

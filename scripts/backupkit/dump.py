@@ -199,6 +199,8 @@ def _check_dump(plaintext: Tally, tail: bytes, fetched: Fetched) -> None:
 
 
 def _refused(exc: Refused) -> VerificationError:
+    if not exc.never:
+        return VerificationError(f"{exc} (README, Threat model)", Problem.BAD_CONTENT)
     return VerificationError(f"{exc}: this backup was not made by the backup job; keep it out of restores and tell "
                              "the team", Problem.BAD_CONTENT)
 

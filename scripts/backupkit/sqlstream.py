@@ -28,11 +28,14 @@ PSQL_COMMANDS = "psql commands (\\! would run a shell command here)"
 
 
 class Refused(ValueError):
-    """The dump holds something a plain pg_dump of one database never writes."""
+    """The dump holds something a plain pg_dump of one database never writes (or, `never`
+    false, something it may write but that a restore cannot check)."""
 
-    def __init__(self, what: str):
-        super().__init__(f"the dump holds {what}, which a plain pg_dump of one database never writes")
+    def __init__(self, what: str, *, never: bool = True):
+        super().__init__(f"the dump holds {what}, which a plain pg_dump of one database never writes" if never
+                         else f"the dump holds {what}")
         self.what = what
+        self.never = never
 
 
 # -- lexical classes --------------------------------------------------------------------------
@@ -55,6 +58,9 @@ _FRAME = re.compile(rb"\\(un)?restrict ([0-9A-Za-z]+)\r?\n?\Z")
 # GRANT … ON object TO role (a dump made without --no-privileges) stays in the database; GRANT
 # role TO role, and grants on databases, tablespaces and parameters, do not.
 _GRANT_WORDS = re.compile(rb'([A-Za-z_][A-Za-z0-9_$]*)|"(?:[^"]|"")*"|(--|/\*|[\'$])|[^A-Za-z_"]')
+# A deferrable constraint trigger's function runs at the COMMIT, after the seal; it can defer
+# itself again whatever the seal does first (SET CONSTRAINTS from inside a trigger function).
+_DEFERRABLE = re.compile(rb"(?<!NOT )\bDEFERRABLE\b|\bINITIALLY\s+DEFERRED\b", re.I)
 _SHARED_LABEL = re.compile(rb"\bON\s+(?:ROLE|DATABASE|TABLESPACE|SUBSCRIPTION)\b", re.I)
 _BAD_BYTES = frozenset(range(0x00, 0x09)) | {0x0B} | frozenset(range(0x0E, 0x20)) | frozenset(range(0x7F, 0x100))
 
@@ -145,8 +151,10 @@ SEAL_MARK = "sqlstream seal"
 # catalogs (roles, memberships, role and database settings, databases, tablespaces, shared
 # comments and labels, replication origins, subscriptions, parameter grants) in
 # pg_stat_xact_all_tables. A dump's function called from a DEFAULT, CHECK, index or view could
-# make such a change (ALTER ROLE … SET / PASSWORD) where no statement of the dump shows it.
-SEAL = """SET search_path = pg_catalog, pg_temp;
+# make such a change (ALTER ROLE … SET / PASSWORD) where no statement of the dump shows it. The
+# dump's deferred triggers would fire at the COMMIT, after the seal: they fire before it.
+SEAL = """SET CONSTRAINTS ALL IMMEDIATE;
+SET search_path = pg_catalog, pg_temp;
 DO $sqlstream_seal$
 DECLARE
   changed pg_catalog.text;
@@ -715,6 +723,10 @@ class SqlGuard:
         )
         if not allowed:
             raise Refused(f"a statement pg_dump never writes ({_label(head, 3)})")
+        if "CONSTRAINT" in head[1:4] and "TRIGGER" in head[2:5] and _DEFERRABLE.search(text):
+            raise Refused("a deferrable constraint trigger: its function would run at the commit, after the restore's "
+                          "last check that nothing outside the database changed, so this restore cannot take it",
+                          never=False)
         inert = any(tuple(head[:len(p)]) == p for p in _INERT)
         return (b"" if inert else b"\n" + _ENCODING_CHECK.encode()), True
 
