@@ -33,9 +33,10 @@ check rolls the restore back if it changed roles, role or database settings or o
 catalogs (a function of the dump, called from a default or an index, could). The psql must be
 recent enough to be restricted: 13.22, 14.19, 15.14, 16.10, 17.6 or newer.
 
-The target's role must not be a superuser (nor a member of pg_execute_server_program,
-pg_read_server_files or pg_write_server_files): the backup's SQL runs with its rights on the
-database server, where a superuser's COPY … TO PROGRAM runs commands. --allow-superuser accepts it.
+The target's role must not be a superuser, nor able to act as one (a member of a superuser role,
+of pg_execute_server_program, pg_read_server_files or pg_write_server_files, or CREATEROLE): the
+backup's SQL runs with its rights on the database server, where a superuser's COPY … TO PROGRAM
+runs commands. --allow-superuser accepts it.
 
 Never more than the manifest promised is read (a compressed plant cannot expand without end), no
 statement runs longer than --statement-timeout (default 1h), and one backup's restore is stopped

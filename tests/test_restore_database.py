@@ -266,3 +266,21 @@ def test_large_objects_do_not_end_the_single_transaction(run, pg, scratch_db, s3
     one_error(done, "rolled back", "already exists")
     assert public_tables(pg, scratch_db) == "0"
     assert pg.psql("SELECT count(*) FROM pg_largeobject_metadata", scratch_db) == "0"
+
+
+@pytest.mark.parametrize(("power", "undo", "said"), [
+    ("GRANT pg_execute_server_program TO app_owner", "REVOKE pg_execute_server_program FROM app_owner",
+     "a member of pg_execute_server_program"),
+    ("GRANT postgres TO app_owner", "REVOKE postgres FROM app_owner", "a member of postgres"),  # SET ROLE postgres
+    ("ALTER ROLE app_owner CREATEROLE", "ALTER ROLE app_owner NOCREATEROLE", "allowed to create roles"),  # and grant them
+])
+def test_a_role_that_can_act_as_a_superuser_is_refused_like_one(run, pg, app_db, backed_up, power, undo, said):
+    name, url = app_db
+    pg.psql(power)
+    try:
+        done = run("restore_database.py", "--latest", "--target-database-url", url, env={"BACKUP_ALLOW_SUPERUSER": None})
+        assert done.returncode == 1
+        one_error(done, f"'app_owner' is {said}", "--allow-superuser")
+        assert public_tables(pg, name) == "0"
+    finally:
+        pg.psql(undo)

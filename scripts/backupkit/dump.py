@@ -84,9 +84,10 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
                    help="psql's statement_timeout while restoring: no statement of the backup (a COPY of one "
                         f"table, an index) may take longer (env BACKUP_STATEMENT_TIMEOUT; default {DEFAULT_STATEMENT_TIMEOUT})")
     p.add_argument("--allow-superuser", action="store_true", default=os.environ.get(ALLOW_SUPERUSER_VAR) == "1",
-                   help="restore even when the target's role is a superuser (or may run programs or read and write "
-                        "files on the database server): the backup's SQL then runs with those rights there, and "
-                        "whoever can write the bucket can plant a backup (env BACKUP_ALLOW_SUPERUSER=1)")
+                   help="restore even when the target's role is a superuser, can become one, may run programs or "
+                        "read and write files on the database server, or has CREATEROLE: the backup's SQL then runs "
+                        "with those rights there, and whoever can write the bucket can plant a backup "
+                        "(env BACKUP_ALLOW_SUPERUSER=1)")
 
 
 def restore_options(args: argparse.Namespace) -> RestoreOptions:

@@ -103,18 +103,22 @@ def user_tables(target: DatabaseTarget, psql: str = "psql", *, restore_target: b
 
 _ROLE = """
 SELECT pg_catalog.json_build_array(current_user, pg_catalog.current_setting('is_superuser'),
+    (SELECT r.rolcreaterole FROM pg_catalog.pg_roles r WHERE r.rolname = current_user),
     (SELECT pg_catalog.string_agg(r.rolname, ', ' ORDER BY r.rolname) FROM pg_catalog.pg_roles r
-     WHERE r.rolname IN ('pg_execute_server_program', 'pg_read_server_files', 'pg_write_server_files')
-       AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER')))::text"""
+     WHERE (r.rolsuper OR r.rolname IN ('pg_execute_server_program', 'pg_read_server_files', 'pg_write_server_files'))
+       AND r.rolname <> current_user AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER')))::text"""
 
 
 def risky_role(target: DatabaseTarget, psql: str = "psql") -> tuple[str, str]:
     """The target's role, and what makes it dangerous to restore as ('' when nothing): a
-    superuser, or a member of the roles that run programs or read and write files on the server."""
-    user, superuser, members = json.loads(query(target, _ROLE, psql))
+    superuser; a member of a superuser role or of the roles that run programs or read and write
+    files on the server (SQL can SET ROLE to them); or CREATEROLE (it can grant itself those)."""
+    user, superuser, createrole, members = json.loads(query(target, _ROLE, psql))
     if superuser == "on":
         return user, "a superuser"
-    return user, f"a member of {members}" if members else ""
+    if members:
+        return user, f"a member of {members}"
+    return user, "allowed to create roles and grant them (CREATEROLE)" if createrole else ""
 
 
 # What a restore could change in its target, digested: every user object's catalog row (a
