@@ -108,7 +108,8 @@ def restore_contenders(pg: PostgresCluster, moto: MotoProcess, bucket: str, work
     """Each restores the same dump into a fresh database: ours from our encrypted backups (with
     their manifests) on local disk, compressed and not; psql from the plain SQL file on disk."""
     client = moto.client()
-    env = {**os.environ, **moto.env(), "PYTHONDONTWRITEBYTECODE": "1", "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE}
+    env = {**os.environ, **moto.env(), "PYTHONDONTWRITEBYTECODE": "1", "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE,
+           "BACKUP_ALLOW_SUPERUSER": "1"}  # the throwaway cluster's role is its superuser
     files = {}
     for compression in ("zstd", "none"):
         done = subprocess.run([PY, "scripts/backup_database.py", "--environment", "restore-src", "--bucket", bucket, "--json",

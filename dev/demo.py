@@ -53,6 +53,7 @@ def main() -> int:
             "PG_DUMP": str(pg.bin / "pg_dump"),
             "PSQL": str(pg.bin / "psql"),
             "BACKUP_PROGRESS_INTERVAL": "1",
+            "BACKUP_ALLOW_SUPERUSER": "1",  # the throwaway cluster's only role is its superuser
         }
 
         step("set up the external bucket (Object Lock, lifecycle, encryption; no TLS policy: moto speaks plain HTTP)")

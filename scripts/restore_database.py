@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from backupkit import cli, config, s3
-from backupkit.dump import Restored, check_restore_target, restore_dump
+from backupkit.dump import Restored, add_restore_args, check_restore_target, restore_dump, restore_options
 from backupkit.errors import BackupError, UsageError
 from backupkit.output import md_code, shown
 from backupkit.postgres import client_binary, user_tables
@@ -21,11 +21,29 @@ the download's size and SHA-256 match the manifest, openssl (and zstd) exited 0,
 SHA-256 matches, and pg_dump's completion trailer is there. Until then the end of the dump is
 held back from psql; on any failure psql is killed and its transaction rolls back.
 
-psql runs restricted (its \\restrict, with a key of ours) from its first input byte: a backup
-holding psql commands such as \\! (a shell command) is refused and rolled back, never run.
-The psql must be recent enough to be restricted: 13.22, 14.19, 15.14, 16.10, 17.6 or newer.
+psql runs restricted (its \\restrict, with a key of ours) from its first input byte, and the SQL
+passes a guard on its way: only the statements a plain pg_dump of one database writes reach psql.
+A backup holding psql commands (\\! runs a shell command), transaction control (a COMMIT of its
+own would end the single transaction), role or session changes (ALTER ROLE, SET ROLE), ALTER
+SYSTEM, database or tablespace commands, COPY to or from a file or a program, DO, or a SELECT of
+anything but what pg_dump calls is refused and rolled back, and the error names what it held.
+psql's own variables (:DBNAME, :"USER", …) cannot change what the dump means. Before the commit, a
+check rolls the restore back if it changed roles, role or database settings or other shared
+catalogs (a function of the dump, called from a default or an index, could). The psql must be
+recent enough to be restricted: 13.22, 14.19, 15.14, 16.10, 17.6 or newer.
 
---latest takes the newest backup that verifies, naming the newer ones it skipped and why.
+The target's role must not be a superuser, nor able to act as one (a member of a superuser role,
+of pg_execute_server_program, pg_read_server_files or pg_write_server_files, or CREATEROLE): the
+backup's SQL runs with its rights on the database server, where a superuser's COPY … TO PROGRAM
+runs commands. --allow-superuser accepts it.
+
+Never more than the manifest promised is read (a compressed plant cannot expand without end), no
+statement runs longer than --statement-timeout (default 1h), and one backup's restore is stopped
+after --timeout (default 24h); both roll back.
+
+--latest takes the newest backup that verifies, naming the newer ones it skipped and why. When
+one fails after psql started, it goes on only if the target is as it was before (its objects,
+their storage, the role's settings and memberships); otherwise it stops and says so.
 A target that already has tables is refused unless --replace (the dump drops and recreates
 every table it holds: use it over a database the app has already started).
 """
@@ -37,6 +55,8 @@ environment:
                                              HOST1:PORT1,HOST2:PORT2)
   PGPASSWORD                                 the target's password: never put it on a command line
   BACKUP_BUCKET, BACKUP_ENVIRONMENT, AWS_*   the external bucket (read-only access is enough)
+  BACKUP_RESTORE_TIMEOUT, BACKUP_STATEMENT_TIMEOUT, BACKUP_ALLOW_SUPERUSER=1
+                                             --timeout, --statement-timeout, --allow-superuser
 
 examples:
   scripts/restore_database.py --environment production --latest --target-database-url "$TARGET_DATABASE_URL"
@@ -59,6 +79,7 @@ def build_parser() -> cli.ArgumentParser:
                         "not on the command line")
     p.add_argument("--replace", action="store_true", help="restore over a database that already has tables")
     p.add_argument("--psql", default=os.environ.get("PSQL"), help="psql binary, at least as new as the pg_dump that made the backup (env PSQL)")
+    add_restore_args(p)
     cli.add_output_args(p)
     return p
 
@@ -79,7 +100,8 @@ def main(argv: list[str]) -> int:
     else:
         environment = config.environment_name(args.environment)
         bucket = config.bucket_name(args.bucket)
-    tables = check_restore_target(target, psql)
+    options = restore_options(args)
+    tables = check_restore_target(target, psql, options)
     if tables and not args.replace:
         raise BackupError(
             f"the target database '{shown(target.database)}' already has {len(tables)} tables "
@@ -91,7 +113,7 @@ def main(argv: list[str]) -> int:
                      if committed else "")
 
     def restore(fetched: Fetched) -> Restored:
-        restored = restore_dump(fetched, target=target, psql=psql)
+        restored = restore_dump(fetched, target=target, psql=psql, options=options)
         committed.append(fetched.label)
         return restored
 
@@ -99,8 +121,8 @@ def main(argv: list[str]) -> int:
         retrieved = open_local(args.file, "database", passphrases, restore, require_manifest=not args.without_manifest)
     else:
         reader = BucketReader(s3.external_client(), bucket, environment, "database", passphrases)
-        options = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
-        retrieved = reader.first_good(options, restore, latest=args.latest)
+        candidates = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
+        retrieved = reader.first_good(candidates, restore, latest=args.latest)
     report(retrieved, target, psql, args.json)
     return 0
 

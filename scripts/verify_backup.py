@@ -9,7 +9,7 @@ from typing import Any
 
 from backupkit import cli, config, s3
 from backupkit.config import duration_arg, format_age
-from backupkit.dump import check_restore_target, restore_dump
+from backupkit.dump import RestoreOptions, add_restore_args, check_restore_target, restore_dump, restore_options
 from backupkit.errors import BackupError, Problem, UsageError, VerificationError
 from backupkit.manifest import KINDS, Backup, iso
 from backupkit.output import log, md_code, shown
@@ -36,9 +36,15 @@ Which backups:
   --since DURATION  every backup, every version, started within DURATION (e.g. 1d): the
                     daily check; exit 1 if any of them fails or there is none
 
+A dump's content is also read as psql would read it: one that holds what a plain pg_dump of one
+database never writes (psql commands, COMMIT, ALTER ROLE, COPY … PROGRAM, …) fails. Never more
+than the manifest promised is read: a compressed plant cannot expand without end.
+
 --restore-into URL (database backups) also restores each verified dump into that scratch
-database with psql --single-transaction (committed only when everything verified) and
-reports its tables and row counts. The database must start empty.
+database, as restore_database.py does (the guard, the seal, the timeouts; a role that is not a
+superuser, unless --allow-superuser), committed only when everything verified, and reports its
+tables and exact row counts. The database must start empty. When --latest's candidate fails
+after psql started, an older one is tried only if the scratch database is as it was.
 """
 
 EPILOG = """\
@@ -46,6 +52,8 @@ environment:
   EXTERNAL_BACKUP_ENCRYPTION_KEY[_PREVIOUS]  passphrases; the manifest's key_id picks the right one
   BACKUP_BUCKET, BACKUP_ENVIRONMENT, AWS_*   the external bucket (read-only access is enough)
   PSQL                                       psql for --restore-into
+  BACKUP_RESTORE_TIMEOUT, BACKUP_STATEMENT_TIMEOUT, BACKUP_ALLOW_SUPERUSER=1
+                                             --timeout, --statement-timeout, --allow-superuser (--restore-into)
 
 examples:
   scripts/verify_backup.py --environment production --kind database --latest
@@ -67,19 +75,20 @@ def build_parser() -> cli.ArgumentParser:
                    help="also restore each database backup into this empty scratch database, e.g. postgresql://user@host/drill "
                         "(its password in PGPASSWORD, not on the command line; a role that is not a superuser)")
     p.add_argument("--psql", default=os.environ.get("PSQL"), help="psql binary for --restore-into (env PSQL)")
+    add_restore_args(p)
     cli.add_heartbeat_arg(p)
     cli.add_output_args(p)
     return p
 
 
-def check(fetched: Fetched, target: config.DatabaseTarget | None, psql: str) -> dict[str, Any]:
+def check(fetched: Fetched, target: config.DatabaseTarget | None, psql: str, options: RestoreOptions) -> dict[str, Any]:
     """Verify one fetched backup; with a target, restore it there (the restore verifies too)."""
     manifest = fetched.manifest
     details: dict[str, Any] = {"encrypted_size": manifest["encrypted_size"], "compression": manifest.get("compression", "none")}
     if target is None:
         details.update(verify_fetched(fetched))
         return details
-    restored = restore_dump(fetched, target, psql)
+    restored = restore_dump(fetched, target, psql, options)
     counts = row_counts(target, psql)
     details.update(plaintext_size=restored.plaintext_size, trailer=True, restored_into=target.database,
                    tables=len(counts), rows=counts)
@@ -124,9 +133,10 @@ def main(argv: list[str]) -> int:
     passphrases = config.passphrases()
     now = config.utcnow()
     target, psql = None, client_binary("psql", explicit=args.psql)
+    limits = restore_options(args)
     if args.restore_into:
         target = config.database_target(args.restore_into, "--restore-into")
-        tables = check_restore_target(target, psql)
+        tables = check_restore_target(target, psql, limits)
         if tables:
             raise BackupError(f"--restore-into '{shown(target.database)}' already has {len(tables)} tables: "
                               "give an empty scratch database (this check never restores over data)")
@@ -136,7 +146,7 @@ def main(argv: list[str]) -> int:
     skipped: list[Skip] = []
 
     def work(fetched: Fetched) -> dict[str, Any]:
-        return check(fetched, target, psql)
+        return check(fetched, target, psql, limits)
 
     if args.since:
         backups = [b for b in reader.catalogue().backups if now - b.taken_at <= args.since]

@@ -113,8 +113,37 @@ def run(s3server, bucket, pg):
         "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE,
         "PG_DUMP": str(pg.bin / "pg_dump"),
         "PSQL": str(pg.bin / "psql"),
+        # The fixtures' databases belong to the cluster's superuser; the tests of the refusal
+        # (and of a restore as the app's own role) take this out.
+        "BACKUP_ALLOW_SUPERUSER": "1",
     }
     return Runner(env)
+
+
+APP_ROLE, APP_PASSWORD = "app_owner", "owner-pw-3"
+
+
+@pytest.fixture
+def app_db(pg):
+    """An empty database owned by the app's own role, not a superuser: the restore target the
+    README asks for. Yields (name, URL with the password); the role starts with no settings."""
+    pg.psql(f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN "
+            f"CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER; END IF; END $$")
+    pg.psql(f"ALTER ROLE {APP_ROLE} RESET ALL; ALTER ROLE {APP_ROLE} PASSWORD '{APP_PASSWORD}'")
+    name = f"app_owned_{os.getpid()}_{next(_counter)}"
+    pg.drop_database(name)
+    pg.psql(f'CREATE DATABASE "{name}" OWNER {APP_ROLE}')
+    yield name, f"postgresql://{APP_ROLE}:{APP_PASSWORD}@127.0.0.1:{pg.port}/{name}"
+    pg.drop_database(name)
+
+
+def role_untouched(pg, database: str) -> None:
+    """The app's role has no settings and still logs in with its password."""
+    assert pg.psql(f"SELECT rolconfig FROM pg_roles WHERE rolname = '{APP_ROLE}'") == ""
+    login = subprocess.run([str(pg.bin / "psql"), "-X", "-A", "-t", "-c", "SELECT 1",
+                            f"postgresql://{APP_ROLE}@127.0.0.1:{pg.port}/{database}"],
+                           env={**os.environ, "PGPASSWORD": APP_PASSWORD}, capture_output=True, text=True)
+    assert login.stdout.strip() == "1", login.stderr
 
 
 def versions(client, bucket: str, prefix: str = "") -> list[dict]:

@@ -17,6 +17,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -24,7 +25,9 @@ from urllib.parse import quote
 
 import pytest
 
+from backupkit import crypto
 from backupkit.compression import ZSTD_MAGIC
+from backupkit.manifest import build_manifest
 from dev.harness import REPO, table_fingerprint
 from tests.backup_factory import (
     ENVIRONMENT,
@@ -33,11 +36,21 @@ from tests.backup_factory import (
     database_backup,
     openssl_encrypt,
     put_with_manifest,
+    sha256,
     upload_archive,
     upload_dump,
     zip_of,
 )
-from tests.conftest import PASSPHRASE, Runner, error_lines, one_error, public_tables
+from tests.conftest import (
+    APP_PASSWORD,
+    APP_ROLE,
+    PASSPHRASE,
+    Runner,
+    error_lines,
+    one_error,
+    public_tables,
+    role_untouched,
+)
 from tests.files_helpers import Obj, fill, heads, new_bucket, put_raw, snapshot
 from tests.procwatch import SpyBin
 
@@ -139,39 +152,42 @@ def test_planted_commands_never_run_in_the_daily_drill(run, pg, scratch_db, s3se
     assert [s["problem"] for s in report["skipped"]] == ["bad content", "bad content"]
 
 
-def test_planted_sql_gets_no_server_commands_from_a_restore_as_the_apps_own_role(run, pg, s3server, bucket, genuine_dump):
+def test_planted_sql_gets_no_server_commands_from_a_restore_as_the_apps_own_role(run, pg, app_db, s3server, bucket,
+                                                                                 genuine_dump):
     """Restricted psql stops backslash commands; SQL that runs commands on the server (COPY … TO
-    PROGRAM) needs a superuser. Restored as the role the README asks for (owner of the target,
-    not a superuser) the plant fails and nothing is committed; as a superuser, the script warns."""
+    PROGRAM, with a superuser's rights) is refused by the guard, and a superuser target is refused
+    before anything is downloaded unless the operator says --allow-superuser."""
+    name, as_owner = app_db
     drop = Path(tempfile.mkdtemp(prefix="restore-drop-"))
     drop.chmod(0o777)  # writable by the server's OS user: the command would succeed if it ran
     marker = drop / "pwned"
-    at_start = genuine_dump.index(b"\nSET ") + 1
-    planted = genuine_dump[:at_start] + f"COPY (SELECT 1) TO PROGRAM 'touch {marker}';\n".encode() + genuine_dump[at_start:]
+    planted = after_header(genuine_dump, f"COPY (SELECT 1) TO PROGRAM 'touch {marker}';\n".encode())
     manifest = upload_dump(s3server.client(), bucket, at(0), planted, PASSPHRASE)
-    pg.psql("DROP DATABASE IF EXISTS app_owned; DROP ROLE IF EXISTS app_owner; "
-            "CREATE ROLE app_owner LOGIN NOSUPERUSER PASSWORD 'owner-pw-3'")
-    pg.psql("CREATE DATABASE app_owned OWNER app_owner")
-    as_owner = f"postgresql://app_owner:owner-pw-3@127.0.0.1:{pg.port}/app_owned"
     try:
-        done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", as_owner)
+        done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", as_owner, env=NO_OVERRIDE)
         assert done.returncode == 1 and not marker.exists()
-        one_error(done, "pg_execute_server_program")
+        one_error(done, "COPY to or from somewhere other than psql's input", "not made by the backup job")
         assert "superuser" not in done.stderr.split("error:")[0]  # no warning: the right role
-        assert public_tables(pg, "app_owned") == "0"
+        assert public_tables(pg, name) == "0"
 
-        pg.drop_database("app_owned")
-        pg.create_database("app_owned")
-        done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", pg.url("app_owned"))
+        done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", pg.url(name), env=NO_OVERRIDE)
+        assert done.returncode == 1 and not marker.exists()
+        one_error(done, "'postgres' is a superuser", "COPY … TO PROGRAM", "--allow-superuser")
+        assert "restoring" not in done.stderr  # refused before anything was downloaded
+
+        done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", pg.url(name),
+                   "--allow-superuser", env=NO_OVERRIDE)
         assert "warning: the target's role 'postgres' is a superuser" in done.stderr
+        assert done.returncode == 1 and not marker.exists()
+        assert public_tables(pg, name) == "0"
     finally:
         shutil.rmtree(drop)
 
 
 def runbook_restore_command() -> str:
-    """The runbook's manual restore, exactly as printed there."""
-    block = RUNBOOK[RUNBOOK.index("RESTRICT_KEY=$(openssl rand"):]
-    return block[: block.index("\n```")]
+    """The runbook's manual restore, exactly as printed there (the guard found where it is)."""
+    block = RUNBOOK[RUNBOOK.index("TABLES=$(psql"):]
+    return block[: block.index("\n```")].replace("scripts/backupkit/sqlstream.py", str(REPO / "scripts/backupkit/sqlstream.py"))
 
 
 @pytest.mark.parametrize(("name", "where", "framing"), [
@@ -182,9 +198,37 @@ def test_planted_commands_never_run_in_the_runbooks_manual_restore(pg, scratch_d
     (tmp_path / "database-backup.sql").write_bytes(plant(genuine_dump, command(name, marker), where, reuse_framing=framing))
     done = subprocess.run(["bash", "-c", runbook_restore_command()], cwd=tmp_path, capture_output=True, text=True,
                           env={**pg.env(), "TARGET_DATABASE_URL": pg.url(scratch_db, password=False)})
-    assert "backslash commands are restricted" in done.stderr or "wrong key" in done.stderr, done.stderr
+    assert "sqlstream.py: refused: the dump holds psql commands" in done.stderr, done.stderr
     assert "restore committed" not in done.stdout
     assert not marker.exists() and public_tables(pg, scratch_db) == "0"
+
+
+def runbook_restore(pg, tmp_path, dump: bytes, url: str, password: str) -> subprocess.CompletedProcess:
+    (tmp_path / "database-backup.sql").write_bytes(dump)
+    return subprocess.run(["bash", "-c", "set -o pipefail\n" + runbook_restore_command()], cwd=tmp_path, capture_output=True,
+                          text=True, env={**pg.env(), "PGPASSWORD": password, "TARGET_DATABASE_URL": url})
+
+
+def test_the_runbooks_manual_restore_refuses_a_planted_commit_and_a_function_that_alters_the_role(pg, app_db, genuine_dump,
+                                                                                               tmp_path):
+    name, _ = app_db
+    url = f"postgresql://{APP_ROLE}@127.0.0.1:{pg.port}/{name}"
+    done = runbook_restore(pg, tmp_path, after_header(genuine_dump, PLANTED_COMMIT), url, APP_PASSWORD)
+    assert "sqlstream.py: refused: the dump holds transaction control (COMMIT)" in done.stderr, done.stderr
+    assert done.returncode != 0 and "restore committed" not in done.stdout
+    role_untouched(pg, name)
+    assert public_tables(pg, name) == "0"
+
+    done = runbook_restore(pg, tmp_path, HEADER + EVIL + CALLERS["default"] + TRAILER, url, APP_PASSWORD)
+    assert "sqlstream seal: the restore changed shared catalogs" in done.stderr, done.stderr
+    assert done.returncode != 0 and "restore committed" not in done.stdout
+    role_untouched(pg, name)
+    assert public_tables(pg, name) == "0"
+
+    pg.psql("CREATE TABLE kept (id int)", name)  # the target is not empty: nothing is restored over it
+    done = runbook_restore(pg, tmp_path, genuine_dump, url, APP_PASSWORD)
+    assert done.returncode == 0 and "not restored: the target database already has 1 tables" in done.stdout
+    assert public_tables(pg, name) == "1"
 
 
 @pytest.mark.parametrize("framed", [True, False], ids=["pg_dump-framing", "older-pg_dump"])
@@ -228,6 +272,188 @@ def test_restoring_children_get_no_actions_variables(run, pg, sample_db, scratch
     assert {r.program for r in records} >= {"psql", "openssl"}
     for record in records:
         assert not [k for k in record.env if k.startswith("ACTIONS_") or k == "GITHUB_TOKEN"], (record.program, sorted(record.env))
+
+
+# -- 1b. a restore changes nothing but its target -----------------------------------------------------
+NO_OVERRIDE = {"BACKUP_ALLOW_SUPERUSER": None}  # restored as the app's own role, as the README asks
+HEADER = b"SET statement_timeout = 0;\nSET client_encoding = 'UTF8';\nSET standard_conforming_strings = on;\n"
+PLANTED_COMMIT = (b"COMMIT;\nALTER ROLE CURRENT_USER SET search_path = zz;\nALTER ROLE CURRENT_USER PASSWORD 'planted-pw-1';\n"
+                  b"CREATE TABLE public.planted (id int);\nBEGIN;\n")
+
+
+def after_header(dump: bytes, sql: bytes) -> bytes:
+    """`sql` planted where pg_dump's header of SETs ends, before its first DROP or CREATE."""
+    at = re.search(rb"\n(?:DROP|CREATE) ", dump).start() + 1
+    return dump[:at] + sql + dump[at:]
+
+
+def test_a_planted_commit_restores_nothing_and_leaves_the_role_untouched(run, pg, app_db, s3server, bucket, genuine_dump):
+    """The dump's own COMMIT would end psql's --single-transaction: ALTER ROLE then outlives the
+    restore (and the database), whatever happens to the rest."""
+    name, url = app_db
+    manifest = upload_dump(s3server.client(), bucket, at(1), after_header(genuine_dump, PLANTED_COMMIT), PASSPHRASE)
+    done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", url, env=NO_OVERRIDE)
+    assert done.returncode == 1
+    one_error(done, "transaction control (COMMIT)", "never writes", "not made by the backup job")
+    role_untouched(pg, name)
+    assert public_tables(pg, name) == "0"
+    done = run("verify_backup.py", "--kind", "database", "--key", manifest["key"])  # verify reads it the same way
+    assert done.returncode == 1 and "transaction control (COMMIT)" in done.stdout
+
+
+def test_latest_skips_a_planted_commit_for_the_older_genuine_backup(run, pg, sample_db, app_db, s3server, bucket, genuine_dump):
+    name, url = app_db
+    genuine = database_backup(run, pg=pg, started_at=at(2))
+    planted = upload_dump(s3server.client(), bucket, at(1), after_header(genuine_dump, PLANTED_COMMIT), PASSPHRASE)
+    done = run("restore_database.py", "--latest", "--target-database-url", url, "--json", env=NO_OVERRIDE)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["key"] == genuine["key"]
+    [skip] = result["skipped"]
+    assert skip["key"] == planted["key"] and "transaction control (COMMIT)" in skip["reason"]
+    assert "the target is as it was before" in skip["reason"]
+    role_untouched(pg, name)
+    for table in ("applications", "admin_user"):
+        assert table_fingerprint(pg, name, table) == table_fingerprint(pg, sample_db, table)
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE tablename = 'planted'", name) == "0"
+
+
+def test_latest_stops_when_a_failed_candidate_changed_the_target(run, pg, app_db, s3server, bucket):
+    """nextval() is not rolled back: a planted dump that moves the target's own sequence and then
+    fails (here at the seal, after psql ran all of it) has changed the target. --latest must not
+    restore the older backup over it and call that a success."""
+    name, url = app_db
+    pg.psql("CREATE SEQUENCE public.app_counter; ALTER SEQUENCE public.app_counter OWNER TO app_owner", name)
+    database_backup(run, pg=pg, started_at=at(2))
+    bump = HEADER + EVIL + (
+        b"CREATE FUNCTION public.bump() RETURNS bigint LANGUAGE sql AS $$ SELECT nextval('public.app_counter') $$;\n"
+        b"CREATE TABLE public.bumped (id int, n bigint DEFAULT public.bump(), e int DEFAULT public.evil());\n"
+        b"COPY public.bumped (id) FROM stdin;\n1\n\\.\n") + TRAILER
+    upload_dump(s3server.client(), bucket, at(1), bump, PASSPHRASE)
+    done = run("restore_database.py", "--latest", "--target-database-url", url, env=NO_OVERRIDE)
+    assert done.returncode == 1
+    one_error(done, "shared catalogs", "changed while it ran", "no other backup is restored over it")
+    assert "restored" not in done.stdout
+    assert pg.psql("SELECT is_called FROM public.app_counter", name) == "t"  # the plant's nextval, not undone
+    assert public_tables(pg, name) == "0"  # the older backup was not restored over it
+    role_untouched(pg, name)
+
+
+# An index's function must be IMMUTABLE, and those may not ALTER ROLE, but may call one that may.
+EVIL = (b"CREATE FUNCTION public.evil() RETURNS integer LANGUAGE plpgsql AS $$ BEGIN\n"
+        b"EXECUTE 'ALTER ROLE CURRENT_USER SET search_path = zz';\n"
+        b"EXECUTE 'ALTER ROLE CURRENT_USER PASSWORD ''planted-pw-2''';\nRETURN 1; END $$;\n"
+        b"CREATE FUNCTION public.evil(a integer) RETURNS integer LANGUAGE plpgsql IMMUTABLE AS $$ BEGIN\n"
+        b"RETURN a + public.evil(); END $$;\n")
+CALLERS = {
+    "default": b"CREATE TABLE public.t (a integer, b integer DEFAULT public.evil());\nCOPY public.t (a) FROM stdin;\n1\n\\.\n",
+    "index": b"CREATE TABLE public.t (a integer);\nCOPY public.t (a) FROM stdin;\n1\n\\.\nCREATE INDEX t_evil ON public.t (public.evil(a));\n",
+    "check": b"CREATE TABLE public.t (a integer);\nCOPY public.t (a) FROM stdin;\n1\n\\.\n"
+             b"ALTER TABLE public.t ADD CONSTRAINT t_evil CHECK (public.evil(a) IS NOT NULL);\n",
+}
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_a_function_of_the_dump_that_alters_the_role_is_rolled_back_by_the_seal(run, pg, app_db, s3server, bucket, caller):
+    """No statement of this dump is one pg_dump would not write; the ALTER ROLE is inside a function
+    it defines, called by a default, an index or a check. The seal before the commit sees the
+    transaction's own change to pg_db_role_setting and pg_authid, and rolls it all back."""
+    name, url = app_db
+    manifest = upload_dump(s3server.client(), bucket, at(1), HEADER + EVIL + CALLERS[caller] + TRAILER, PASSPHRASE)
+    done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", url, env=NO_OVERRIDE)
+    assert done.returncode == 1
+    one_error(done, "rolled back", "shared catalogs", "pg_db_role_setting", "not made by the backup job")
+    role_untouched(pg, name)
+    assert public_tables(pg, name) == "0"
+
+
+def test_a_deferrable_constraint_trigger_is_refused(run, pg, app_db, s3server, bucket):
+    """Its function runs at the COMMIT, after the seal, and can defer itself again from inside
+    (SET CONSTRAINTS): no check before the commit sees what it does, so the restore refuses it."""
+    name, url = app_db
+    later = (b"CREATE FUNCTION public.evil_later() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN\n"
+             b"PERFORM public.evil(); RETURN NULL; END $$;\nCREATE TABLE public.t (a integer);\n"
+             b"CREATE CONSTRAINT TRIGGER t_evil AFTER INSERT ON public.t DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+             b"EXECUTE FUNCTION public.evil_later();\nCOPY public.t (a) FROM stdin;\n1\n\\.\n")
+    manifest = upload_dump(s3server.client(), bucket, at(1), HEADER + EVIL + later + TRAILER, PASSPHRASE)
+    done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", url, env=NO_OVERRIDE)
+    assert done.returncode == 1
+    one_error(done, "a deferrable constraint trigger", "after the restore's last check")
+    role_untouched(pg, name)
+    assert public_tables(pg, name) == "0"
+
+
+# -- 1c. a compressed plant is read only as far as its manifest promised -------------------------
+@pytest.fixture(scope="module")
+def zstd_bomb() -> bytes:
+    """16 GiB of zeros as zstd frames: 16 copies of a frame of 1 GiB (never in memory here)."""
+    frame = subprocess.run("head -c 1073741824 /dev/zero | zstd -q -c -1", shell=True, capture_output=True, check=True).stdout
+    return frame * 16
+
+
+def upload_compressed(client, bucket: str, started_at, compressed: bytes, promised: bytes) -> dict:
+    """A .sql.zst.encrypted plant whose manifest is consistent with its ciphertext and its
+    compressed stream, and promises `promised` as the SQL."""
+    body = openssl_encrypt(compressed, PASSPHRASE)
+    key = backup_key(ENVIRONMENT, "database", started_at, "zstd")
+    manifest = build_manifest(
+        kind="database", environment=ENVIRONMENT, key=key, version_id=None, started_at=started_at, completed_at=started_at,
+        key_id=crypto.key_id(PASSPHRASE), encrypted_size=len(body), encrypted_sha256=sha256(body),
+        plaintext_size=len(promised), plaintext_sha256=sha256(promised), source={"database": "app", "server_version": "?", "pg_dump_version": "?"},
+        compression={"compression": "zstd", "compressed_size": len(compressed), "compressed_sha256": sha256(compressed)})
+    return put_with_manifest(client, bucket, key, body, manifest)
+
+
+@pytest.mark.parametrize("script", ["verify_backup.py", "restore_database.py"])
+def test_a_zstd_bomb_promising_64_bytes_is_refused_at_once(run, pg, scratch_db, s3server, bucket, zstd_bomb, script):
+    manifest = upload_compressed(s3server.client(), bucket, at(1), zstd_bomb, b"-- " + b"x" * 60 + b"\n")
+    assert manifest["plaintext_size"] == 64
+    args = ["--kind", "database"] if script == "verify_backup.py" else ["--target-database-url", pg.url(scratch_db)]
+    began = time.monotonic()
+    done, memory = run.measured(script, *args, "--key", manifest["key"], interval=0.02, timeout=120)
+    elapsed = time.monotonic() - began
+    assert done.returncode == 1
+    assert "goes on past the 64 bytes its manifest promised" in done.stdout + done.stderr
+    print(f"{script}: refused in {elapsed:.1f} s (the whole run), peak {memory.peak_tree_kib // 1024} MiB")
+    assert elapsed < 15, elapsed  # a whole run, Python and the download included; the SQL stops at its first read
+    assert memory.peak_tree_kib < 200 * 1024, memory.peak_tree_kib
+    assert public_tables(pg, scratch_db) == "0"
+
+
+# -- 1d. and by time ------------------------------------------------------------------------------
+SLEEPER = HEADER + (b"CREATE FUNCTION public.nap() RETURNS integer LANGUAGE sql AS $$ SELECT 1 FROM pg_sleep(120) $$;\n"
+                    b"CREATE TABLE public.t (a integer, b integer DEFAULT public.nap());\n"
+                    b"COPY public.t (a) FROM stdin;\n1\n\\.\n") + TRAILER
+
+
+def test_a_plant_that_sleeps_is_stopped_by_the_statement_timeout_and_latest_goes_on(run, pg, sample_db, app_db, s3server,
+                                                                                   bucket):
+    """A 1 KB plant held restore and drill for as long as it liked, and --latest never reached the
+    genuine backup; now no statement outlasts --statement-timeout."""
+    name, url = app_db
+    genuine = database_backup(run, pg=pg, started_at=at(2))
+    upload_dump(s3server.client(), bucket, at(1), SLEEPER, PASSPHRASE)
+    began = time.monotonic()
+    done = run("restore_database.py", "--latest", "--target-database-url", url, "--statement-timeout", "2s", "--json",
+               env=NO_OVERRIDE)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - began < 60
+    result = json.loads(done.stdout)
+    assert result["key"] == genuine["key"]
+    assert "statement timeout" in result["skipped"][0]["reason"] and "--statement-timeout" in result["skipped"][0]["reason"]
+    assert table_fingerprint(pg, name, "applications") == table_fingerprint(pg, sample_db, "applications")
+
+
+def test_the_restore_deadline_stops_a_plant_that_sleeps(run, pg, app_db, s3server, bucket):
+    name, url = app_db
+    manifest = upload_dump(s3server.client(), bucket, at(1), SLEEPER, PASSPHRASE)
+    began = time.monotonic()
+    done = run("restore_database.py", "--key", manifest["key"], "--target-database-url", url, "--timeout", "3s",
+               env={**NO_OVERRIDE, "BACKUP_STATEMENT_TIMEOUT": "1h"})
+    assert done.returncode == 1
+    one_error(done, "did not finish within 0m 3s", "--timeout", "nothing is committed")
+    assert time.monotonic() - began < 60
+    assert public_tables(pg, name) == "0"
 
 
 # -- 2. "latest" and freshness follow S3's clock, not a name a writer chose -------------------------
@@ -345,7 +571,7 @@ def test_injected_strings_never_reach_output_raw(run, s3server, bucket, tmp_path
 def test_an_injection_in_a_server_message_is_escaped_in_the_error_line(run, pg, scratch_db, s3server, bucket, tmp_path):
     """psql quotes the failing SQL in its error: a planted dump chooses that text."""
     summary = tmp_path / "summary.md"
-    dump = b'CREATE TABLE t (id int);\nSELECT * FROM "\r::stop-commands::pwn\n::error::forged";\n' + TRAILER
+    dump = b'CREATE TABLE t (id int);\nCOMMENT ON TABLE "\r::stop-commands::pwn\n::error::forged" IS \'x\';\n' + TRAILER
     upload_dump(s3server.client(), bucket, at(0), dump, PASSPHRASE)
     done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db),
                env={"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary)})

@@ -236,7 +236,8 @@ def operator(tmp_path, pg, s3server, bucket):
     (work / "decrypt.py").symlink_to(REPO / "decrypt.py")
     env = {**base_env(), **s3server.env(), "PATH": tool_path(pg), "BACKUP_BUCKET": bucket,
            "BACKUP_ENVIRONMENT": SPACE, "EXTERNAL_BACKUP_ENCRYPTION_KEY": ORIGINAL_PASSPHRASE,
-           "PSQL": str(pg.bin / "psql"), "PGPASSWORD": pg.password}  # URLs below without the password, as in the runbook
+           "PSQL": str(pg.bin / "psql"), "PGPASSWORD": pg.password,  # URLs below without the password, as in the runbook
+           "BACKUP_ALLOW_SUPERUSER": "1"}  # the test cluster's role is its superuser
     return work, env
 
 

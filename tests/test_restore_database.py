@@ -178,3 +178,109 @@ def test_latest_takes_the_older_good_backup(run, pg, sample_db, scratch_db, s3se
     [skipped] = result["skipped"]
     assert skipped["key"] == newer["key"] and "trailer" in skipped["reason"] and skipped["problem"] == "bad content"
     assert pg.psql("SELECT count(*) FROM applications", scratch_db) == "1500"
+
+
+# -- what genuine dumps hold restores exactly, through the guard -----------------------------------
+TRICKY = r"""
+CREATE SCHEMA "v1.2";
+CREATE TABLE notes (id int PRIMARY KEY, body text, arr int[], "DBNAME" int,
+    CONSTRAINT slice CHECK (arr[: "DBNAME"] IS NOT NULL), CONSTRAINT digits CHECK (body ~ '^[^\d]|\d'));
+INSERT INTO notes VALUES
+    (1, E'COMMIT;\nBEGIN;\nALTER ROLE app_owner PASSWORD ''x'';\n\\.\n\\! touch /tmp/x\nEND;', '{1,2,3}', 2),
+    (2, 'C:\', '{4}', 1),
+    (3, E'-- PostgreSQL database dump complete\n\\unrestrict x', '{5,6}', 1);
+COMMENT ON TABLE notes IS 'it''s C:\ ; COMMIT;';
+CREATE FUNCTION plain_body(a int) RETURNS int LANGUAGE plpgsql AS $body$
+BEGIN
+COMMIT;
+RETURN a; END
+$body$;
+CREATE FUNCTION atomic_body(a int) RETURNS int LANGUAGE sql
+BEGIN ATOMIC
+  SELECT CASE WHEN a > 0 THEN a + 1 ELSE 0 END;
+END;
+CREATE VIEW committed AS SELECT id, 'COMMIT;'::text AS word, arr[1:2] AS two FROM notes;
+CREATE TABLE "v1.2".items (id int GENERATED ALWAYS AS IDENTITY, note text);
+INSERT INTO "v1.2".items (note) VALUES ('a'), ('COMMIT;'), (NULL);
+CREATE TABLE "new
+line" (id int);
+INSERT INTO "new
+line" VALUES (1), (2);
+SELECT lo_from_bytea(0, '\x00c3a9'::bytea);
+"""
+DEFINITIONS = r"""
+SELECT string_agg(conname || ' ' || pg_get_constraintdef(oid), ' | ' ORDER BY conname) FROM pg_constraint
+ WHERE conrelid = 'notes'::regclass;
+SELECT string_agg(proname || ' ' || pg_get_functiondef(oid), ' | ' ORDER BY proname) FROM pg_proc
+ WHERE proname IN ('plain_body', 'atomic_body');
+SELECT pg_get_viewdef('committed'::regclass);
+SELECT obj_description('notes'::regclass);
+SELECT string_agg(encode(lo_get(oid), 'hex'), ',') FROM pg_largeobject_metadata;
+SELECT md5(string_agg(n::text, ',' ORDER BY id)) FROM notes n;
+SELECT md5(string_agg(i::text, ',' ORDER BY id)) FROM "v1.2".items i;
+SELECT count(*) FROM "new
+line";
+"""
+
+
+@pytest.fixture
+def tricky_db(pg):
+    """A database whose data, comments and function bodies hold what the guard refuses as
+    statements, psql's variable names after a colon, a schema with a dot, a table name with a
+    newline and a large object."""
+    name = "tricky_src"
+    pg.create_database(name)
+    pg.psql(TRICKY, name)
+    yield name
+    pg.drop_database(name)
+
+
+def test_a_genuine_dump_holding_commit_lines_and_psql_variables_restores_exactly(run, pg, tricky_db, app_db):
+    """`arr[:"DBNAME"]` was restored as `arr["the target's name"]` (psql's variable), and large
+    objects' data came with pg_dump's own BEGIN/COMMIT, which ended the single transaction."""
+    name, url = app_db
+    database_backup(run, pg=pg, sample_db=tricky_db)
+    done = run("restore_database.py", "--latest", "--target-database-url", url, env={"BACKUP_ALLOW_SUPERUSER": None})
+    assert done.returncode == 0, done.stderr
+    assert pg.psql(DEFINITIONS, name) == pg.psql(DEFINITIONS, tricky_db)
+    assert 'CHECK ((arr[:"DBNAME"] IS NOT NULL))' in pg.psql(DEFINITIONS, name)
+
+
+def test_large_objects_do_not_end_the_single_transaction(run, pg, scratch_db, s3server, bucket):
+    """pg_dump writes large objects' data between BEGIN; and COMMIT;, which ended psql's single
+    transaction: a restore that failed after them kept all that came before."""
+    source = "blobs_src"
+    pg.create_database(source)
+    try:
+        pg.psql("CREATE TABLE kept (id int); INSERT INTO kept VALUES (1); SELECT lo_from_bytea(0, 'blob')", source)
+        dump = subprocess.run([str(pg.bin / "pg_dump"), "--clean", "--if-exists", "--no-owner", "--no-privileges",
+                               f"--dbname={pg.url(source, password=False)}"], env=pg.env(), capture_output=True, check=True).stdout
+    finally:
+        pg.drop_database(source)
+    blob_end = b"SELECT pg_catalog.lo_close(0);\n\nCOMMIT;\n"
+    after = dump.index(blob_end) + len(blob_end)
+    failing = dump[:after] + b"CREATE TABLE public.kept (id int);\n" + dump[after:]  # already exists: psql stops
+    upload_dump(s3server.client(), bucket, at(1), failing, PASSPHRASE)
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db))
+    assert done.returncode == 1
+    one_error(done, "rolled back", "already exists")
+    assert public_tables(pg, scratch_db) == "0"
+    assert pg.psql("SELECT count(*) FROM pg_largeobject_metadata", scratch_db) == "0"
+
+
+@pytest.mark.parametrize(("power", "undo", "said"), [
+    ("GRANT pg_execute_server_program TO app_owner", "REVOKE pg_execute_server_program FROM app_owner",
+     "a member of pg_execute_server_program"),
+    ("GRANT postgres TO app_owner", "REVOKE postgres FROM app_owner", "a member of postgres"),  # SET ROLE postgres
+    ("ALTER ROLE app_owner CREATEROLE", "ALTER ROLE app_owner NOCREATEROLE", "allowed to create roles"),  # and grant them
+])
+def test_a_role_that_can_act_as_a_superuser_is_refused_like_one(run, pg, app_db, backed_up, power, undo, said):
+    name, url = app_db
+    pg.psql(power)
+    try:
+        done = run("restore_database.py", "--latest", "--target-database-url", url, env={"BACKUP_ALLOW_SUPERUSER": None})
+        assert done.returncode == 1
+        one_error(done, f"'app_owner' is {said}", "--allow-superuser")
+        assert public_tables(pg, name) == "0"
+    finally:
+        pg.psql(undo)

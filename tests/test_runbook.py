@@ -58,6 +58,8 @@ def incident(pg, s3server, tmp_path, bare_python):
         "BACKUP_BUCKET": bucket, "BACKUP_ENVIRONMENT": "production", "BACKUP_ALLOW_PLAIN_HTTP": "1",
         "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, "PGPASSWORD": pg.password,
         "PATH": f"{pg.bin}:{base_env()['PATH']}",
+        "BACKUP_ALLOW_SUPERUSER": "1",  # the test cluster's role is its superuser; the runbook asks for the app's own
+        "REPLACE": "yes",  # the walk restores every section into one target: 2.4's by hand over 2.1's, as 2.2 does
     }
     runbook_path = f"{bare_python}:{pg.bin}:/usr/local/bin:/usr/bin:/bin"
     env.pop("PYTHONPATH", None)

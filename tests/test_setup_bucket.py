@@ -59,7 +59,7 @@ class Setup:
 
     def runner(self, user: User) -> Runner:
         return Runner({**base_env(), **user.env(), "BACKUP_BUCKET": self.bucket, "BACKUP_ENVIRONMENT": "production",
-                       "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, **self.extra_env})
+                       "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, "BACKUP_ALLOW_SUPERUSER": "1", **self.extra_env})
 
 
 def make_setup(server: IamS3Server, extra_env: dict | None = None) -> Setup:

@@ -189,6 +189,8 @@ def test_backup_files_usage_errors(run):
         ([], "one of the arguments", 2),
         (["--file", "/no/such/file"], "no such file", 2),
         (["--latest", "--environment", "../x"], "invalid environment name", 2),
+        (["--latest", "--timeout", "soon"], "invalid duration 'soon'", 2),
+        (["--latest", "--statement-timeout", "0s"], "invalid duration '0s'", 2),
     ],
 )
 def test_restore_database_usage_errors(run, pg, scratch_db, args, expect, code):
@@ -206,6 +208,8 @@ def test_bad_duration_is_a_usage_error(run):
     done = run("list_backups.py", "--max-age", "2 fortnights")
     assert done.returncode == 2
     assert "invalid duration" in done.stderr
+    done = run("verify_backup.py", "--kind", "database", "--latest", env={"BACKUP_RESTORE_TIMEOUT": "forever"})
+    assert done.returncode == 2 and "invalid duration 'forever'" in done.stderr
 
 
 # -- input that reached 'unexpected failure' once ------------------------------------------------

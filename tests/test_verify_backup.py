@@ -178,6 +178,51 @@ def test_restore_into_rolls_back_a_dump_without_trailer(run, pg, sample_db, scra
     assert pg.psql("SELECT count(*) FROM pg_tables WHERE tablename = 'leaked'", scratch_db) == "0"
 
 
+NAMES = '''
+CREATE SCHEMA "v1.2";
+CREATE TABLE "v1.2".items (id int);
+INSERT INTO "v1.2".items SELECT generate_series(1, 3);
+CREATE TABLE "new
+line" (id int);
+INSERT INTO "new
+line" VALUES (1), (2);
+CREATE TABLE "it's ""quoted""" (id int);
+INSERT INTO "it's ""quoted""" VALUES (1);
+'''
+
+
+def test_the_drill_counts_the_rows_of_tables_whatever_their_names(run, pg, app_db):
+    """A schema called v1.2 was counted as "v1"."2.items"; a name holding a newline as two names."""
+    source = "names_src"
+    pg.create_database(source)
+    try:
+        pg.psql(NAMES, source)
+        database_backup(run, pg=pg, sample_db=source)
+    finally:
+        pg.drop_database(source)
+    name, url = app_db
+    done = verify(run, "--kind", "database", "--latest", "--restore-into", url, "--json", env={"BACKUP_ALLOW_SUPERUSER": None})
+    assert done.returncode == 0, done.stderr
+    [result] = json.loads(done.stdout)["results"]
+    assert result["rows"] == {"public.it's \"quoted\"": 1, "public.new\nline": 2, "v1.2.items": 3}
+    human = verify(run, "--kind", "database", "--latest", "--restore-into", url)  # the drill is refused: not empty
+    assert human.returncode == 1 and "already has 3 tables" in error_lines(human.stderr)[0]
+
+
+def test_restore_into_a_superusers_database_is_refused(run, pg, sample_db, scratch_db):
+    manifest = database_backup(run, pg=pg)
+    done = verify(run, "--kind", "database", "--key", manifest["key"], "--restore-into", pg.url(scratch_db),
+                  env={"BACKUP_ALLOW_SUPERUSER": None})
+    assert done.returncode == 1
+    [line] = error_lines(done.stderr)
+    assert "'postgres' is a superuser" in line and "--allow-superuser" in line
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", scratch_db) == "0"
+    done = verify(run, "--kind", "database", "--key", manifest["key"], "--restore-into", pg.url(scratch_db),
+                  "--allow-superuser", env={"BACKUP_ALLOW_SUPERUSER": None})
+    assert done.returncode == 0, done.stderr
+    assert "warning: the target's role 'postgres' is a superuser" in done.stderr
+
+
 # -- files backups (AES Crypt + ZIP), built here so they do not depend on backup_files.py ------
 
 

@@ -1,47 +1,97 @@
 """Reading a database backup back: `openssl -d` (then `zstd -d` when it is compressed) into this
 process, which hashes the SQL and hands it on, either to a sink that keeps only its end (verify),
-or to psql (restore).
+or to psql (restore); never more of it than the manifest promised.
 
 psql is the dangerous reader. It executes backslash meta-commands as it reads them (`\\!` runs a
-shell command) long before the end of the dump could be checked, and a backup writer with the
-passphrase can plant any dump. So psql runs restricted from its first byte of input: we send
-`\\restrict KEY` first, with a random key of ours that no dump can know, and drop pg_dump's own
-`\\restrict`/`\\unrestrict` framing lines (exactly those two, where pg_dump writes them); any other
-meta-command in the dump is refused by psql and the restore rolls back.
+shell command), and the SQL it sends runs with the restoring role's rights, long before the end
+of the dump could be checked; a backup writer with the passphrase can plant any dump. So the SQL
+passes `sqlstream.SqlGuard` on its way: psql is restricted (`\\restrict` with a random key of
+ours) from its first byte, and only the statements a plain pg_dump of one database writes reach it
+(no COMMIT, no ALTER ROLE, no COPY … PROGRAM, no psql variables); before the commit, a seal checks
+that the transaction changed nothing outside the target database, and the role is not a superuser
+unless the operator said so.
 
 psql commits `--single-transaction` when its input ends, so the last HOLD_BACK bytes (which hold
 pg_dump's completion trailer) reach it only after decryption ended cleanly, the SQL's size and
 SHA-256 matched the manifest and the trailer is there; otherwise psql is killed and rolls back.
+A restore that fails once psql started says whether the target is as it was before (then
+`--latest` may try an older backup), or stops.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
+import os
 import re
 import secrets
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import IO, Any
 
 from .compression import ZSTD_MAGIC, start_zstd
-from .config import DatabaseTarget
+from .config import DatabaseTarget, duration_arg, format_age
 from .crypto import OPENSSL_WRITE_FAILED, start_openssl
 from .errors import BackupError, Problem, VerificationError
 from .output import log, shown
 from .pipeline import Pipeline
-from .postgres import TRAILER, TRAILER_WINDOW, client_version, has_trailer, user_tables, warn_if_superuser
+from .postgres import (
+    TRAILER_WINDOW,
+    client_version,
+    end_sessions,
+    has_trailer,
+    risky_role,
+    target_state,
+    user_tables,
+)
 from .retrieve import Fetched, check_plaintext
-from .streams import CHUNK, Tally, copy
+from .sqlstream import SEAL_MARK, Refused, SqlGuard
+from .streams import CHUNK, Tally
 
 HOLD_BACK = 64 * 1024  # plaintext kept from psql until verified; holds pg_dump's trailer
-# pg_dump writes `\restrict KEY` after its header comments: it is dropped only if it is the first
-# line that is neither blank nor a comment, within this many bytes.
-HEAD_WINDOW = 64 * 1024
-_FRAME_LINE = re.compile(rb"\\(un)?restrict ([0-9A-Za-z]+)\r?\n?")
 # psql learned \restrict in these releases (CVE-2025-8714); older ones cannot be restricted.
 RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
+# Generous: a restore of hundreds of GB takes hours, and one statement (a COPY, an index) of a
+# big table a good part of one; an operator restoring more raises them.
+DEFAULT_TIMEOUT = "24h"
+DEFAULT_STATEMENT_TIMEOUT = "1h"
+ALLOW_SUPERUSER_VAR = "BACKUP_ALLOW_SUPERUSER"
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """What the operator allows one restore: how long, per statement and in all, and whether the
+    target's role may be a superuser."""
+
+    timeout: timedelta = timedelta(hours=24)
+    statement_timeout: timedelta = timedelta(hours=1)
+    allow_superuser: bool = False
+
+
+def add_restore_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a restore (restore_database.py, verify_backup.py --restore-into)."""
+    p.add_argument("--timeout", type=duration_arg, metavar="DURATION",
+                   default=os.environ.get("BACKUP_RESTORE_TIMEOUT") or DEFAULT_TIMEOUT,
+                   help=f"give up restoring one backup after DURATION, e.g. 6h, 2d; nothing is committed "
+                        f"(env BACKUP_RESTORE_TIMEOUT; default {DEFAULT_TIMEOUT})")
+    p.add_argument("--statement-timeout", type=duration_arg, metavar="DURATION",
+                   default=os.environ.get("BACKUP_STATEMENT_TIMEOUT") or DEFAULT_STATEMENT_TIMEOUT,
+                   help="psql's statement_timeout while restoring: no statement of the backup (a COPY of one "
+                        f"table, an index) may take longer (env BACKUP_STATEMENT_TIMEOUT; default {DEFAULT_STATEMENT_TIMEOUT})")
+    p.add_argument("--allow-superuser", action="store_true", default=os.environ.get(ALLOW_SUPERUSER_VAR) == "1",
+                   help="restore even when the target's role is a superuser, can become one, may run programs or "
+                        "read and write files on the database server, or has CREATEROLE: the backup's SQL then runs "
+                        "with those rights there, and whoever can write the bucket can plant a backup "
+                        "(env BACKUP_ALLOW_SUPERUSER=1)")
+
+
+def restore_options(args: argparse.Namespace) -> RestoreOptions:
+    return RestoreOptions(args.timeout, args.statement_timeout, args.allow_superuser)
 
 
 def check_restore_psql(version: str, psql: str) -> None:
@@ -55,12 +105,20 @@ def check_restore_psql(version: str, psql: str) -> None:
             "(13.22, 14.19, 15.14, 16.10, 17.6 or newer; apt.postgresql.org has them) and pass --psql or set PSQL")
 
 
-def check_restore_target(target: DatabaseTarget, psql: str) -> list[str]:
-    """Before anything is downloaded: psql can restore safely, the target answers (warned about
-    when its role is a superuser); returns the tables it already has."""
+def check_restore_target(target: DatabaseTarget, psql: str, options: RestoreOptions) -> list[str]:
+    """Before anything is downloaded: psql can restore safely, the target answers, and its role is
+    not a superuser (unless allowed); returns the tables it already has."""
     check_restore_psql(client_version(psql)[1], psql)
     tables = user_tables(target, psql, restore_target=True)
-    warn_if_superuser(target, psql)
+    role, powers = risky_role(target, psql)
+    if powers:
+        why = (f"the target's role '{shown(role)}' is {powers}: the backup's SQL would run with those rights on the "
+               "database server (COPY … TO PROGRAM and lo_export run commands and write files there), and whoever "
+               "can write the bucket can plant a backup")
+        if not options.allow_superuser:
+            raise BackupError(f"{why}. Restore as the app's own role (owner of the target database, not a superuser; "
+                              "README, Threat model), or pass --allow-superuser (BACKUP_ALLOW_SUPERUSER=1) to accept it")
+        log(f"warning: {why}; allowed by --allow-superuser")
     return tables
 
 
@@ -134,90 +192,82 @@ class Tail:
         return len(chunk)
 
 
+
 def _check_dump(plaintext: Tally, tail: bytes, fetched: Fetched) -> None:
     check_plaintext(plaintext, fetched.manifest, "dump")
     if not has_trailer(tail):
         raise VerificationError("the dump is incomplete: pg_dump's completion trailer is missing", Problem.BAD_CONTENT)
 
 
+def _refused(exc: Refused) -> VerificationError:
+    if not exc.never:
+        return VerificationError(f"{exc} (README, Threat model)", Problem.BAD_CONTENT)
+    return VerificationError(f"{exc}: this backup was not made by the backup job; keep it out of restores and tell "
+                             "the team", Problem.BAD_CONTENT)
+
+
+class _Bounded:
+    """Reads of the dump, never more than the manifest promised: a compressed stream promises
+    nothing about its output (16 GiB of zeros fit in a few KB)."""
+
+    def __init__(self, src: Any, tally: Tally, fetched: Fetched):
+        self._read = getattr(src, "read1", src.read)
+        self._tally = tally
+        self._limit = fetched.manifest["plaintext_size"] if fetched.manifest else None
+
+    def read(self, size: int) -> bytes:
+        chunk = self._read(size)
+        self._tally.update(chunk)
+        if self._limit is not None and self._tally.size > self._limit:
+            raise VerificationError(f"the SQL goes on past the {self._limit} bytes its manifest promised: corrupted, or a "
+                                    "decompression bomb; nothing more of it is read", Problem.CORRUPT)
+        return chunk
+
+
 def verify_dump(fetched: Fetched) -> dict[str, Any]:
-    """Decrypt (and decompress) into a hashing sink; then the SQL's hash and pg_dump's trailer."""
+    """Decrypt (and decompress) into a hashing sink that also reads the SQL as psql would and
+    refuses what pg_dump never writes; then the SQL's hash and pg_dump's trailer."""
     plaintext = Tally()
     tail = Tail()
+    guard = SqlGuard()
     with Pipeline() as pipeline:
         reader = DumpReader(pipeline, fetched)
-        copy(reader.stdout, tail.write, plaintext)
-        reader.finish()
-    _check_dump(plaintext, tail.data, fetched)
+        source = _Bounded(reader.stdout, plaintext, fetched)
+        refused: Refused | None = None
+        try:
+            while chunk := source.read(CHUNK):
+                tail.write(chunk)
+                if refused is None:
+                    try:
+                        guard.feed(chunk)
+                    except Refused as exc:
+                        if fetched.manifest is not None:
+                            raise
+                        refused = exc  # without a manifest, a wrong passphrase looks the same: see the end
+            reader.finish()
+            _check_dump(plaintext, tail.data, fetched)
+            if refused is not None:
+                raise refused
+            guard.finish()
+        except Refused as exc:
+            raise _refused(exc) from None
     return {"plaintext_size": plaintext.size, "trailer": True}
 
 
-class RestrictedInput:
-    """psql's standard input: our `\\restrict KEY` first, then the dump without pg_dump's own
-    framing lines (`\\restrict K` at its head, `\\unrestrict K` after its trailer)."""
-
-    def __init__(self, dst: IO[bytes]):
-        self._dst = dst
-        self._key = secrets.token_hex(32)  # psql's \restrict takes letters and digits
-        self._head: bytearray | None = bytearray()  # None once the head is decided
-        self.dump_key: bytes | None = None
-
-    def write(self, data: bytes, *, last: bool = False) -> None:
-        if self._head is not None:
-            self._head += data
-            decided = self._decide_head(last)
-            if decided is None:
-                return
-            data, self._head = decided, None
-            self._dst.write(f"\\restrict {self._key}\n".encode())
-        if last:
-            data = self._without_unrestrict(data)
-        self._dst.write(data)
-
-    def _decide_head(self, last: bool) -> bytes | None:
-        """The head to send, once it is known whether it starts with pg_dump's \\restrict."""
-        head = self._head
-        at = 0
-        while True:
-            end = head.find(b"\n", at)
-            if end < 0:
-                if last or len(head) >= HEAD_WINDOW:
-                    line = bytes(head[at:])
-                    break
-                return None
-            line = bytes(head[at:end + 1])
-            if line.strip() and not line.startswith(b"--"):
-                break
-            at = end + 1
-        match = _FRAME_LINE.fullmatch(line)
-        if match and not match.group(1):
-            self.dump_key = match.group(2)
-            return bytes(head[:at]) + bytes(head[at + len(line):])
-        return bytes(head)
-
-    def _without_unrestrict(self, tail: bytes) -> bytes:
-        at = tail.rfind(TRAILER)
-        if self.dump_key is None or at < 0:
-            return tail
-        line = b"\\unrestrict " + self.dump_key
-        found = re.search(rb"(?m)^" + re.escape(line) + rb"\r?\n?", tail[at:])
-        if not found:
-            return tail
-        return tail[:at + found.start()] + tail[at + found.end():]
-
-
-def hold_back(src: Any, dst: RestrictedInput, tally: Tally, keep: int = HOLD_BACK) -> tuple[bytes, bool]:
-    """Copy src → dst except the last `keep` bytes, which are returned for the caller to release
-    only once the whole stream verified. If dst breaks (its reader died), src is still read to
-    the end and hashed. Returns (held tail, dst broken)."""
+def hold_back(src: _Bounded, guard: SqlGuard, stop: threading.Event, *, defer: bool,
+              keep: int = HOLD_BACK) -> tuple[bytes, bool, Refused | None]:
+    """Copy src → guard (→ psql) except the last `keep` bytes, which are returned for the caller
+    to release only once the whole stream verified. If psql's input breaks (psql died), or the
+    guard refuses and `defer` (a dump without manifest: a wrong passphrase also yields bytes
+    pg_dump never writes, and decryption's own failure comes at the end), src is still read to the
+    end and hashed, unless `stop` is set. Returns (held tail, psql's input given up, refusal)."""
     # Whole chunks are held and released as they are: no byte is copied on the way (the dump can
     # be hundreds of GB, and this core is shared with psql's).
     held: collections.deque[bytes] = collections.deque()
     size = 0
     broken = False
-    read = getattr(src, "read1", src.read)
-    while chunk := read(CHUNK):
-        tally.update(chunk)
+    refused: Refused | None = None
+    while not stop.is_set() and (chunk := src.read(CHUNK)):
         held.append(chunk)
         size += len(chunk)
         while size - len(held[0]) >= keep:
@@ -225,10 +275,14 @@ def hold_back(src: Any, dst: RestrictedInput, tally: Tally, keep: int = HOLD_BAC
             size -= len(oldest)
             if not broken:
                 try:
-                    dst.write(oldest)
+                    guard.feed(oldest)
                 except BrokenPipeError:
                     broken = True
-    return b"".join(held), broken
+                except Refused as exc:
+                    if not defer:
+                        raise
+                    broken, refused = True, exc
+    return b"".join(held), broken, refused
 
 
 @dataclass
@@ -237,39 +291,129 @@ class Restored:
     seconds: float
 
 
-def restore_dump(fetched: Fetched, target: DatabaseTarget, psql: str) -> Restored:
-    """Decrypt into a restricted psql in one transaction, releasing the held-back end only when
-    everything verified; on any failure psql is killed and nothing is committed."""
+class _Deadline:
+    """Kills the restore's processes, psql first (it must never see the end of its input), once
+    the operator's time for one backup is up."""
+
+    def __init__(self, seconds: float, stages: Callable[[], list[Any]]):
+        self.expired = threading.Event()
+        self._stages = stages
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def _expire(self) -> None:
+        self.expired.set()
+        for stage in self._stages():
+            if stage.proc.poll() is None:
+                stage.proc.kill()
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+
+def _psql_failure(message: str) -> BackupError:
+    """What psql's failure means, as the error to raise."""
+    if "restricted" in message or "\\unrestrict" in message:
+        return VerificationError(
+            f"the restore was refused and rolled back: {message} — the dump holds psql commands (\\! would run a shell "
+            "command here), which pg_dump never writes: this backup was not made by the backup job; keep it out of "
+            "restores and tell the team", Problem.BAD_CONTENT)
+    if SEAL_MARK in message or "sqlstream: " in message:
+        return VerificationError(
+            f"the restore was refused and rolled back: {message} — SQL in the dump (a function it defines, called from a "
+            "default, a check, an index or a view) reached outside the target database, which a backup of the app "
+            "never does: this backup was not made by the backup job; keep it out of restores and tell the team",
+            Problem.BAD_CONTENT)
+    if "canceling statement due to statement timeout" in message:
+        return VerificationError(
+            f"the restore was stopped and rolled back: {message} — one statement took longer than --statement-timeout "
+            "(BACKUP_STATEMENT_TIMEOUT): raise it if the backup is genuine and that big", Problem.BAD_CONTENT)
+    if "other objects depend on it" in message:
+        message += (" — the target holds objects the backup does not (the app's newer tables, say) that depend "
+                    "on tables the backup replaces: restore into a new, empty database instead, or drop those "
+                    "objects first (runbook, 'Over a database the app has already started')")
+    return BackupError(f"the restore failed and was rolled back: {message}")
+
+
+def restore_dump(fetched: Fetched, target: DatabaseTarget, psql: str, options: RestoreOptions | None = None) -> Restored:
+    """Decrypt into a restricted, guarded psql in one transaction, releasing the held-back end
+    only when everything verified; on any failure psql is killed and nothing is committed. A
+    failure once psql started is final (BackupError) unless the target is as it was before."""
+    options = options or RestoreOptions()
     log(f"restoring {fetched.label} into '{shown(target.database)}'")
     began = time.monotonic()
+    before = target_state(target, psql)
+    session = f"backupkit-restore-{secrets.token_hex(8)}"
+    try:
+        return _restore(fetched, target, psql, options, session, began)
+    except (BackupError, Refused) as exc:
+        error = _refused(exc) if isinstance(exc, Refused) else exc
+        raise _after_failure(error, fetched, target, psql, session, before) from None
+
+
+def _restore(fetched: Fetched, target: DatabaseTarget, psql: str, options: RestoreOptions, session: str,
+             began: float) -> Restored:
     plaintext = Tally()
     with Pipeline() as pipeline:
         reader = DumpReader(pipeline, fetched)
         restore = pipeline.start(
             "psql",
             [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", *target.args()],
-            env=target.env(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, die_with_parent=True,
+            env={**target.env(), "PGAPPNAME": session}, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            die_with_parent=True,
         )
-        feed = RestrictedInput(restore.stdin)
-        held, broken = hold_back(reader.stdout, feed, plaintext)
-        reader.finish()
-        _check_dump(plaintext, held, fetched)
-        if not broken:
+        guard = SqlGuard(restore.stdin.write, restrict_key=secrets.token_hex(32), seal=True,
+                         statement_timeout_ms=int(options.statement_timeout.total_seconds() * 1000))
+        with _Deadline(options.timeout.total_seconds(), lambda: [restore, *pipeline.stages]) as deadline:
             try:
-                feed.write(held, last=True)
-                restore.stdin.close()
-            except BrokenPipeError:
-                pass
-        if restore.wait() != 0:
-            message = restore.describe_failure()
-            if "restricted" in message or "\\unrestrict" in message:
-                raise VerificationError(
-                    f"the restore was refused and rolled back: {message} — the dump holds psql commands (\\! would run "
-                    "a shell command here), which pg_dump never writes: this backup was not made by the backup job; "
-                    "keep it out of restores and tell the team", Problem.BAD_CONTENT)
-            if "other objects depend on it" in message:
-                message += (" — the target holds objects the backup does not (the app's newer tables, say) that depend "
-                            "on tables the backup replaces: restore into a new, empty database instead, or drop those "
-                            "objects first (runbook, 'Over a database the app has already started')")
-            raise BackupError(f"the restore failed and was rolled back: {message}")
+                held, broken, refused = hold_back(_Bounded(reader.stdout, plaintext, fetched), guard, deadline.expired,
+                                                  defer=fetched.manifest is None)
+                if not deadline.expired.is_set():
+                    reader.finish()
+                    _check_dump(plaintext, held, fetched)
+                    if refused is not None:
+                        raise refused
+                    if not broken:
+                        try:
+                            guard.feed(held)
+                            guard.finish()
+                            restore.stdin.close()
+                        except BrokenPipeError:
+                            pass
+            except BackupError:
+                if not deadline.expired.is_set():
+                    raise  # else: a stage the deadline killed says so, the deadline is why
+            code = restore.wait()
+        if code != 0 and deadline.expired.is_set():  # psql's exit status 0: it committed in time
+            raise VerificationError(f"the restore did not finish within {format_age(options.timeout)} and was stopped; "
+                                    "nothing is committed: raise --timeout (BACKUP_RESTORE_TIMEOUT) if the backup is "
+                                    "that big", Problem.BAD_CONTENT)
+        if code != 0:
+            raise _psql_failure(restore.describe_failure())
     return Restored(plaintext.size, time.monotonic() - began)
+
+
+def _after_failure(error: BackupError, fetched: Fetched, target: DatabaseTarget, psql: str, session: str,
+                   before: str) -> BackupError:
+    """A restore failed once psql had started: the target must be as it was for an older backup
+    to be tried on it (`--latest` goes on after a VerificationError only)."""
+    try:
+        end_sessions(target, psql, session)
+        after = target_state(target, psql)
+    except BackupError as exc:
+        return BackupError(f"{fetched.label}: {error} — and whether the target '{shown(target.database)}' is as it was "
+                           f"cannot be checked ({exc}): no other backup is restored over it; look at it, or restore into "
+                           "a new, empty database")
+    if after != before:
+        return BackupError(f"{fetched.label}: {error} — and the target '{shown(target.database)}' changed while it ran "
+                           "(its objects, their storage or the role's settings are not as before): no other backup is "
+                           "restored over it; look at it, or restore into a new, empty database")
+    if isinstance(error, VerificationError):
+        return VerificationError(f"{error} (the target is as it was before)", error.problem)
+    return error
+
+
