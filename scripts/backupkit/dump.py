@@ -241,9 +241,9 @@ def verify_dump(fetched: Fetched) -> dict[str, Any]:
                     try:
                         guard.feed(chunk)
                     except Refused as exc:
-                        if fetched.manifest is not None:
-                            raise
-                        refused = exc  # without a manifest, a wrong passphrase looks the same: see the end
+                        # Read on: a corrupted stream (or, without a manifest, a wrong passphrase)
+                        # also yields what pg_dump never writes, and that is the failure to name.
+                        refused = exc
             reader.finish()
             _check_dump(plaintext, tail.data, fetched)
             if refused is not None:
@@ -254,13 +254,14 @@ def verify_dump(fetched: Fetched) -> dict[str, Any]:
     return {"plaintext_size": plaintext.size, "trailer": True}
 
 
-def hold_back(src: _Bounded, guard: SqlGuard, stop: threading.Event, *, defer: bool,
+def hold_back(src: _Bounded, guard: SqlGuard, stop: threading.Event,
               keep: int = HOLD_BACK) -> tuple[bytes, bool, Refused | None]:
     """Copy src → guard (→ psql) except the last `keep` bytes, which are returned for the caller
     to release only once the whole stream verified. If psql's input breaks (psql died), or the
-    guard refuses and `defer` (a dump without manifest: a wrong passphrase also yields bytes
-    pg_dump never writes, and decryption's own failure comes at the end), src is still read to the
-    end and hashed, unless `stop` is set. Returns (held tail, psql's input given up, refusal)."""
+    guard refuses, nothing more reaches psql but src is still read to the end and hashed (unless
+    `stop` is set): a corrupted stream, or without a manifest a wrong passphrase, also yields
+    bytes pg_dump never writes, and the failure to name is the one found at the end. Returns
+    (held tail, psql's input given up, refusal)."""
     # Whole chunks are held and released as they are: no byte is copied on the way (the dump can
     # be hundreds of GB, and this core is shared with psql's).
     held: collections.deque[bytes] = collections.deque()
@@ -279,8 +280,6 @@ def hold_back(src: _Bounded, guard: SqlGuard, stop: threading.Event, *, defer: b
                 except BrokenPipeError:
                     broken = True
                 except Refused as exc:
-                    if not defer:
-                        raise
                     broken, refused = True, exc
     return b"".join(held), broken, refused
 
@@ -370,8 +369,7 @@ def _restore(fetched: Fetched, target: DatabaseTarget, psql: str, options: Resto
                          statement_timeout_ms=int(options.statement_timeout.total_seconds() * 1000))
         with _Deadline(options.timeout.total_seconds(), lambda: [restore, *pipeline.stages]) as deadline:
             try:
-                held, broken, refused = hold_back(_Bounded(reader.stdout, plaintext, fetched), guard, deadline.expired,
-                                                  defer=fetched.manifest is None)
+                held, broken, refused = hold_back(_Bounded(reader.stdout, plaintext, fetched), guard, deadline.expired)
                 if not deadline.expired.is_set():
                     reader.finish()
                     _check_dump(plaintext, held, fetched)
