@@ -401,6 +401,28 @@ def write_property(client: Any, bucket: str, prop: str, value: Any) -> None:
         raise explain(exc, f"set the {prop.replace('_', ' ')} of s3://{bucket}") from exc
 
 
+def why_no_retain_until(client: Any, bucket: str) -> str:
+    """Why S3 gave no retain-until date for some versions, as far as the bucket's Object Lock
+    configuration tells (said once under a listing, not per version)."""
+    unknown = ("S3 returned no lock date: no lock was applied (e.g. an endpoint without Object Lock), or this "
+               "identity may not read retention (s3:GetObjectRetention)")
+    try:
+        config = _READERS["object_lock"](client, bucket)
+    except Exception as exc:  # noqa: BLE001 - not allowed to read it, or not implemented: say both causes
+        if error_code(exc) == "ObjectLockConfigurationNotFoundError":
+            return "the bucket has no Object Lock, so nothing in it is locked (setup_bucket.py --check says what to fix)"
+        return unknown
+    described = _describe_lock(config)
+    if described == "Object Lock not enabled":
+        return "the bucket has no Object Lock, so nothing in it is locked (setup_bucket.py --check says what to fix)"
+    if described == "enabled, no default retention":
+        return ("the bucket's Object Lock has no default retention, so only versions written with a lock of their own "
+                "are locked (setup_bucket.py --check says what to fix)")
+    return (f"the bucket locks new versions ({described}), but S3 returned no lock date for these: written before "
+            "that rule, or by an endpoint that ignores Object Lock, or this identity may not read retention "
+            "(s3:GetObjectRetention)")
+
+
 def _message(exc: BaseException) -> str:
     response = getattr(exc, "response", None) or {}
     return response.get("Error", {}).get("Message") or str(exc)
