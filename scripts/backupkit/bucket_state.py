@@ -60,17 +60,23 @@ def bucket_arn(bucket: str) -> str:
     return f"arn:aws:s3:::{bucket}"
 
 
-def write_only(bucket: str) -> dict[str, Any]:
+def writable(bucket: str, environment: str | None = None) -> str:
+    """Where a writer may write: the whole bucket, or one environment's folder."""
+    return f"{bucket_arn(bucket)}/{environment}/*" if environment else f"{bucket_arn(bucket)}/*"
+
+
+def write_only(bucket: str, environment: str | None = None) -> dict[str, Any]:
     """What the backup scripts need, and nothing else: they cannot read, list, delete or shorten
-    a lock."""
+    a lock. With `environment`, only under that environment's folder: one writer per environment,
+    so the staging job cannot plant objects among production's backups."""
     return _policy({"Sid": "WriteBackups", "Effect": "Allow", "Action": ["s3:PutObject"],
-                    "Resource": [f"{bucket_arn(bucket)}/*"]})
+                    "Resource": [writable(bucket, environment)]})
 
 
-def write_only_recommended(bucket: str) -> dict[str, Any]:
+def write_only_recommended(bucket: str, environment: str | None = None) -> dict[str, Any]:
     """write_only plus aborting one's own failed multipart uploads (touches unfinished uploads only)."""
     return _policy({"Sid": "WriteBackups", "Effect": "Allow", "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
-                    "Resource": [f"{bucket_arn(bucket)}/*"]})
+                    "Resource": [writable(bucket, environment)]})
 
 
 READ_BUCKET_ACTIONS = [
@@ -116,10 +122,12 @@ def administer(bucket: str) -> dict[str, Any]:
     )
 
 
-def policies(bucket: str) -> dict[str, dict[str, Any]]:
+def policies(bucket: str, environment: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every policy; with `environment`, the writers' are that environment's (the readers and
+    the administrator stay bucket-wide: the daily checks and restores need no more than read)."""
     return {
-        "write_only": write_only(bucket),
-        "write_only_recommended": write_only_recommended(bucket),
+        "write_only": write_only(bucket, environment),
+        "write_only_recommended": write_only_recommended(bucket, environment),
         "read_only": read_only(bucket),
         "administer": administer(bucket),
     }
