@@ -16,7 +16,10 @@ from backupkit.manifest import KINDS, Backup, Catalogue, catalogue, iso, read_re
 from backupkit.output import log, shown
 from backupkit.progress import human_bytes
 
-DESCRIPTION = """\
+SHOWN_PER_PROBLEM = 5  # versions shown per problem (the newest); the others are counted
+MAX_LISTING_READS = 5000  # manifests a listing reads, newest first: 200 days of hourly backups
+
+DESCRIPTION = f"""\
 List every version of every backup of ENVIRONMENT (all pages, all versions: two backups in the
 same second are both shown), newest first by when S3 stored it, with the time its name says it
 started, its size, its status and until when Object Lock retains it.
@@ -28,8 +31,8 @@ days before S3 stored it: not how a backup run looks; never used as "latest", ne
 fresh). Each problem is explained under the table.
 
 Planted objects cannot make the listing long or slow: every usable backup is shown, but of each
-problem only the newest 5 versions, the others counted under the table; a listing reads at most
-5,000 manifests, newest first, and counts the older versions it did not check. --all shows and
+problem only the newest {SHOWN_PER_PROBLEM} versions, the others counted under the table; a listing reads at most
+{MAX_LISTING_READS:,} manifests, newest first, and counts the older versions it did not check. --all shows and
 reads every one. RETAIN UNTIL is read (one HEAD each) for the versions shown; a "-" there is
 explained once under the table.
 
@@ -69,10 +72,6 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_heartbeat_arg(p)
     cli.add_output_args(p)
     return p
-
-
-SHOWN_PER_PROBLEM = 5  # versions shown per problem (the newest); the others are counted
-MAX_LISTING_READS = 5000  # manifests a listing reads, newest first: 200 days of hourly backups
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -369,6 +370,11 @@ class Listed(NamedTuple):
     storage_class: str | None
 
 
+def _storage_class(listed: dict[str, Any]) -> str | None:
+    value = listed.get("StorageClass")
+    return sys.intern(value) if isinstance(value, str) and len(value) < 64 else None  # one copy each, not one per version
+
+
 def list_versions(client: Any, bucket: str, prefix: str) -> Iterator[Listed]:
     """Every object version under prefix (delete markers excluded), page by page, as compact
     tuples; falls back to plain listing where versions cannot be listed."""
@@ -380,14 +386,14 @@ def list_versions(client: Any, bucket: str, prefix: str) -> Iterator[Listed]:
                     vid = v.get("VersionId")
                     yielded = True
                     yield Listed(v["Key"], None if vid in (None, "null") else vid, v["LastModified"], v["Size"],
-                                 v.get("StorageClass"))
+                                 _storage_class(v))
             return
         except Exception as exc:
             if yielded or error_code(exc) not in ("NotImplemented", "MethodNotAllowed"):
                 raise
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for o in page.get("Contents", []):
-                yield Listed(o["Key"], None, o["LastModified"], o["Size"], o.get("StorageClass"))
+                yield Listed(o["Key"], None, o["LastModified"], o["Size"], _storage_class(o))
 
 
 def suspicion(backup: Backup) -> str | None:
@@ -462,10 +468,10 @@ class Catalogue:
     def _wanted(self, backup: Backup) -> list[ManifestVersion]:
         """The manifest versions that may be `backup`'s, in the order S3 stored them."""
         versions = self._manifests.get(backup.key, [])
+        since = 0
         if backup.version_id is not None and versions:
             since = bisect.bisect_left(versions, backup.last_modified - STORED_LEEWAY, key=lambda m: m.last_modified)
-            versions = versions[since:]
-        return versions[:MAX_MANIFESTS_PER_VERSION]
+        return versions[since:since + MAX_MANIFESTS_PER_VERSION]
 
     def _to_read(self, backup: Backup, read_archived: bool) -> list[tuple[str, ManifestVersion]]:
         if backup.checked or (backup.archived and not read_archived):
@@ -495,6 +501,11 @@ class Catalogue:
             if slot not in self._read and slot not in self._pending:
                 self._pending[slot] = self._pool.submit(self._read_one, item)
                 self.reads += 1
+
+    def _harvest(self) -> None:
+        """Keep the reads already done, so that `_pending` counts only those in flight."""
+        for slot in [slot for slot, future in self._pending.items() if future.done()]:
+            self._read[slot] = self._pending.pop(slot).result()
 
     def _collect(self, backup: Backup) -> None:
         """Wait for the reads of `backup`'s manifest versions."""
@@ -551,6 +562,7 @@ class Catalogue:
                         yield backup
                         continue
                     self._submit(needed)
+                    self._harvest()
                     horizon = max(horizon, i + 1)
                     while len(self._pending) < READ_AHEAD and horizon < len(backups) and (budget is None or self.reads < budget):
                         self._submit(self._to_read(backups[horizon], read_archived))

@@ -237,7 +237,7 @@ class BucketReader:
 
     def versions_said(self, versions: list[Backup]) -> str:
         named = self.catalogue().check(versions[:VERSIONS_NAMED])
-        said = "; ".join(f"{shown(b.version_id)} stored {iso(b.last_modified)} ({b.status})" for b in named)
+        said = "; ".join(f"{shown(b.version_id or 'null')} stored {iso(b.last_modified)} ({b.status})" for b in named)
         more = f"; and {len(versions) - len(named)} older" if len(versions) > len(named) else ""
         return f"Its versions, newest first: {said}{more} (list_backups.py --kind {self.kind} lists them)"
 
