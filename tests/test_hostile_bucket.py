@@ -738,11 +738,11 @@ def test_twenty_thousand_planted_objects_leave_listings_and_latest_bounded(run, 
     Measured with this flood on the shared 2-core development machine (moto in the test process;
     a script that lists nothing peaks at 52 MiB; times vary with the load, so the bounds below are
     relative to one listing measured in the same run):
-                              before (one listing: 42 s)        after (one listing: 63 s, busier)
-      list_backups            104 s, 115 MiB, 35,002 lines      63 s, 74 MiB, 24 lines
-      list_backups --max-age   56 s, 104 MiB, 35,003 lines      70 s, 74 MiB, 25 lines
-      verify --latest          53 s,  94 MiB, 34,982 lines      64 s, 74 MiB, 24 lines
-      fetch --latest           74 s,  86 MiB, 17,492 lines      58 s, 73 MiB, 13 lines
+                              before (one listing: 42 s)        after (one listing: 48 s)
+      list_backups            104 s, 115 MiB, 35,002 lines      55 s, 73 MiB, 24 lines
+      list_backups --max-age   56 s, 104 MiB, 35,003 lines      50 s, 72 MiB, 25 lines
+      verify --latest          53 s,  94 MiB, 34,982 lines      54 s, 73 MiB, 24 lines
+      fetch --latest           74 s,  86 MiB, 17,492 lines      56 s, 72 MiB, 13 lines
     Before, every version was HEADed and every manifest read; after, a script costs one listing
     plus one GET per planted manifest newer than the answer (2,500 here) and a HEAD per row shown.
     """
