@@ -25,7 +25,9 @@ manifest's key_id and checks both hashes on its own:
 The download goes to a temporary name beside FILE (mode 0600) and is renamed only once it
 verified, so FILE is never a partial backup. An existing FILE is replaced.
 --latest takes the newest complete backup whose download verifies, naming the newer ones it
-skipped and why.
+skipped and why (the first 10; the others are counted per reason). --key takes one backup: when
+its key has more than one version (a writer can add one at any time), --version-id says which,
+and without it the error lists them.
 """
 
 EPILOG = """\
@@ -97,7 +99,7 @@ def main(argv: list[str]) -> int:
     result = {"key": backup.key, "version_id": backup.version_id, "file": out, "manifest_file": out + MANIFEST_SUFFIX,
               "size": manifest["encrypted_size"], "encrypted_sha256": manifest["encrypted_sha256"],
               "key_id": manifest["key_id"], "compression": manifest.get("compression", "none"),
-              "skipped": [s.to_json() for s in retrieved.skipped]}
+              "skipped": [s.to_json() for s in retrieved.skipped], "skipped_count": retrieved.skipped.total}
     cli.print_result(result, args.json,
                      f"fetched s3://{bucket}/{backup.label()} to {shown(args.out)} ({human_bytes(manifest['encrypted_size'])}, "
                      f"SHA-256 checked against its manifest, written beside it as {shown(args.out)}{MANIFEST_SUFFIX}; "

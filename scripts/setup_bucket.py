@@ -26,6 +26,12 @@ The wanted state:
 Policies: write_only (s3:PutObject only: what the backup scripts need), write_only_recommended
 (also s3:AbortMultipartUpload, so a failed backup cleans up after itself), read_only (list,
 restore, fetch, verify and --check), administer (what --apply needs).
+
+With --environment E, --print-policies prints writers that may write only
+under E/ (arn:aws:s3:::BUCKET/E/*): give each environment's backup jobs their own writer, so a
+staging job (or whoever steals its credentials) cannot plant objects among production's backups.
+Without it, the writers may write anywhere in the bucket. (BACKUP_ENVIRONMENT is not read here:
+whoever administers the bucket names the environment of each writer explicitly.)
 """
 
 EPILOG = """\
@@ -33,7 +39,8 @@ examples:
   scripts/setup_bucket.py --bucket acme-external-backups --region eu-central-1 --apply --dry-run
   scripts/setup_bucket.py --bucket acme-external-backups --region eu-central-1 --apply
   scripts/setup_bucket.py --bucket acme-external-backups --check
-  scripts/setup_bucket.py --bucket acme-external-backups --print-policies | jq .write_only
+  scripts/setup_bucket.py --bucket acme-external-backups --print-policies | jq .read_only
+  scripts/setup_bucket.py --bucket acme-external-backups --environment production --print-policies | jq .write_only
 """
 
 
@@ -42,6 +49,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--bucket", default=os.environ.get("BACKUP_BUCKET"),
                    help="the external backup bucket (env BACKUP_BUCKET)")
     p.add_argument("--region", help="where to create the bucket (default: AWS_REGION / the profile's region)")
+    p.add_argument("--environment", help="with --print-policies: the writers may write only under this environment's "
+                                         "folder, e.g. production")
     p.add_argument("--retention-days", type=int, default=bucket_state.DEFAULT_RETENTION_DAYS,
                    help="Object Lock default retention in days (default: %(default)s)")
     p.add_argument("--expire-days", type=int, default=bucket_state.DEFAULT_EXPIRE_DAYS,
@@ -112,9 +121,14 @@ def main(argv: list[str]) -> int:
                               args.allow_plain_http).validate()
     if args.dry_run and not args.apply:
         raise UsageError("--dry-run goes with --apply")
+    if args.environment and not args.print_policies:
+        raise UsageError("--environment goes with --print-policies (the bucket itself is shared by every environment)")
 
     if args.print_policies:
-        cli.print_result(bucket_state.policies(bucket), True, "")
+        environment = config.environment_name(args.environment) if args.environment else None
+        if environment:
+            log(f"the writers' policies allow writing under s3://{bucket}/{environment}/ only")
+        cli.print_result(bucket_state.policies(bucket, environment), True, "")
         return 0
 
     client = s3.external_client(region=args.region)

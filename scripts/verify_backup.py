@@ -15,7 +15,7 @@ from backupkit.manifest import KINDS, Backup, iso
 from backupkit.output import log, md_code, shown
 from backupkit.postgres import client_binary, row_counts
 from backupkit.progress import human_bytes
-from backupkit.retrieve import BucketReader, Fetched, Skip
+from backupkit.retrieve import BucketReader, Fetched, Skips
 from backupkit.verify import verify_fetched
 
 DESCRIPTION = """\
@@ -30,11 +30,15 @@ Verify backups the way a restore would read them, without writing any plaintext 
 One line per backup, OK or FAILED with the reason; exit 1 if any failed.
 
 Which backups:
-  --latest          the newest backup that verifies; newer ones that do not are listed as
-                    SKIPPED with the reason (exit 0 as long as one verifies)
-  --key K           one backup (every failure counts); --version-id V picks one version
+  --latest          the newest backup that verifies; newer ones that do not (or that S3
+                    will not hand over: an archived storage class) are listed as SKIPPED with
+                    the reason, the first 10 by name, the rest counted (exit 0 as long as one
+                    verifies)
+  --key K           one backup (every failure counts); --version-id V picks one version, and
+                    is needed when the key has more than one (a writer can add one any time)
   --since DURATION  every backup, every version, started within DURATION (e.g. 1d): the
-                    daily check; exit 1 if any of them fails or there is none
+                    daily check; exit 1 if any of them fails (an unreadable one too) or there
+                    is none
 
 A dump's content is also read as psql would read it: one that holds what a plain pg_dump of one
 database never writes (psql commands, COMMIT, ALTER ROLE, COPY … PROGRAM, …) fails. Never more
@@ -143,13 +147,13 @@ def main(argv: list[str]) -> int:
 
     reader = BucketReader(s3.external_client(), bucket, environment, args.kind, passphrases)
     results: list[dict[str, Any]] = []
-    skipped: list[Skip] = []
+    skipped = Skips()
 
     def work(fetched: Fetched) -> dict[str, Any]:
         return check(fetched, target, psql, limits)
 
     if args.since:
-        backups = [b for b in reader.catalogue().backups if now - b.taken_at <= args.since]
+        backups = reader.since(args.since, now)
         if not backups:
             raise BackupError(f"no {args.kind} backup started within the last {format_age(args.since)} in "
                               f"s3://{bucket}/{environment}/{args.kind}/: check the scheduled backups")
@@ -172,17 +176,19 @@ def main(argv: list[str]) -> int:
             backup = options[0]
             results.append(outcome(backup, False, reason=str(exc).removeprefix(f"{backup.label()}: "), problem=exc.problem))
         if not args.json:
-            lines = [f"SKIPPED {s.line()}" for s in skipped] + [describe(backup, results[-1])]
+            lines = [f"SKIPPED {s.line()}" for s in skipped] + ([f"SKIPPED {skipped.more()}"] if skipped.more() else [])
+            lines.append(describe(backup, results[-1]))
             cli.print_result(None, False, "\n".join(lines))
 
     report(args, environment, results, skipped)
     return 0
 
 
-def report(args: Any, environment: str, results: list[dict[str, Any]], skipped: list[Skip]) -> None:
+def report(args: Any, environment: str, results: list[dict[str, Any]], skipped: Skips) -> None:
     failed = [r for r in results if not r["ok"]]
     if args.json:
-        cli.print_result({"ok": not failed, "results": results, "skipped": [s.to_json() for s in skipped]}, True, "")
+        cli.print_result({"ok": not failed, "results": results, "skipped": [s.to_json() for s in skipped],
+                          "skipped_count": skipped.total}, True, "")
     rows = "".join(f"| {md_code(r['key'])} | {md_code(r['version_id'])} | "
                    f"{'OK' if r['ok'] else 'FAILED: ' + md_code(r['reason'])} |\n" for r in results)
     cli.step_summary(f"### Verify {args.kind} backups: {environment}\n\n| key | version | result |\n|---|---|---|\n{rows}")

@@ -849,3 +849,229 @@ def test_manifest_json_nested_too_deep_is_a_bad_manifest(run, pg, sample_db, s3s
     done = run("list_backups.py", "--json", "--kind", "database")
     assert done.returncode == 0, done.stderr
     assert {b["key"]: b["status"] for b in json.loads(done.stdout)} == {key: "bad manifest", genuine["key"]: "complete"}
+
+
+# -- 12. a key alone does not name a backup: a writer can add a version to it at any time ------------
+def test_a_planted_newer_version_of_a_key_is_never_used_without_its_version_id(run, pg, sample_db, scratch_db, s3server,
+                                                                                bucket, tmp_path):
+    """The writer copies a newer genuine backup (it verifies: the worst case) as a new version of an
+    older backup's key: `--key OLDER`, the runbook's point-in-time restore, would take it."""
+    client = s3server.client()
+    older = database_backup(run, pg=pg, started_at=at(2))
+    newer = database_backup(run, pg=pg, started_at=at(1))
+    body = client.get_object(Bucket=bucket, Key=newer["key"])["Body"].read()
+    planted = put_with_manifest(client, bucket, older["key"], body, newer)
+    file_name = older["key"].rsplit("/", 1)[1]
+
+    def refused(done) -> None:
+        assert done.returncode == 1, done.stdout + done.stderr
+        line = one_error(done, "2 versions", "--version-id")
+        assert older["version_id"] in line and planted["version_id"] in line and "complete" in line
+        assert line.index(planted["version_id"]) < line.index(older["version_id"])  # newest first, with when S3 stored it
+
+    refused(run("restore_database.py", "--key", file_name, "--target-database-url", pg.url(scratch_db)))
+    assert public_tables(pg, scratch_db) == "0"
+    refused(run("verify_backup.py", "--kind", "database", "--key", older["key"]))
+    out = tmp_path / "fetched.encrypted"
+    refused(run("fetch_backup.py", "--kind", "database", "--key", older["key"], "--out", str(out)))
+    assert list(tmp_path.iterdir()) == []
+
+    # Named with its version, the genuine one restores; the plant is only ever taken on purpose.
+    done = run("restore_database.py", "--key", older["key"], "--version-id", older["version_id"],
+               "--target-database-url", pg.url(scratch_db), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["version_id"] == older["version_id"]
+    done = run("fetch_backup.py", "--kind", "database", "--key", older["key"], "--version-id", planted["version_id"],
+               "--out", str(out), "--json")
+    assert json.loads(done.stdout)["version_id"] == planted["version_id"]
+
+
+def test_a_planted_newer_version_of_a_files_backup_is_never_restored_without_its_version_id(run, s3server, bucket):
+    client = s3server.client()
+    genuine = upload_archive(client, bucket, at(2), zip_of([("a.txt", b"genuine", ATTRS)]), PASSPHRASE, 1)
+    other = upload_archive(client, bucket, at(1), zip_of([("a.txt", b"planted", ATTRS)]), PASSPHRASE, 1)
+    body = client.get_object(Bucket=bucket, Key=other["key"])["Body"].read()
+    planted = put_with_manifest(client, bucket, genuine["key"], body, other)
+    target = new_bucket(s3server)
+    done = run("restore_files.py", "--key", genuine["key"], "--target-bucket", target)
+    assert done.returncode == 1
+    line = one_error(done, "2 versions", "--version-id")
+    assert genuine["version_id"] in line and planted["version_id"] in line
+    assert snapshot(client, target) == {}
+    done = run("restore_files.py", "--key", genuine["key"], "--version-id", genuine["version_id"], "--target-bucket", target)
+    assert done.returncode == 0, done.stderr
+    assert client.get_object(Bucket=target, Key="a.txt")["Body"].read() == b"genuine"
+
+
+# -- 13. a backup S3 will not hand over (an archived storage class) is skipped, never a dead end ---------
+def plant_archived(client, bucket: str, started_at, dump: bytes, storage_class: str = "GLACIER") -> dict:
+    """A consistent planted dump (valid manifest, right size and hashes) stored in an archived class."""
+    from backupkit import crypto
+    from backupkit.manifest import build_manifest, write_manifest
+    from tests.backup_factory import sha256
+
+    body = openssl_encrypt(dump, PASSPHRASE)
+    key = backup_key(ENVIRONMENT, "database", started_at)
+    version = client.put_object(Bucket=bucket, Key=key, Body=body, StorageClass=storage_class,
+                                ChecksumAlgorithm="CRC32")["VersionId"]
+    manifest = build_manifest(kind="database", environment=ENVIRONMENT, key=key, version_id=version, started_at=started_at,
+                              completed_at=started_at, key_id=crypto.key_id(PASSPHRASE), encrypted_size=len(body),
+                              encrypted_sha256=sha256(body), plaintext_size=len(dump), plaintext_sha256=sha256(dump),
+                              source={"database": "app", "server_version": "?", "pg_dump_version": "?"})
+    write_manifest(client, bucket, manifest)
+    return manifest
+
+
+def test_an_archived_newest_plant_is_skipped_by_every_reader(run, pg, sample_db, scratch_db, s3server, bucket, genuine_dump,
+                                                              tmp_path):
+    from tests.faultproxy import FaultProxy
+
+    genuine = database_backup(run, pg=pg, started_at=at(2))
+    client = s3server.client()
+    planted = plant_archived(client, bucket, at(1), genuine_dump)
+    file_name = planted["key"].rsplit("/", 1)[1]
+
+    listed = {b["key"]: b for b in json.loads(run("list_backups.py", "--kind", "database", "--json", check=True).stdout)}
+    assert listed[planted["key"]]["status"] == "unreadable" and "GLACIER" in listed[planted["key"]]["problem"]
+    assert listed[planted["key"]]["complete"] and listed[genuine["key"]]["status"] == "complete"
+
+    # --latest: skipped as data, before any GET of it (its manifest included), and the older one used.
+    with FaultProxy(s3server.endpoint) as proxy:
+        done = run("verify_backup.py", "--kind", "database", "--latest", "--json", env={"AWS_ENDPOINT_URL": proxy.endpoint})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["results"][0]["key"] == genuine["key"]
+    assert [(s["key"], s["problem"]) for s in report["skipped"]] == [(planted["key"], "unreadable")]
+    assert "GLACIER" in report["skipped"][0]["reason"]
+    assert not [path for op, path in proxy.paths if op == "GetObject" and file_name in path]
+
+    done = run("fetch_backup.py", "--kind", "database", "--latest", "--out", str(tmp_path / "latest.encrypted"), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["key"] == genuine["key"]
+
+    done = run("restore_database.py", "--latest", "--target-database-url", pg.url(scratch_db), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["key"] == genuine["key"]
+    assert table_fingerprint(pg, scratch_db, "applications") == table_fingerprint(pg, sample_db, "applications")
+
+    # The daily drill: the same, restored into its scratch database.
+    pg.drop_database(scratch_db)
+    pg.create_database(scratch_db)
+    done = run("verify_backup.py", "--kind", "database", "--latest", "--restore-into", pg.url(scratch_db))
+    assert done.returncode == 0, done.stderr
+    assert f"SKIPPED {planted['key']}" in done.stdout and f"OK      {genuine['key']}" in done.stdout
+
+    # --since verifies every backup of the window: the genuine one OK, the plant FAILED as unreadable
+    # (a backup that cannot be read back fails the check), and nothing stops at the plant.
+    done = run("verify_backup.py", "--kind", "database", "--since", "1d")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    lines = done.stdout.splitlines()
+    assert f"OK      {genuine['key']}" in "\n".join(lines)
+    assert any(line.startswith(f"FAILED  {planted['key']}") and "GLACIER" in line for line in lines)
+
+    # Named on purpose, it is tried, and S3's refusal is explained with what to do.
+    done = run("verify_backup.py", "--kind", "database", "--key", planted["key"])
+    assert done.returncode == 1
+    assert "InvalidObjectState" in done.stdout and "restore it from the archive first" in done.stdout
+
+
+# -- 14. planted objects cost a listing entry each, never a download, a line, or a HEAD -------------
+def plant_flood(client, bucket: str, incomplete: int, bad_pairs: int, newest: float = 0.01) -> None:
+    """`incomplete` backup objects without a manifest and `bad_pairs` objects with a manifest that
+    is not valid, named one second apart up to `newest` hours ago (plausible names: not suspicious),
+    stored after everything before: newer than any genuine backup, so --latest meets them first."""
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import timedelta
+
+    start = at(newest) - timedelta(seconds=incomplete + bad_pairs)
+
+    def put(i: int) -> None:
+        key = backup_key(ENVIRONMENT, "database", start + timedelta(seconds=i))
+        client.put_object(Bucket=bucket, Key=key, Body=b"Salted__planted!")
+        if i >= incomplete:
+            client.put_object(Bucket=bucket, Key=key + ".manifest.json", Body=b'{"planted": true}')
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(put, range(incomplete + bad_pairs)))
+
+
+def test_a_flood_of_plants_is_summarised_not_listed_line_by_line(run, pg, sample_db, s3server, bucket, tmp_path):
+    genuine = database_backup(run, pg=pg, started_at=at(1))
+    plant_flood(s3server.client(), bucket, incomplete=30, bad_pairs=12)
+
+    done = run("verify_backup.py", "--kind", "database", "--latest")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len([line for line in lines if line.startswith("SKIPPED")]) == 11, lines  # 10 named, then counted
+    assert "SKIPPED 32 more: " in done.stdout and "incomplete" in lines[10] and "bad manifest" in lines[10]
+    assert lines[-1].startswith(f"OK      {genuine['key']}")
+    assert len([line for line in done.stderr.splitlines() if line.startswith("skipped ")]) == 11
+
+    done = run("fetch_backup.py", "--kind", "database", "--latest", "--out", str(tmp_path / "latest"), "--json", check=True)
+    result = json.loads(done.stdout)
+    assert result["key"] == genuine["key"] and len(result["skipped"]) == 10 and result["skipped_count"] == 42
+
+    # The listing shows every usable backup and the newest 5 of each problem, and counts the rest.
+    listing = run("list_backups.py", "--kind", "database", check=True).stdout
+    rows = [line for line in listing.splitlines() if line.startswith("20")]
+    assert len(rows) == 11 and genuine["key"] in rows[-1]
+    assert "note: 32 more versions not shown (25 incomplete, 7 bad manifest): of each problem the newest 5 are above" in listing
+    assert len(json.loads(run("list_backups.py", "--kind", "database", "--json", "--all", check=True).stdout)) == 43
+
+
+@pytest.mark.slow
+def test_twenty_thousand_planted_objects_leave_listings_and_latest_bounded(run, pg, sample_db, s3server, bucket, tmp_path):
+    """20,000 planted objects, all stored after the one genuine backup: 15,000 backups without a
+    manifest and 2,500 with a manifest that is not valid. Listing them is the floor: moto copies
+    every version of the bucket for each page of 1,000, so its own listing takes tens of seconds
+    here (an AWS listing is ~0.1-0.3 s a page). What the scripts add on top must stay small: no
+    download, no HEAD and no line per plant, one manifest GET per planted manifest at most.
+
+    Measured with this flood on the shared 2-core development machine (moto in the test process;
+    a script that lists nothing peaks at 52 MiB; times vary with the load, so the bounds below are
+    relative to one listing measured in the same run):
+                              before (one listing: 42 s)        after (one listing: 48 s)
+      list_backups            104 s, 115 MiB, 35,002 lines      55 s, 73 MiB, 24 lines
+      list_backups --max-age   56 s, 104 MiB, 35,003 lines      50 s, 72 MiB, 25 lines
+      verify --latest          53 s,  94 MiB, 34,982 lines      54 s, 73 MiB, 24 lines
+      fetch --latest           74 s,  86 MiB, 17,492 lines      56 s, 72 MiB, 13 lines
+    Before, every version was HEADed and every manifest read; after, a script costs one listing
+    plus one GET per planted manifest newer than the answer (2,500 here) and a HEAD per row shown.
+    """
+    import time
+
+    from tests.conftest import versions
+
+    genuine = database_backup(run, pg=pg, started_at=at(0.5))
+    client = s3server.client()
+    plant_flood(client, bucket, incomplete=15_000, bad_pairs=2_500)
+    began = time.monotonic()
+    assert len(versions(client, bucket, f"{ENVIRONMENT}/database/")) == 20_002  # and the genuine backup's manifest
+    floor = time.monotonic() - began  # moto's own cost of one full listing
+
+    figures = {}
+
+    def measured(name: str, *args: str):
+        began = time.monotonic()
+        done, memory = run.measured(*args, interval=0.05, timeout=900)
+        figures[name] = (time.monotonic() - began, memory.peak_process_kib / 1024)
+        print(f"{name}: {figures[name][0]:.1f} s, peak {figures[name][1]:.0f} MiB (one listing: {floor:.1f} s)")
+        assert len(done.stdout) + len(done.stderr) < 20_000, done.stdout + done.stderr  # no line per plant
+        return done
+
+    done = measured("list_backups", "list_backups.py", "--kind", "database")
+    assert done.returncode == 0, done.stderr
+    assert "note: 17,490 more versions not shown (14,995 incomplete, 2,495 bad manifest)" in done.stdout
+    done = measured("list_backups --max-age", "list_backups.py", "--kind", "database", "--max-age", "2h", "--no-retention")
+    assert done.returncode == 0 and f"fresh: database: newest usable backup {genuine['key']}" in done.stderr
+    done = measured("verify --latest", "verify_backup.py", "--kind", "database", "--latest", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    # (the plants stored in the genuine backup's second, with older names, sort after it)
+    assert report["results"][0]["key"] == genuine["key"] and 17_000 < report["skipped_count"] <= 17_500
+    done = measured("fetch --latest", "fetch_backup.py", "--kind", "database", "--latest", "--out", str(tmp_path / "b"))
+    assert done.returncode == 0, done.stderr
+
+    for name, (seconds, mib) in figures.items():
+        assert mib < 100, f"{name}: peak {mib:.0f} MiB"
+        assert seconds < 2 * floor + 60, f"{name}: {seconds:.0f} s against {floor:.0f} s for one listing"

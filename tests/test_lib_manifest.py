@@ -12,6 +12,7 @@ import pytest
 from moto import mock_aws
 
 from backupkit import crypto
+from backupkit import manifest as manifest_module
 from backupkit.errors import Problem, VerificationError
 from backupkit.manifest import (
     MAX_MANIFEST_BYTES,
@@ -126,6 +127,7 @@ def test_the_catalogue_orders_by_when_s3_stored_each_backup_and_flags_suspicious
     last = put_backup(s3, now - timedelta(hours=1))
     s3.put_object(Bucket="ext", Key="production/database/not-a-backup.txt", Body=b"?")
     found = catalogue(s3, "ext", "production", ("database",))
+    found.check()
     keys = [b.key for b in found.backups]
     assert set(keys) == {first["key"], plant["key"], last["key"]}
     assert keys.index(last["key"]) < keys.index(first["key"])  # stored later, listed first
@@ -139,7 +141,7 @@ def test_the_first_manifest_stored_for_a_version_wins(s3):
     genuine = put_backup(s3, datetime.now(UTC) - timedelta(hours=1))
     s3.put_object(Bucket="ext", Key=genuine["key"] + ".manifest.json",
                   Body=json.dumps({**genuine, "encrypted_sha256": "cd" * 32}).encode())
-    [backup] = catalogue(s3, "ext", "production", ("database",)).backups
+    [backup] = catalogue(s3, "ext", "production", ("database",)).check()
     assert backup.manifest["encrypted_sha256"] == HEX
 
 
@@ -150,7 +152,7 @@ def test_problems_come_back_as_data(s3):
     oversized = put_backup(s3, now - timedelta(hours=2))
     s3.put_object(Bucket="ext", Key=oversized["key"], Body=b"y" * 10)  # a second version: its manifest is too big
     corrupt = put_backup(s3, now - timedelta(hours=1), encrypted_size=99)
-    backups = catalogue(s3, "ext", "production", ("database",)).backups
+    backups = catalogue(s3, "ext", "production", ("database",)).check()
     problems = {(b.key, b.version_id): b.problem for b in backups}
     assert problems[(incomplete, backups[-1].version_id)] is Problem.INCOMPLETE
     assert Problem.CORRUPT in {p for (k, _), p in problems.items() if k == corrupt["key"]}
@@ -164,3 +166,69 @@ def test_key_ids_name_passphrases_without_revealing_them():
     with pytest.raises(VerificationError, match="mistyped"):
         crypto.pick_passphrase(crypto.key_id("the right one"), ["a wrong one"])
     assert crypto.pick_passphrase(crypto.key_id("old\n"), ["new", "old"]) == "old\n"  # before the one-line rule
+
+
+# -- the catalogue reads manifests only as far as a reader goes ------------------------------------
+def plant_incomplete(client, started: datetime) -> str:
+    key = backup_key("production", "database", started, "zstd")
+    client.put_object(Bucket="ext", Key=key, Body=b"x")
+    return key
+
+
+def test_listing_reads_no_manifest_and_walking_reads_only_what_it_reaches(s3):
+    now = datetime.now(UTC).replace(microsecond=0)
+    older = [put_backup(s3, now - timedelta(hours=5, minutes=n)) for n in range(40)]
+    genuine = put_backup(s3, now - timedelta(hours=2))
+    for n in range(30):  # incomplete plants, newer: known from the listing alone
+        plant_incomplete(s3, now - timedelta(hours=1, minutes=n))
+    found = catalogue(s3, "ext", "production", ("database",))
+    assert found.reads == 0 and len(found.backups) == 71
+    newest = next(b for b in found.walk(found.backups) if b.usable)
+    assert newest.key == genuine["key"]
+    assert found.reads <= 1 + manifest_module.READ_AHEAD < len(older)  # the genuine one's, and a few ahead
+    skipped = [b for b in found.backups if b.checked and b.problem is Problem.INCOMPLETE]
+    assert len(skipped) == 30
+
+
+def test_a_walk_with_a_budget_leaves_the_rest_unchecked(s3):
+    now = datetime.now(UTC).replace(microsecond=0)
+    for n in range(6):
+        put_backup(s3, now - timedelta(hours=n + 1))
+    incomplete = plant_incomplete(s3, now - timedelta(hours=9))
+    found = catalogue(s3, "ext", "production", ("database",))
+    walked = list(found.walk(found.backups, budget=2))
+    valid = [b for b in walked if b.key != incomplete]
+    assert [b.checked for b in valid] == [True, True, False, False, False, False]
+    assert not valid[2].usable and valid[2].status == "not checked"
+    [planted] = [b for b in walked if b.key == incomplete]
+    assert planted.checked and planted.problem is Problem.INCOMPLETE  # known from the listing: costs no read
+    assert found.reads == 2
+
+
+def test_manifests_stored_before_a_version_cannot_be_its_own_and_at_most_a_few_are_read(s3):
+    genuine = put_backup(s3, datetime.now(UTC) - timedelta(hours=1))
+    for n in range(20):  # a writer floods the manifest's key with versions, all naming the genuine version
+        s3.put_object(Bucket="ext", Key=genuine["key"] + ".manifest.json",
+                      Body=json.dumps({**genuine, "encrypted_sha256": f"{n:02d}" * 32}).encode())
+    found = catalogue(s3, "ext", "production", ("database",))
+    [backup] = found.check()
+    assert backup.manifest["encrypted_sha256"] == HEX and found.reads == manifest_module.MAX_MANIFESTS_PER_VERSION
+
+
+def test_an_archived_backup_is_unreadable_without_reading_its_manifest(s3):
+    now = datetime.now(UTC).replace(microsecond=0)
+    genuine = put_backup(s3, now - timedelta(hours=2))
+    key = backup_key("production", "database", now - timedelta(hours=1), "zstd")
+    version = s3.put_object(Bucket="ext", Key=key, Body=b"x" * 10, StorageClass="GLACIER")["VersionId"]
+    planted = manifest(started=now - timedelta(hours=1), version_id=version)
+    s3.put_object(Bucket="ext", Key=key + ".manifest.json", Body=json.dumps(planted).encode())
+
+    found = catalogue(s3, "ext", "production", ("database",))
+    newest = next(b for b in found.walk(found.backups) if b.usable)
+    assert newest.key == genuine["key"]
+    archived = found.backups[0]
+    assert (archived.key, archived.problem, archived.manifest) == (key, Problem.UNREADABLE, None)
+    assert "stored as GLACIER" in archived.detail and found.reads == 1
+    # A listing reads it, to show it is complete but unreadable.
+    [listed] = catalogue(s3, "ext", "production", ("database",), key=key).check()
+    assert listed.problem is Problem.UNREADABLE and listed.complete

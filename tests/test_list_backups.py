@@ -4,6 +4,7 @@ the kind, the newest complete backup and its age."""
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import timedelta
 
 from tests.backup_factory import ENVIRONMENT, at, database_backup, iso
@@ -78,3 +79,31 @@ def test_max_age_per_kind(run, pg, sample_db):
     assert run("list_backups.py", "--kind", "files", "--max-age", "database=1h").returncode == 2
 
 
+
+
+def test_retain_until_dash_is_explained_once_under_the_table(run, pg, sample_db, s3server, bucket):
+    """The test endpoint's bucket has Object Lock but no default retention (setup_bucket.py
+    --apply sets one): no version is locked, and the table says why once, not per row."""
+    database_backup(run, pg=pg, started_at=at(2))
+    database_backup(run, pg=pg, started_at=at(1))
+    done = run("list_backups.py", "--kind", "database", check=True)
+    notes = [line for line in done.stdout.splitlines() if "RETAIN UNTIL" in line and line.startswith("note:")]
+    assert notes == ['note: RETAIN UNTIL "-" for 2 of the 2 versions shown: the bucket\'s Object Lock has no default '
+                     "retention, so only versions written with a lock of their own are locked (setup_bucket.py --check "
+                     "says what to fix)"]
+    assert "not read (--no-retention)" in run("list_backups.py", "--no-retention", check=True).stdout
+
+    # Locked by default, every version shows its date and nothing needs saying.
+    locked = s3server.create_bucket(f"locked-{uuid.uuid4().hex[:12]}")
+    s3server.client().put_object_lock_configuration(Bucket=locked, ObjectLockConfiguration={
+        "ObjectLockEnabled": "Enabled", "Rule": {"DefaultRetention": {"Mode": "GOVERNANCE", "Days": 1}}})
+    database_backup(run, pg=pg, BACKUP_BUCKET=locked)
+    done = run("list_backups.py", env={"BACKUP_BUCKET": locked}, check=True)
+    assert "RETAIN UNTIL \"-\"" not in done.stdout and done.stdout.count("complete") == 1
+
+
+def test_a_bucket_without_object_lock_is_named_as_the_reason(run, pg, sample_db, s3server):
+    plain = s3server.create_bucket(f"plain-{uuid.uuid4().hex[:12]}", object_lock=False)
+    database_backup(run, pg=pg, BACKUP_BUCKET=plain)
+    done = run("list_backups.py", env={"BACKUP_BUCKET": plain}, check=True)
+    assert 'RETAIN UNTIL "-" for 1 of the 1 versions shown: the bucket has no Object Lock, so nothing in it is locked' in done.stdout

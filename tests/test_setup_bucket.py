@@ -411,3 +411,44 @@ def test_apply_creates_the_bucket_in_the_given_region(setup):
     assert "in eu-central-1 with Object Lock enabled" in done.stdout
     location = setup.admin.client().get_bucket_location(Bucket=setup.bucket)["LocationConstraint"]
     assert location == "eu-central-1"
+
+
+def test_a_writer_for_one_environment_backs_it_up_and_cannot_write_under_another(iam_server, pg, sample_db):
+    """One writer per environment: the staging job's credentials (or whoever stole them) cannot
+    plant objects, versions or manifests among production's backups."""
+    setup = make_setup(iam_server, {"PG_DUMP": str(pg.bin / "pg_dump"), "PSQL": str(pg.bin / "psql")})
+    setup.runner(setup.operator)(SCRIPT, "--apply", "--allow-plain-http", check=True)
+    done = Runner(base_env())(SCRIPT, "--bucket", setup.bucket, "--environment", "staging", "--print-policies", check=True)
+    scoped = json.loads(done.stdout)
+    for name in ("write_only", "write_only_recommended"):
+        assert [s["Resource"] for s in scoped[name]["Statement"]] == [[f"arn:aws:s3:::{setup.bucket}/staging/*"]]
+    everyone = printed_policies(setup.bucket)
+    assert scoped["read_only"] == everyone["read_only"] and scoped["administer"] == everyone["administer"]
+    assert everyone["write_only"]["Statement"][0]["Resource"] == [f"arn:aws:s3:::{setup.bucket}/*"]  # as before, without it
+
+    staging = iam_server.user(f"staging-writer-{setup.bucket[-12:]}", scoped["write_only"])
+    runner = setup.runner(staging)
+    done = runner("backup_database.py", "--json", env={"DATABASE_URL": pg.url(sample_db), "BACKUP_ENVIRONMENT": "staging"})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["key"].startswith("staging/database/")
+
+    done = runner("backup_database.py", env={"DATABASE_URL": pg.url(sample_db), "BACKUP_ENVIRONMENT": "production"})
+    assert done.returncode == 1
+    assert "AccessDenied" in error_lines(done.stderr)[0]
+    client = staging.client()
+    production = "production/database/2026-11-29--10-00-00.sql.zst.encrypted"
+    assert error_code(client.put_object, Bucket=setup.bucket, Key=production, Body=b"planted", ChecksumAlgorithm="CRC32") == "AccessDenied"
+    assert error_code(client.put_object, Bucket=setup.bucket, Key=production + ".manifest.json", Body=b"{}",
+                      ChecksumAlgorithm="CRC32") == "AccessDenied"
+    assert error_code(client.create_multipart_upload, Bucket=setup.bucket, Key=production) == "AccessDenied"
+    listed = setup.admin.client().list_object_versions(Bucket=setup.bucket, Prefix="production/")
+    assert not listed.get("Versions") and not listed.get("DeleteMarkers")
+    assert error_code(client.put_object, Bucket=setup.bucket, Key="staging/x", Body=b"x", ChecksumAlgorithm="CRC32") is None
+
+
+def test_environment_goes_with_print_policies_only():
+    for action in ("--apply", "--check"):
+        done = Runner(base_env())(SCRIPT, "--bucket", "ok-bucket", "--environment", "staging", action)
+        assert done.returncode == 2 and "--environment goes with --print-policies" in error_lines(done.stderr)[0]
+    done = Runner(base_env())(SCRIPT, "--bucket", "ok-bucket", "--environment", "Staging", "--print-policies")
+    assert done.returncode == 2 and "invalid environment name" in error_lines(done.stderr)[0]

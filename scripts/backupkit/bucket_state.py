@@ -60,17 +60,23 @@ def bucket_arn(bucket: str) -> str:
     return f"arn:aws:s3:::{bucket}"
 
 
-def write_only(bucket: str) -> dict[str, Any]:
+def writable(bucket: str, environment: str | None = None) -> str:
+    """Where a writer may write: the whole bucket, or one environment's folder."""
+    return f"{bucket_arn(bucket)}/{environment}/*" if environment else f"{bucket_arn(bucket)}/*"
+
+
+def write_only(bucket: str, environment: str | None = None) -> dict[str, Any]:
     """What the backup scripts need, and nothing else: they cannot read, list, delete or shorten
-    a lock."""
+    a lock. With `environment`, only under that environment's folder: one writer per environment,
+    so the staging job cannot plant objects among production's backups."""
     return _policy({"Sid": "WriteBackups", "Effect": "Allow", "Action": ["s3:PutObject"],
-                    "Resource": [f"{bucket_arn(bucket)}/*"]})
+                    "Resource": [writable(bucket, environment)]})
 
 
-def write_only_recommended(bucket: str) -> dict[str, Any]:
+def write_only_recommended(bucket: str, environment: str | None = None) -> dict[str, Any]:
     """write_only plus aborting one's own failed multipart uploads (touches unfinished uploads only)."""
     return _policy({"Sid": "WriteBackups", "Effect": "Allow", "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
-                    "Resource": [f"{bucket_arn(bucket)}/*"]})
+                    "Resource": [writable(bucket, environment)]})
 
 
 READ_BUCKET_ACTIONS = [
@@ -116,10 +122,12 @@ def administer(bucket: str) -> dict[str, Any]:
     )
 
 
-def policies(bucket: str) -> dict[str, dict[str, Any]]:
+def policies(bucket: str, environment: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every policy; with `environment`, the writers' are that environment's (the readers and
+    the administrator stay bucket-wide: the daily checks and restores need no more than read)."""
     return {
-        "write_only": write_only(bucket),
-        "write_only_recommended": write_only_recommended(bucket),
+        "write_only": write_only(bucket, environment),
+        "write_only_recommended": write_only_recommended(bucket, environment),
         "read_only": read_only(bucket),
         "administer": administer(bucket),
     }
@@ -399,6 +407,28 @@ def write_property(client: Any, bucket: str, prop: str, value: Any) -> None:
                 "--bucket NEW-NAME and point BACKUP_BUCKET at it"
             ) from exc
         raise explain(exc, f"set the {prop.replace('_', ' ')} of s3://{bucket}") from exc
+
+
+def why_no_retain_until(client: Any, bucket: str) -> str:
+    """Why S3 gave no retain-until date for some versions, as far as the bucket's Object Lock
+    configuration tells (said once under a listing, not per version)."""
+    unknown = ("S3 returned no lock date: no lock was applied (e.g. an endpoint without Object Lock), or this "
+               "identity may not read retention (s3:GetObjectRetention)")
+    try:
+        config = _READERS["object_lock"](client, bucket)
+    except Exception as exc:  # noqa: BLE001 - not allowed to read it, or not implemented: say both causes
+        if error_code(exc) == "ObjectLockConfigurationNotFoundError":
+            return "the bucket has no Object Lock, so nothing in it is locked (setup_bucket.py --check says what to fix)"
+        return unknown
+    described = _describe_lock(config)
+    if described == "Object Lock not enabled":
+        return "the bucket has no Object Lock, so nothing in it is locked (setup_bucket.py --check says what to fix)"
+    if described == "enabled, no default retention":
+        return ("the bucket's Object Lock has no default retention, so only versions written with a lock of their own "
+                "are locked (setup_bucket.py --check says what to fix)")
+    return (f"the bucket locks new versions ({described}), but S3 returned no lock date for these: written before "
+            "that rule, or by an endpoint that ignores Object Lock, or this identity may not read retention "
+            "(s3:GetObjectRetention)")
 
 
 def _message(exc: BaseException) -> str:

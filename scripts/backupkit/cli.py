@@ -173,7 +173,8 @@ def add_backup_choice(p: argparse.ArgumentParser, latest_help: str = "the newest
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--latest", action="store_true", help=latest_help)
     which.add_argument("--key", help="a backup's key (or its file name), as list_backups.py shows it")
-    p.add_argument("--version-id", help="with --key: one version, when two backups share a second")
+    p.add_argument("--version-id", help="with --key: which version; required when the key has more than one "
+                                        "(two backups in one second, or one a writer added)")
     return which
 
 

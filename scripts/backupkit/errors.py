@@ -27,6 +27,7 @@ class Problem(enum.Enum):
     CORRUPT = "corrupt"  # size or SHA-256 differ from the manifest
     UNDECRYPTABLE = "undecryptable"  # decryption failed (HMAC, padding, stream)
     BAD_CONTENT = "bad content"  # no dump trailer, damaged ZIP, not the kind it claims to be
+    UNREADABLE = "unreadable"  # S3 refuses GetObject: an archived storage class, SSE-C, a KMS key we may not use
 
 
 class VerificationError(BackupError):

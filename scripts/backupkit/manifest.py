@@ -1,8 +1,9 @@
 """Backup keys, manifests and the catalogue of backups in the external bucket.
 
 A backup is complete only when its manifest exists (written after the object completed). The
-catalogue lists every version of every backup (paginated), pairs each with its manifest through
-the manifest's `version_id`, and orders them by when S3 stored them.
+catalogue lists every version of every backup (paginated, one small record each), orders them by
+when S3 stored them, and pairs each with its manifest through the manifest's `version_id` only
+when a reader gets to it: planted objects cost a listing entry each, never a download.
 
 Everything in the bucket may have been written by a less-trusted writer (the backup jobs hold
 s3:PutObject): a manifest is read only up to MAX_MANIFEST_BYTES and used only if every field is
@@ -12,12 +13,15 @@ its LastModified is SUSPICIOUS and never "latest"; ages come from the server's c
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import __version__
 from .config import ENVIRONMENT_RE, utcnow
@@ -268,9 +272,23 @@ def read_manifest(client: Any, bucket: str, key: str, version_id: str | None = N
     return parse_manifest(body, key=key, kind=kind, environment=environment)
 
 
-@dataclass
+# Storage classes whose objects GetObject refuses until they are restored from the archive.
+ARCHIVED_STORAGE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+# A manifest is written after its backup version was stored, so one stored before it cannot name
+# it; LastModified has whole seconds, and this much leeway covers clocks that disagree.
+STORED_LEEWAY = timedelta(minutes=1)
+# Manifest versions read for one backup version at most (stored after it, oldest first): the
+# genuine one is the first, written right after the upload; a writer cannot make a reader read
+# more than this for any one backup.
+MAX_MANIFESTS_PER_VERSION = 8
+# Manifests read ahead of the reader's walk, in parallel (the S3 client's connection pool).
+READ_AHEAD = 32
+READERS = 16
+
+
+@dataclass(slots=True)
 class Backup:
-    """One version of one backup object, with its manifest when it is complete and valid."""
+    """One version of one backup object, with its manifest once checked, when it is complete and valid."""
 
     key: str
     kind: str
@@ -278,9 +296,11 @@ class Backup:
     last_modified: datetime  # when S3 stored it: the server's clock, not the writer's
     size: int
     manifest: dict[str, Any] | None = None
-    problem: Problem | None = None  # why it cannot be used; None: usable
+    problem: Problem | None = None  # why it cannot be used; None: usable (once checked)
     detail: str | None = None  # the problem, said for the operator
     retain_until: datetime | None = None
+    storage_class: str | None = None  # as the listing said (None: not said, i.e. STANDARD)
+    checked: bool = False  # its manifest and problem are known (Catalogue.walk)
 
     @property
     def complete(self) -> bool:
@@ -288,8 +308,12 @@ class Backup:
 
     @property
     def usable(self) -> bool:
-        """Complete, valid and not suspicious: may be "latest" and counts as fresh."""
-        return self.problem is None
+        """Checked, complete, valid and not suspicious: may be "latest" and counts as fresh."""
+        return self.checked and self.problem is None
+
+    @property
+    def archived(self) -> bool:
+        return self.storage_class in ARCHIVED_STORAGE_CLASSES
 
     @property
     def name_time(self) -> datetime:
@@ -304,6 +328,8 @@ class Backup:
 
     @property
     def status(self) -> str:
+        if not self.checked:
+            return "not checked"
         return "complete" if self.problem is None else self.problem.value
 
     def label(self) -> str:
@@ -326,30 +352,48 @@ class Backup:
         }
 
 
-@dataclass
-class Catalogue:
-    """The backups of some kinds of one environment, newest (by LastModified) first, and the
-    objects under their folders that are not backups at all."""
+class ManifestVersion(NamedTuple):
+    """One listed version of a KEY.manifest.json (a tuple: a flood of them stays small)."""
 
-    backups: list[Backup]
-    others: list[str]
+    version_id: str | None
+    last_modified: datetime
+    size: int
+    storage_class: str | None
+    order: int  # position in the listing: within one second, S3 lists a key's versions newest first
 
 
-def _versions(client: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:
-    """Every object version under prefix (delete markers excluded), following pagination; falls
-    back to plain listing where versions cannot be listed."""
-    found: list[dict[str, Any]] = []
-    with s3_errors(f"list s3://{bucket}/{prefix}"):
+class Listed(NamedTuple):
+    key: str
+    version_id: str | None
+    last_modified: datetime
+    size: int
+    storage_class: str | None
+
+
+def _storage_class(listed: dict[str, Any]) -> str | None:
+    value = listed.get("StorageClass")
+    return sys.intern(value) if isinstance(value, str) and len(value) < 64 else None  # one copy each, not one per version
+
+
+def list_versions(client: Any, bucket: str, prefix: str) -> Iterator[Listed]:
+    """Every object version under prefix (delete markers excluded), page by page, as compact
+    tuples; falls back to plain listing where versions cannot be listed."""
+    yielded = False
+    with s3_errors(f"list s3://{bucket}/{shown(prefix)}"):
         try:
             for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
-                found.extend(page.get("Versions", []))
-            return found
+                for v in page.get("Versions", []):
+                    vid = v.get("VersionId")
+                    yielded = True
+                    yield Listed(v["Key"], None if vid in (None, "null") else vid, v["LastModified"], v["Size"],
+                                 _storage_class(v))
+            return
         except Exception as exc:
-            if error_code(exc) not in ("NotImplemented", "MethodNotAllowed"):
+            if yielded or error_code(exc) not in ("NotImplemented", "MethodNotAllowed"):
                 raise
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            found.extend({**o, "VersionId": None} for o in page.get("Contents", []))
-    return found
+            for o in page.get("Contents", []):
+                yield Listed(o["Key"], None, o["LastModified"], o["Size"], _storage_class(o))
 
 
 def suspicion(backup: Backup) -> str | None:
@@ -364,86 +408,205 @@ def suspicion(backup: Backup) -> str | None:
     return None
 
 
-def catalogue(client: Any, bucket: str, environment: str, kinds: tuple[str, ...] = KINDS, *,
-              with_retention: bool = False) -> Catalogue:
-    """Every version of every backup of `kinds`, newest first, each with its manifest or a problem."""
-    backups: list[Backup] = []
-    others: list[str] = []
-    manifests: list[tuple[str, str | None, str, int, datetime, int]] = []  # key, version, kind, size, stored, order
-    for kind in kinds:
-        for version in _versions(client, bucket, f"{environment}/{kind}/"):
-            key = version["Key"]
-            vid = version.get("VersionId")
-            vid = None if vid in (None, "null") else vid
-            backup_part = key[: -len(MANIFEST_SUFFIX)] if key.endswith(MANIFEST_SUFFIX) else key
-            match = KEY_RE.fullmatch(backup_part)
-            if not match or match.group("kind") != kind or key_time(backup_part) is None:
-                others.append(key)
-            elif key.endswith(MANIFEST_SUFFIX):
-                manifests.append((backup_part, vid, kind, version["Size"], version["LastModified"], len(manifests)))
-            else:
-                backups.append(Backup(key, kind, vid, version["LastModified"], version["Size"]))
+def unreadable_detail(storage_class: str) -> str:
+    return (f"stored as {shown(storage_class)}: S3 refuses to read it until it is restored from the archive "
+            "(aws s3api restore-object); never taken as the latest")
 
-    def fetch(item: tuple[str, str | None, str, int, datetime, int]) -> tuple[dict[str, Any] | None, str | None]:
-        key, vid, kind, size, _, _ = item
-        if size > MAX_MANIFEST_BYTES:
-            return None, f"its manifest is {size} bytes, over the {MAX_MANIFEST_BYTES // 1024} KiB a manifest can be: not read"
-        if size == 0:
+
+ManifestRead = tuple[dict[str, Any] | None, str | None]  # (the manifest, or why it could not be used)
+
+
+class Catalogue:
+    """The backups of some kinds of one environment, newest (by LastModified) first, and the
+    objects under their folders that are not backups at all.
+
+    Listing keeps one small record per version and reads no manifest: `walk()` reads them as the
+    caller goes (newest first, a few ahead, in parallel), so a reader that stops at the first
+    usable backup reads only the manifests of the newer ones; `check()` reads those of the
+    backups given. Each manifest version is read at most once.
+    """
+
+    def __init__(self, client: Any, bucket: str, environment: str):
+        self.client, self.bucket, self.environment = client, bucket, environment
+        self.backups: list[Backup] = []
+        self.others: list[str] = []  # the first few
+        self.others_count = 0
+        self.reads = 0  # manifest versions read (or under way) so far
+        self._listed = 0
+        self._manifests: dict[str, list[ManifestVersion]] = {}  # per backup key, in the order S3 stored them
+        self._read: dict[tuple[str, str | None], ManifestRead] = {}
+        self._pending: dict[tuple[str, str | None], Future[ManifestRead]] = {}
+        self._pool: ThreadPoolExecutor | None = None  # made on the first read; idle threads cost nothing
+
+    # -- listing -------------------------------------------------------------------------------
+    def add(self, kind: str, version: Listed) -> None:
+        key = version.key
+        self._listed += 1
+        backup_part = key[: -len(MANIFEST_SUFFIX)] if key.endswith(MANIFEST_SUFFIX) else key
+        match = KEY_RE.fullmatch(backup_part)
+        if not match or match.group("kind") != kind or key_time(backup_part) is None:
+            self.others_count += 1
+            if len(self.others) < 10:
+                self.others.append(key)
+        elif key.endswith(MANIFEST_SUFFIX):
+            versions = self._manifests.setdefault(backup_part, [])
+            versions.append(ManifestVersion(version.version_id, version.last_modified, version.size,
+                                            version.storage_class, self._listed))
+        else:
+            self.backups.append(Backup(key, kind, version.version_id, version.last_modified, version.size,
+                                       storage_class=version.storage_class))
+
+    def finish(self) -> Catalogue:
+        # The first valid manifest S3 stored for a backup version is its own: one written later (by
+        # any writer) cannot replace it. Within a second, the later in the listing is the earlier stored.
+        for versions in self._manifests.values():
+            versions.sort(key=lambda m: (m.last_modified, -m.order))
+        self.backups.sort(key=lambda b: (b.last_modified, b.name_time), reverse=True)
+        return self
+
+    # -- reading manifests ---------------------------------------------------------------------
+    def _wanted(self, backup: Backup) -> list[ManifestVersion]:
+        """The manifest versions that may be `backup`'s, in the order S3 stored them."""
+        versions = self._manifests.get(backup.key, [])
+        since = 0
+        if backup.version_id is not None and versions:
+            since = bisect.bisect_left(versions, backup.last_modified - STORED_LEEWAY, key=lambda m: m.last_modified)
+        return versions[since:since + MAX_MANIFESTS_PER_VERSION]
+
+    def _to_read(self, backup: Backup, read_archived: bool) -> list[tuple[str, ManifestVersion]]:
+        if backup.checked or (backup.archived and not read_archived):
+            return []
+        return [(backup.key, m) for m in self._wanted(backup) if (backup.key, m.version_id) not in self._read]
+
+    def _read_one(self, item: tuple[str, ManifestVersion]) -> ManifestRead:
+        key, version = item
+        if version.size > MAX_MANIFEST_BYTES:
+            return None, f"its manifest is {version.size} bytes, over the {MAX_MANIFEST_BYTES // 1024} KiB a manifest can be: not read"
+        if version.size == 0:
             return None, "its manifest is empty"
+        if version.storage_class in ARCHIVED_STORAGE_CLASSES:
+            return None, f"its manifest is stored as {shown(version.storage_class)}: S3 refuses to read it"
         try:
-            return read_manifest(client, bucket, key, vid, kind=kind, environment=environment), None
+            return read_manifest(self.client, self.bucket, key, version.version_id, kind=KEY_RE.fullmatch(key).group("kind"),
+                                 environment=self.environment), None
         except BackupError as exc:  # invalid, or unreadable even after retries
             return None, str(exc)
 
-    # The first valid manifest S3 stored for a backup version is its own: one written later (by
-    # any writer) cannot replace it. LastModified has whole seconds; within one, S3 lists the
-    # versions of a key newest first, so the later in the listing is the earlier stored.
-    manifests.sort(key=lambda m: (m[4], -m[5]))
-    by_version: dict[tuple[str, str | None], dict[str, Any]] = {}
-    problems: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        for (key, *_), (manifest, problem) in zip(manifests, pool.map(fetch, manifests)):
-            if manifest is not None:
-                by_version.setdefault((key, manifest["version_id"]), manifest)
-            elif problem:
-                problems.setdefault(key, problem)
-    for backup in backups:
-        backup.manifest = by_version.get((backup.key, backup.version_id))
-        if backup.manifest is None and backup.version_id is None:
-            backup.manifest = next((m for (k, _), m in by_version.items() if k == backup.key), None)
-        if backup.manifest is None:
-            if backup.key in problems:
-                backup.problem, backup.detail = Problem.BAD_MANIFEST, problems[backup.key]
-            else:
-                backup.problem, backup.detail = Problem.INCOMPLETE, "no manifest: the backup did not complete"
-        elif backup.size != backup.manifest["encrypted_size"]:
+    def _submit(self, items: list[tuple[str, ManifestVersion]]) -> None:
+        """Start reading `items` (those not read nor under way) on the catalogue's readers."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="manifests")
+        for item in items:
+            slot = (item[0], item[1].version_id)
+            if slot not in self._read and slot not in self._pending:
+                self._pending[slot] = self._pool.submit(self._read_one, item)
+                self.reads += 1
+
+    def _harvest(self) -> None:
+        """Keep the reads already done, so that `_pending` counts only those in flight."""
+        for slot in [slot for slot, future in self._pending.items() if future.done()]:
+            self._read[slot] = self._pending.pop(slot).result()
+
+    def _collect(self, backup: Backup) -> None:
+        """Wait for the reads of `backup`'s manifest versions."""
+        for version in self._wanted(backup):
+            slot = (backup.key, version.version_id)
+            if slot in self._pending:
+                self._read[slot] = self._pending.pop(slot).result()
+
+    def _decide(self, backup: Backup, read_archived: bool) -> None:
+        """Set `backup`'s manifest and problem from what was read (nothing is read here)."""
+        backup.checked = True
+        wanted = self._wanted(backup)
+        if not wanted:
+            backup.problem, backup.detail = Problem.INCOMPLETE, "no manifest: the backup did not complete"
+            return
+        if backup.archived and not read_archived:
+            backup.problem, backup.detail = Problem.UNREADABLE, unreadable_detail(backup.storage_class or "")
+            return
+        answers = [self._read[(backup.key, m.version_id)] for m in wanted]
+        valid = [m for m, _ in answers if m is not None]
+        mine = [m for m in valid if m["version_id"] == backup.version_id]
+        if backup.version_id is None and not mine:
+            mine = valid  # an unversioned listing: the key's manifest
+        problems = [p for _, p in answers if p]
+        if mine:
+            backup.manifest = mine[0]
+        elif problems:
+            backup.problem, backup.detail = Problem.BAD_MANIFEST, problems[0]
+            return
+        else:
+            backup.problem, backup.detail = Problem.INCOMPLETE, "no manifest: the backup did not complete"
+            return
+        if backup.size != backup.manifest["encrypted_size"]:
             backup.problem, backup.detail = Problem.CORRUPT, (
                 f"S3 holds {backup.size} bytes, the manifest says {backup.manifest['encrypted_size']}: truncated or corrupted")
+        elif backup.archived:
+            backup.problem, backup.detail = Problem.UNREADABLE, unreadable_detail(backup.storage_class or "")
         elif (reason := suspicion(backup)) is not None:
             backup.problem, backup.detail = Problem.SUSPICIOUS, reason
 
-    if with_retention:
-        def retention(backup: Backup) -> None:
-            # HEAD carries the lock's retain-until date (for callers allowed s3:GetObjectRetention);
-            # unlike GetObjectRetention it exists on every S3-compatible store (moto answers 500).
-            try:
-                extra = {"VersionId": backup.version_id} if backup.version_id else {}
-                answer = client.head_object(Bucket=bucket, Key=backup.key, **extra)
-                backup.retain_until = answer.get("ObjectLockRetainUntilDate")
-            except Exception:  # noqa: BLE001 - no lock on this object, or not allowed: unknown
-                backup.retain_until = None
+    def walk(self, backups: list[Backup], *, read_archived: bool = False, budget: int | None = None) -> Iterator[Backup]:
+        """`backups` in their order, each checked as it is reached: its manifest versions are read
+        then, and those of the next backups are read meanwhile (READ_AHEAD in flight, in
+        parallel). A backup in an archived storage class is not usable whatever its manifest says:
+        its manifest is read only with `read_archived` (for a listing's status). Once `budget`
+        manifests were read, backups that would need more come back unchecked."""
+        horizon = 0
+        for i, backup in enumerate(backups):
+            if not backup.checked:
+                needed = self._to_read(backup, read_archived)
+                if needed:
+                    if budget is not None and self.reads >= budget and any(
+                            (key, m.version_id) not in self._pending for key, m in needed):
+                        yield backup
+                        continue
+                    self._submit(needed)
+                    self._harvest()
+                    horizon = max(horizon, i + 1)
+                    while len(self._pending) < READ_AHEAD and horizon < len(backups) and (budget is None or self.reads < budget):
+                        self._submit(self._to_read(backups[horizon], read_archived))
+                        horizon += 1
+                    self._collect(backup)
+                self._decide(backup, read_archived)
+            yield backup
 
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            list(pool.map(retention, backups))
+    def check(self, backups: list[Backup] | None = None, *, read_archived: bool = True) -> list[Backup]:
+        """Check every backup given (default: all), reading their manifests in parallel."""
+        backups = self.backups if backups is None else backups
+        for _ in self.walk(backups, read_archived=read_archived):
+            pass
+        return backups
 
-    backups.sort(key=lambda b: (b.last_modified, b.name_time), reverse=True)
-    return Catalogue(backups, others)
+    def versions_of(self, key: str) -> list[Backup]:
+        return [b for b in self.backups if b.key == key]
 
 
-def find_backup(backups: list[Backup], key: str, version_id: str | None = None) -> Backup:
-    """The named backup; without a version id, the newest version of that key."""
-    for backup in backups:
-        if backup.key == key and (version_id is None or backup.version_id == version_id):
-            return backup
-    what = f"{shown(key)} version {shown(version_id)}" if version_id else shown(key)
-    raise BackupError(f"no backup {what} in the bucket: run list_backups.py to see what exists")
+def catalogue(client: Any, bucket: str, environment: str, kinds: tuple[str, ...] = KINDS, *,
+              key: str | None = None) -> Catalogue:
+    """Every version of every backup of `kinds` (or of the one backup `key`), newest first, none
+    checked yet (Catalogue.walk, Catalogue.check)."""
+    found = Catalogue(client, bucket, environment)
+    for kind in kinds:
+        for version in list_versions(client, bucket, key or f"{environment}/{kind}/"):
+            found.add(kind, version)
+    return found.finish()
+
+
+def read_retention(client: Any, bucket: str, backups: list[Backup]) -> int:
+    """Each backup's retain-until date, from HEAD (for callers allowed s3:GetObjectRetention;
+    unlike GetObjectRetention it exists on every S3-compatible store, where moto answers 500).
+    Returns how many HEADs failed."""
+    def head(backup: Backup) -> bool:
+        try:
+            extra = {"VersionId": backup.version_id} if backup.version_id else {}
+            backup.retain_until = client.head_object(Bucket=bucket, Key=backup.key, **extra).get("ObjectLockRetainUntilDate")
+            return True
+        except Exception:  # noqa: BLE001 - not allowed, or refused (SSE-C): unknown, said under the table
+            backup.retain_until = None
+            return False
+
+    if not backups:
+        return 0
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
+        return sum(1 for ok in pool.map(head, backups) if not ok)

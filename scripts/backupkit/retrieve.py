@@ -6,8 +6,10 @@ writer chose), and `open()`s one: it picks the passphrase named by the manifest'
 unknown one is refused before anything is downloaded), downloads into a private temporary
 directory with the manifest's size as a ceiling, checks size and SHA-256, and only then hands a
 `Fetched` file to the caller's `work`. `first_good()` runs that over the candidates: with
-`--latest` a backup that fails is skipped (the reason comes back as data, a `Skip`), otherwise the
-first failure is final. `open_local()` does the same for a file on disk (`--file`).
+`--latest` a backup that fails or cannot be read is skipped (the reason comes back as data, a
+`Skip`; a flood of them is counted, not said line by line), and manifests are read only as far as
+it goes; otherwise the first failure is final. `--key` names one version: a key with several is
+refused without `--version-id`. `open_local()` does the same for a file on disk (`--file`).
 """
 
 from __future__ import annotations
@@ -15,17 +17,21 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
+
+import botocore.exceptions
 
 from .crypto import AESCRYPT_FORMAT, OPENSSL_FORMAT, detect_format, pick_passphrase, start_key_ids
 from .errors import BackupError, Problem, UsageError, VerificationError
-from .manifest import KEY_RE, MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, Backup, Catalogue, catalogue, find_backup, parse_manifest
+from .manifest import KEY_RE, MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, Backup, Catalogue, catalogue, iso, parse_manifest
 from .output import log, shown
 from .progress import Progress, human_bytes
-from .s3 import read_body
+from .s3 import error_code, read_body
 from .streams import CHUNK, Tally
 
 T = TypeVar("T")
@@ -47,6 +53,48 @@ class Skip:
                 "reason": self.reason}
 
 
+SKIPS_NAMED = 10  # skips said one by one; after these, counted per problem
+
+
+class Skips:
+    """The backups `--latest` passed over: the first SKIPS_NAMED kept whole (iterating gives
+    those), every one counted per problem, so a flood of planted objects costs a count each."""
+
+    def __init__(self) -> None:
+        self.named: list[Skip] = []
+        self.counts: Counter[Problem] = Counter()
+        self.unnamed: Counter[Problem] = Counter()
+
+    def add(self, skip: Skip) -> bool:
+        """Count `skip`; True when it is one of those named."""
+        self.counts[skip.problem] += 1
+        if len(self.named) < SKIPS_NAMED:
+            self.named.append(skip)
+            return True
+        self.unnamed[skip.problem] += 1
+        return False
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __iter__(self) -> Iterator[Skip]:
+        return iter(self.named)
+
+    def __bool__(self) -> bool:
+        return bool(self.counts)
+
+    def more(self) -> str:
+        """'N more: 19,990 incomplete, 5 bad manifest' for those not named; '' when none."""
+        if not self.unnamed:
+            return ""
+        return f"{sum(self.unnamed.values()):,} more: {per_problem(self.unnamed)}"
+
+
+def per_problem(counts: Counter[Problem]) -> str:
+    return ", ".join(f"{n:,} {problem.value}" for problem, n in counts.most_common())
+
+
 @dataclass
 class Fetched:
     """A backup file on disk that passed every check made before decryption."""
@@ -64,7 +112,7 @@ class Fetched:
 class Retrieved(Generic[T]):
     fetched: Fetched
     result: T
-    skipped: list[Skip] = field(default_factory=list)
+    skipped: Skips = field(default_factory=Skips)
 
 
 def check_against_manifest(tally: Tally, manifest: dict[str, Any], what: str) -> None:
@@ -106,6 +154,25 @@ def _room_for(directory: str, size: int) -> None:
                           f"({human_bytes(free)} free): set TMPDIR to a bigger disk")
 
 
+# GetObject's answers for an object S3 holds but will not hand over: an archived storage class
+# (also Intelligent-Tiering's archive tiers, which the listing does not show), a customer-provided
+# key (SSE-C, which this tool never uses), a KMS key this identity may not use.
+UNREADABLE_CODES = ("InvalidObjectState", "InvalidRequest", "AccessDenied")
+VERSIONS_NAMED = 5  # versions listed in the error when --key names a key with several
+
+
+def unreadable(code: str, backup: Backup) -> VerificationError:
+    if code == "InvalidObjectState":
+        where = f"stored as {shown(backup.storage_class)}" if backup.storage_class else "in an archive tier"
+        why = f"it is {where}: restore it from the archive first (aws s3api restore-object), or use another backup"
+    elif code == "InvalidRequest":
+        why = "it was stored with a customer-provided encryption key (SSE-C), which this tool never uses: not a backup it made"
+    else:
+        why = ("though its manifest was readable: encrypted with a KMS key this identity may not use, or denied "
+               "to it by a policy")
+    return VerificationError(f"S3 refuses to read it ({code}): {why}", Problem.UNREADABLE)
+
+
 class BucketReader:
     """The backups of one kind of one environment in the external bucket."""
 
@@ -118,12 +185,17 @@ class BucketReader:
         self.environment = environment
         self.kind = kind
         self.passphrases = passphrases
+        self._catalogue: Catalogue | None = None
 
-    def catalogue(self, *, with_retention: bool = False) -> Catalogue:
-        return catalogue(self.client, self.bucket, self.environment, (self.kind,), with_retention=with_retention)
+    def catalogue(self) -> Catalogue:
+        """Every version of this kind's backups, listed once, checked only as they are used."""
+        if self._catalogue is None:
+            self._catalogue = catalogue(self.client, self.bucket, self.environment, (self.kind,))
+        return self._catalogue
 
     def candidates(self, *, latest: bool, key: str | None = None, version_id: str | None = None) -> list[Backup]:
-        """Backups to try, in order: for --latest every version, newest first; else the one named."""
+        """Backups to try, in order: for --latest every version, newest first (checked as
+        `first_good` reaches them); else the one named, checked."""
         if latest:
             backups = self.catalogue().backups
             if not backups:
@@ -138,13 +210,56 @@ class BucketReader:
         if not match or (match.group("env"), match.group("kind")) != (self.environment, self.kind):
             raise UsageError(f"--key '{shown(key)}' is not a {self.kind} backup of {self.environment}: use a key "
                              f"(or file name) as list_backups.py --kind {self.kind} shows it")
-        return [find_backup(self.catalogue().backups, key, version_id)]
+        # Only this key's versions (and its manifest's) are listed: no planted object elsewhere costs anything.
+        self._catalogue = catalogue(self.client, self.bucket, self.environment, (self.kind,), key=key)
+        return [self.named(key, version_id)]
+
+    def named(self, key: str, version_id: str | None) -> Backup:
+        """The version named. Without a version id the key must have only one: a writer can add a
+        version to any key at any time, so the newest is not necessarily the backup meant."""
+        found = self.catalogue()
+        versions = found.versions_of(key)
+        if version_id is not None:
+            chosen = next((b for b in versions if b.version_id == version_id), None)
+            if chosen is None:
+                raise BackupError(f"no backup {shown(key)} version {shown(version_id)} in the bucket"
+                                  + (f": {self.versions_said(versions)}" if versions else
+                                     ": run list_backups.py to see what exists"))
+        elif not versions:
+            raise BackupError(f"no backup {shown(key)} in the bucket: run list_backups.py to see what exists")
+        elif len(versions) > 1:
+            raise BackupError(f"{shown(key)} has {len(versions)} versions, and a writer can add one at any time: "
+                              f"pick one with --version-id. {self.versions_said(versions)}")
+        else:
+            chosen = versions[0]
+        found.check([chosen])
+        return chosen
+
+    def versions_said(self, versions: list[Backup]) -> str:
+        named = self.catalogue().check(versions[:VERSIONS_NAMED])
+        said = "; ".join(f"{shown(b.version_id or 'null')} stored {iso(b.last_modified)} ({b.status})" for b in named)
+        more = f"; and {len(versions) - len(named)} older" if len(versions) > len(named) else ""
+        return f"Its versions, newest first: {said}{more} (list_backups.py --kind {self.kind} lists them)"
+
+    def since(self, window: timedelta, now: datetime) -> list[Backup]:
+        """Every version started within `window` before `now`, newest first, checked (archived
+        ones are not read: they are unreadable whatever their manifest says)."""
+        backups = [b for b in self.catalogue().backups if now - b.taken_at <= window]
+        return self.catalogue().check(backups, read_archived=False)
 
     def download_checked(self, backup: Backup, path: str) -> None:
         """Stream one backup version to `path` (0600), never more than the listing's size, and check it
         against its manifest (size and SHA-256)."""
         extra = {"VersionId": backup.version_id} if backup.version_id else {}
         _room_for(os.path.dirname(path), backup.size)
+
+        def get() -> Any:
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=backup.key, **extra)
+            except botocore.exceptions.ClientError as exc:
+                if error_code(exc) in UNREADABLE_CODES or (error_code(exc) or "").startswith("KMS."):
+                    raise unreadable(error_code(exc) or "", backup) from None
+                raise
 
         def save(body: Any) -> Tally:
             tally = Tally()  # from scratch on every attempt
@@ -161,8 +276,7 @@ class BucketReader:
             progress.done()
             return tally
 
-        tally = read_body(f"download s3://{self.bucket}/{shown(backup.key)}",
-                          lambda: self.client.get_object(Bucket=self.bucket, Key=backup.key, **extra), save)
+        tally = read_body(f"download s3://{self.bucket}/{shown(backup.key)}", get, save)
         check_against_manifest(tally, backup.manifest, "the downloaded object")
 
     def open(self, backup: Backup, work: Callable[[Fetched], T], *, near: str | None = None,
@@ -170,7 +284,10 @@ class BucketReader:
         """Check `backup`, download it into a private directory (beside `near` when given), check
         it against its manifest, and run `work(fetched)`; the directory is removed afterwards.
         Raises VerificationError (with its Problem) when the backup is not fit to use."""
-        if backup.problem is Problem.SUSPICIOUS and explicit:
+        if not backup.checked:
+            self.catalogue().check([backup], read_archived=explicit)
+        if backup.problem in (Problem.SUSPICIOUS, Problem.UNREADABLE) and explicit:
+            # Named on purpose: an archived backup may have been restored from the archive since.
             log(f"warning: {backup.label()}: {backup.detail}; used because it was named with --key")
         elif backup.problem is not None:
             raise VerificationError(backup.detail or backup.problem.value, backup.problem)
@@ -191,36 +308,41 @@ class BucketReader:
     def first_good(self, backups: list[Backup], work: Callable[[Fetched], T], *, latest: bool,
                    near: str | None = None) -> Retrieved[T]:
         """`work` on the first backup that passes. With `latest`, backups that are not usable or
-        fail are skipped (each said on stderr); otherwise the one named must pass."""
-        skipped: list[Skip] = []
-        for backup in backups:
+        fail are skipped (the first SKIPS_NAMED said on stderr, the rest counted), reading each
+        one's manifest only when it is reached; otherwise the one named must pass."""
+        skipped = Skips()
+        for backup in self.catalogue().walk(backups) if latest else backups:
             try:
                 retrieved = self.open(backup, work, near=near, explicit=not latest)
             except VerificationError as exc:
                 if not latest:
                     raise VerificationError(f"{backup.label()}: {exc}", exc.problem) from None
                 skip = Skip(backup, exc.problem, str(exc))
-                if len(backups) > 1:
+                if skipped.add(skip) and len(backups) > 1:
                     log(f"skipped {skip.line()}")
-                skipped.append(skip)
                 continue
+            if skipped.more():
+                log(f"skipped {skipped.more()}")
             retrieved.skipped = skipped
             return retrieved
         raise BackupError(nothing_verifies(skipped))
 
 
-def nothing_verifies(skipped: list[Skip]) -> str:
+def nothing_verifies(skipped: Skips) -> str:
     """The error line when no candidate passed: the newest one's reason in the line itself (often
     the only line anybody reads), and what to do when none was made with the passphrases given."""
     if not skipped:
         return "no backup to try"
-    newest = skipped[0].line()
-    if len(skipped) == 1:
+    newest = skipped.named[0].line()
+    if skipped.total == 1:
         return f"the only backup found cannot be used: {newest}"
-    if all(s.problem is Problem.UNKNOWN_PASSPHRASE for s in skipped):
-        return (f"none of the {len(skipped)} backups was made with the passphrase(s) given: mistyped, or an older "
+    if set(skipped.counts) == {Problem.UNKNOWN_PASSPHRASE}:
+        return (f"none of the {skipped.total:,} backups was made with the passphrase(s) given: mistyped, or an older "
                 f"passphrase missing from EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS? The newest: {newest}")
-    return f"none of the {len(skipped)} backups can be used (each one's reason is above); the newest: {newest}"
+    if skipped.unnamed:
+        return (f"none of the {skipped.total:,} backups can be used (the first {len(skipped.named)} are named above; "
+                f"all of them: {per_problem(skipped.counts)}); the newest: {newest}")
+    return f"none of the {skipped.total} backups can be used (each one's reason is above); the newest: {newest}"
 
 
 def local_format(path: str, kind: str, *, plain_zip: bool = False) -> str:
