@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from . import signals
 from .attributes import NotArchivable, decode_attributes, encode_attributes
 from .crypto import AESCRYPT_BUFFER, FullReader, aescrypt_decrypt, aescrypt_encrypt
 from .errors import BackupError, Problem, VerificationError
@@ -265,7 +266,9 @@ class EncryptingSink:
             self._writer.close()
         except OSError:
             pass
-        self._thread.join()
+        # After a signal, no longer than the run may still take: the thread is a daemon, and an
+        # upload stuck in it must not hold up the end of the run.
+        self._thread.join(signals.time_left())
 
     def __enter__(self) -> EncryptingSink:
         return self

@@ -18,7 +18,7 @@ import json
 import re
 import sys
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -29,6 +29,7 @@ from .crypto import AESCRYPT_FORMAT, OPENSSL_FORMAT
 from .errors import BackupError, Problem, VerificationError
 from .output import shown
 from .s3 import error_code, read_body, s3_errors
+from .threads import DaemonPool
 
 KINDS = ("database", "files")
 ENCRYPTION = {"database": OPENSSL_FORMAT, "files": AESCRYPT_FORMAT}
@@ -436,7 +437,7 @@ class Catalogue:
         self._manifests: dict[str, list[ManifestVersion]] = {}  # per backup key, in the order S3 stored them
         self._read: dict[tuple[str, str | None], ManifestRead] = {}
         self._pending: dict[tuple[str, str | None], Future[ManifestRead]] = {}
-        self._pool: ThreadPoolExecutor | None = None  # made on the first read; idle threads cost nothing
+        self._pool: DaemonPool | None = None  # made on the first read; idle threads cost nothing
 
     # -- listing -------------------------------------------------------------------------------
     def add(self, kind: str, version: Listed) -> None:
@@ -495,7 +496,8 @@ class Catalogue:
     def _submit(self, items: list[tuple[str, ManifestVersion]]) -> None:
         """Start reading `items` (those not read nor under way) on the catalogue's readers."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="manifests")
+            # Daemon workers: a read stuck after a signal never holds up the end of the run.
+            self._pool = DaemonPool(max_workers=READERS, thread_name_prefix="manifests")
         for item in items:
             slot = (item[0], item[1].version_id)
             if slot not in self._read and slot not in self._pending:
@@ -608,5 +610,8 @@ def read_retention(client: Any, bucket: str, backups: list[Backup]) -> int:
 
     if not backups:
         return 0
-    with ThreadPoolExecutor(max_workers=READERS) as pool:
-        return sum(1 for ok in pool.map(head, backups) if not ok)
+    pool = DaemonPool(max_workers=READERS, thread_name_prefix="retention")
+    try:
+        return sum(1 for future in [pool.submit(head, b) for b in backups] if not future.result())
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
