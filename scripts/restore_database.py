@@ -108,12 +108,23 @@ def main(argv: list[str]) -> int:
             f"({', '.join(shown(t) for t in tables[:5])}{', …' if len(tables) > 5 else ''}): pass --replace to restore over them"
         )
 
+    committing: list[str] = []  # the backup whose end psql was given: from then on it may commit
     committed: list[str] = []  # the backup whose restore psql committed: what a signal after it must not deny
-    cli.on_interrupt(lambda: f"{committed[0]} had been restored into database '{shown(target.database)}' (committed)"
-                     if committed else "")
+
+    def left() -> str:
+        if committed:
+            return f"{committed[0]} had been restored into database '{shown(target.database)}' (committed)"
+        if committing:
+            return (f"the restore of {committing[-1]} was committing when it was stopped: psql was killed, so nothing is "
+                    f"committed unless the commit had already happened; look at database '{shown(target.database)}' "
+                    "before running it again")
+        return ""
+
+    cli.on_interrupt(left)
 
     def restore(fetched: Fetched) -> Restored:
-        restored = restore_dump(fetched, target=target, psql=psql, options=options)
+        restored = restore_dump(fetched, target=target, psql=psql, options=options,
+                                on_commit=lambda: committing.append(fetched.label))
         committed.append(fetched.label)
         return restored
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import error_lines, versions
+from tests.conftest import error_lines, public_tables, versions
 from tests.faultproxy import FaultProxy
 from tests.files_helpers import MIB, Obj, fill, new_bucket, snapshot
 from tests.procwatch import ProcWatch
@@ -395,6 +395,29 @@ def test_database_restore_stopped_after_its_commit_says_so(run, pg, sample_db, s
     assert line.startswith("error: terminated (SIGTERM)") and "had been restored into database" in line and "(committed)" in line, line
     assert "nothing was completed" not in line
     assert pg.psql("SELECT count(*) FROM applications", scratch_db) == pg.psql("SELECT count(*) FROM applications", sample_db)
+
+
+def test_database_restore_stopped_while_psql_commits_says_so(run, pg, sample_db, scratch_db, tmp_path):
+    """A signal once psql was given the end of its input (from which it commits): the line says
+    the restore was committing and to look at the target, never "nothing was completed"."""
+    run("backup_database.py", env={"DATABASE_URL": pg.url(sample_db)}, check=True)
+    marker = tmp_path / "committing"
+    real = run.env["PSQL"]
+    wrapper = tmp_path / "psql"
+    wrapper.write_text(  # the restore's psql reads its whole input, then is slow to go on
+        f"#!{sys.executable}\nimport os, subprocess, sys, time\nreal, marker = {real!r}, {str(marker)!r}\n"
+        "if '--single-transaction' in sys.argv:\n"
+        "    data = sys.stdin.buffer.read()\n    open(marker, 'w').close()\n    time.sleep(30)\n"
+        "    sys.exit(subprocess.run([real, *sys.argv[1:]], input=data).returncode)\n"
+        "os.execv(real, [real, *sys.argv[1:]])\n")
+    wrapper.chmod(0o755)
+    ending = stopped(run, "restore_database.py", ["--latest", "--target-database-url", pg.url(scratch_db)],
+                     {"PSQL": str(wrapper)}, signal.SIGINT, when_file(marker))
+    assert ending.seconds < BOUND and ending.code == 130, ending.stderr
+    line = ending.last_line()
+    assert line.startswith("error: interrupted (SIGINT)") and "was committing when it was stopped" in line, line
+    assert "nothing was completed" not in line
+    assert public_tables(pg, scratch_db) == "0"  # killed before its commit: rolled back
 
 
 # -- in process: the mechanism ---------------------------------------------------------------------

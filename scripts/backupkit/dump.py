@@ -338,24 +338,26 @@ def _psql_failure(message: str) -> BackupError:
     return BackupError(f"the restore failed and was rolled back: {message}")
 
 
-def restore_dump(fetched: Fetched, target: DatabaseTarget, psql: str, options: RestoreOptions | None = None) -> Restored:
+def restore_dump(fetched: Fetched, target: DatabaseTarget, psql: str, options: RestoreOptions | None = None,
+                 on_commit: Callable[[], None] | None = None) -> Restored:
     """Decrypt into a restricted, guarded psql in one transaction, releasing the held-back end
     only when everything verified; on any failure psql is killed and nothing is committed. A
-    failure once psql started is final (BackupError) unless the target is as it was before."""
+    failure once psql started is final (BackupError) unless the target is as it was before.
+    `on_commit()` is called when psql is given the end of its input, from which it commits."""
     options = options or RestoreOptions()
     log(f"restoring {fetched.label} into '{shown(target.database)}'")
     began = time.monotonic()
     before = target_state(target, psql)
     session = f"backupkit-restore-{secrets.token_hex(8)}"
     try:
-        return _restore(fetched, target, psql, options, session, began)
+        return _restore(fetched, target, psql, options, session, began, on_commit or (lambda: None))
     except (BackupError, Refused) as exc:
         error = _refused(exc) if isinstance(exc, Refused) else exc
         raise _after_failure(error, fetched, target, psql, session, before) from None
 
 
 def _restore(fetched: Fetched, target: DatabaseTarget, psql: str, options: RestoreOptions, session: str,
-             began: float) -> Restored:
+             began: float, on_commit: Callable[[], None]) -> Restored:
     plaintext = Tally()
     with Pipeline() as pipeline:
         reader = DumpReader(pipeline, fetched)
@@ -379,6 +381,7 @@ def _restore(fetched: Fetched, target: DatabaseTarget, psql: str, options: Resto
                         try:
                             guard.feed(held)
                             guard.finish()
+                            on_commit()
                             restore.stdin.close()
                         except BrokenPipeError:
                             pass
