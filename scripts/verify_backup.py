@@ -67,6 +67,10 @@ examples:
       --restore-into postgresql://drill_owner@localhost:5432/drill
 """
 
+# Results shown one by one (lines, summary rows); more are counted: a flood of planted objects
+# in the window must not make thousands of lines.
+SHOWN_RESULTS = 100
+
 
 def build_parser() -> cli.ArgumentParser:
     p = cli.parser("verify_backup.py", DESCRIPTION, EPILOG)
@@ -163,8 +167,10 @@ def main(argv: list[str]) -> int:
                 results.append(outcome(backup, True, reader.open(backup, work).result))
             except VerificationError as exc:
                 results.append(outcome(backup, False, reason=str(exc), problem=exc.problem))
-            if not args.json:
+            if not args.json and len(results) <= SHOWN_RESULTS:
                 cli.print_result(None, False, describe(backup, results[-1]))
+        if not args.json and len(results) > SHOWN_RESULTS:
+            cli.print_result(None, False, f"… and {counted(results[SHOWN_RESULTS:])} (--json lists every one)")
     else:
         options = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
         try:
@@ -184,13 +190,20 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def counted(results: list[dict[str, Any]]) -> str:
+    failed = sum(1 for r in results if not r["ok"])
+    return f"{len(results)} more: {len(results) - failed} OK, {failed} FAILED"
+
+
 def report(args: Any, environment: str, results: list[dict[str, Any]], skipped: Skips) -> None:
     failed = [r for r in results if not r["ok"]]
     if args.json:
         cli.print_result({"ok": not failed, "results": results, "skipped": [s.to_json() for s in skipped],
                           "skipped_count": skipped.total}, True, "")
     rows = "".join(f"| {md_code(r['key'])} | {md_code(r['version_id'])} | "
-                   f"{'OK' if r['ok'] else 'FAILED: ' + md_code(r['reason'])} |\n" for r in results)
+                   f"{'OK' if r['ok'] else 'FAILED: ' + md_code(r['reason'])} |\n" for r in results[:SHOWN_RESULTS])
+    if len(results) > SHOWN_RESULTS:  # a flood of planted objects must not outgrow the summary (1 MiB)
+        rows += f"| … | | {counted(results[SHOWN_RESULTS:])} |\n"
     cli.step_summary(f"### Verify {args.kind} backups: {environment}\n\n| key | version | result |\n|---|---|---|\n{rows}")
     for r in results:
         if r["ok"] and r.get("skipped_objects"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from datetime import timedelta
 
 from tests.backup_factory import (
     at,
@@ -309,3 +310,22 @@ def test_incomplete_backups(run, pg, sample_db, s3server, bucket):
     assert done.returncode == 0, done.stderr
     assert [line.split()[:2] for line in result_lines(done.stdout)] == [["SKIPPED", key], ["OK", good["key"]]]
     assert "no manifest" in result_lines(done.stdout)[0]
+
+
+def test_since_counts_past_the_first_hundred_results(run, pg, sample_db, s3server, bucket, tmp_path):
+    """A flood of planted objects in the window fails the daily check, loudly, without making
+    a line and a summary row for each: the first 100 are shown, the rest counted."""
+    database_backup(run, pg=pg, started_at=at(1))
+    client = s3server.client()
+    for i in range(120):
+        key = f"production/database/{at(2) - timedelta(seconds=i):%Y-%m-%d--%H-%M-%S}.sql.encrypted"
+        client.put_object(Bucket=bucket, Key=key, Body=b"Salted__planted", ChecksumAlgorithm="CRC32")
+    summary = tmp_path / "summary.md"
+    done = verify(run, "--kind", "database", "--since", "1d", env={"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary)})
+    assert done.returncode == 1
+    assert len(result_lines(done.stdout)) == 100
+    # ordered by when S3 stored them: the genuine backup, stored first, is among the counted
+    assert "… and 21 more: 1 OK, 20 FAILED (--json lists every one)" in done.stdout, done.stdout[-500:]
+    rows = [line for line in summary.read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 100 + 1 and "21 more" in rows[-1]
+    assert "121 of 121" not in done.stderr and "120 of 121 database backups failed verification" in done.stderr
