@@ -123,13 +123,19 @@ def run(s3server, bucket, pg):
 APP_ROLE, APP_PASSWORD = "app_owner", "owner-pw-3"
 
 
+def app_role(pg) -> None:
+    """The app's own role (APP_ROLE, APP_PASSWORD): logs in, not a superuser, no CREATEDB, no
+    settings."""
+    pg.psql(f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN "
+            f"CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER; END IF; END $$")
+    pg.psql(f"ALTER ROLE {APP_ROLE} RESET ALL; ALTER ROLE {APP_ROLE} PASSWORD '{APP_PASSWORD}'")
+
+
 @pytest.fixture
 def app_db(pg):
     """An empty database owned by the app's own role, not a superuser: the restore target the
     README asks for. Yields (name, URL with the password); the role starts with no settings."""
-    pg.psql(f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN "
-            f"CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER; END IF; END $$")
-    pg.psql(f"ALTER ROLE {APP_ROLE} RESET ALL; ALTER ROLE {APP_ROLE} PASSWORD '{APP_PASSWORD}'")
+    app_role(pg)
     name = f"app_owned_{os.getpid()}_{next(_counter)}"
     pg.drop_database(name)
     pg.psql(f'CREATE DATABASE "{name}" OWNER {APP_ROLE}')

@@ -1,21 +1,34 @@
-"""Every ```bash block of runbook.md, run in order in one shell against a real PostgreSQL and the
-S3 server, as an operator would paste them during an incident."""
+"""Every ```bash block of runbook.md, run in order in one shell against a real PostgreSQL and an
+S3 server that enforces IAM, as an operator would paste them during an incident: the read-only
+identity for the external bucket, another for the app's files, the app's own role (not a
+superuser) for every restore and an admin role only to create the databases."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
+from datetime import datetime, timedelta
 
 import pytest
 
 from dev.harness import REPO, create_sample_database, table_fingerprint
-from tests.conftest import PASSPHRASE, base_env
+from tests.conftest import APP_PASSWORD, APP_ROLE, PASSPHRASE, app_role, base_env
 from tests.docblocks import bash_blocks
+from tests.iam_helpers import IamS3Server
 
 SET_BY_TEST = "the test sets these variables itself"
 REAL_AWS = "needs real AWS"
+# The one line of the runbook an operator edits (2.3: the time to go back to); the walk sets it
+# between its two backups, so the chosen backup is not the newest.
+EXAMPLE_WHEN = "WHEN=2026-11-29T09:00:00Z"
+EXTERNAL = "runbook-external-backups"
+APP_FILES = "runbook-app-files"
+RESTORED_FILES = "runbook-restored-files"  # the runbook creates it
 
 
 def variables_set_by(body: str) -> set[str]:
@@ -29,6 +42,7 @@ def test_runbook_blocks_are_marked_only_as_allowed():
     assert sum(1 for m, _ in found if m == SET_BY_TEST) == 1
     for _, body in found:
         assert "pass:" not in body and "PGPASSWORD=" not in body and " -p " not in body.replace("read -rsp", "")
+    assert sum(body.count(EXAMPLE_WHEN) for _, body in found) == 1
 
 
 @pytest.fixture(scope="session")
@@ -42,58 +56,96 @@ def bare_python(tmp_path_factory):
     return bare / "bin"
 
 
+@pytest.fixture(scope="module")
+def iam_server():
+    server = IamS3Server().start()
+    yield server
+    server.stop()
+
+
+def files_writer_policy(bucket: str) -> dict:
+    """The app's account's identity for restored files: create, list, read and write one bucket."""
+    return {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow",
+        "Action": ["s3:CreateBucket", "s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"],
+        "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}
+
+
 @pytest.fixture
-def incident(pg, s3server, tmp_path, bare_python):
-    """Backups exist in the external bucket; the app's database and files are gone. The checkout is
-    a bare clone: only what git tracks, no .venv, and python3 has no packages."""
+def incident(pg, iam_server, tmp_path, bare_python):
+    """Backups exist in the external bucket (two of the database, the newest after a change); the
+    app's database and files are gone. The checkout is a bare clone: only what git tracks, no
+    .venv, and python3 has no packages. The operator holds the read-only keys (section 1), a
+    profile for the app's files, the app role's password and, for psql to find, the admin's."""
     work = tmp_path / "checkout"
     listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for name in listed + ["runbook.md", "scripts/restore_files.py", "scripts/backup_files.py"]:
         if (REPO / name).is_file():
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, work / name)
-    bucket = "runbook-external-backups"
+    printed = subprocess.run([sys.executable, "scripts/setup_bucket.py", "--bucket", EXTERNAL, "--print-policies"],
+                             cwd=work, env=base_env(), capture_output=True, text=True, check=True)
+    reader = iam_server.user(f"reader-{os.getpid()}", json.loads(printed.stdout)["read_only"])
+    files_writer = iam_server.user(f"files-writer-{os.getpid()}", files_writer_policy(RESTORED_FILES))
+    admin = iam_server.admin
     env = {
-        **base_env(), **s3server.env(),
-        "BACKUP_BUCKET": bucket, "BACKUP_ENVIRONMENT": "production", "BACKUP_ALLOW_PLAIN_HTTP": "1",
+        **base_env(), **admin.env(),
+        "BACKUP_BUCKET": EXTERNAL, "BACKUP_ENVIRONMENT": "production", "BACKUP_ALLOW_PLAIN_HTTP": "1",
         "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, "PGPASSWORD": pg.password,
         "PATH": f"{pg.bin}:{base_env()['PATH']}",
-        "BACKUP_ALLOW_SUPERUSER": "1",  # the test cluster's role is its superuser; the runbook asks for the app's own
         "REPLACE": "yes",  # the walk restores every section into one target: 2.4's by hand over 2.1's, as 2.2 does
     }
-    runbook_path = f"{bare_python}:{pg.bin}:/usr/local/bin:/usr/bin:/bin"
     env.pop("PYTHONPATH", None)
-    script = [sys.executable]
-    subprocess.run([*script, "scripts/setup_bucket.py", "--bucket", bucket, "--apply"], cwd=work, env=env, check=True,
-                   capture_output=True)
+
+    def setup(*argv: str) -> dict:
+        done = subprocess.run([sys.executable, *argv, "--json"], cwd=work, env=env, check=True, capture_output=True, text=True)
+        return json.loads(done.stdout)
+
+    setup("scripts/setup_bucket.py", "--bucket", EXTERNAL, "--apply")
     source = create_sample_database(pg, "runbook_app", rows=300)
-    subprocess.run([*script, "scripts/backup_database.py", "--database-url", source], cwd=work, env=env, check=True,
-                   capture_output=True)
-    app_files = s3server.create_bucket("runbook-app-files", object_lock=False)
-    client = s3server.client()
-    client.put_object(Bucket=app_files, Key="invoices/2026/0001.pdf", Body=b"%PDF-1.7 invoice", ContentType="application/pdf")
-    client.put_object(Bucket=app_files, Key="avatars/zoë.png", Body=b"\x89PNG avatar", ContentType="image/png",
+    older = setup("scripts/backup_database.py", "--database-url", source)
+    pg.psql("INSERT INTO admin_user (email) VALUES ('second-admin@example.org')", "runbook_app")
+    started = datetime.fromisoformat(older["started_at"])
+    while datetime.now(started.tzinfo) < started + timedelta(seconds=1):  # the newer one starts in a later second
+        time.sleep(0.05)
+    setup("scripts/backup_database.py", "--database-url", source)
+    client = admin.client()
+    client.create_bucket(Bucket=APP_FILES)
+    client.put_object(Bucket=APP_FILES, Key="invoices/2026/0001.pdf", Body=b"%PDF-1.7 invoice", ContentType="application/pdf")
+    client.put_object(Bucket=APP_FILES, Key="avatars/zoë.png", Body=b"\x89PNG avatar", ContentType="image/png",
                       Metadata={"owner": "42"})
     has_files = (work / "scripts/backup_files.py").exists()
     if has_files:
-        subprocess.run([*script, "scripts/backup_files.py", "--source-bucket", app_files], cwd=work, env=env, check=True,
-                       capture_output=True)
+        setup("scripts/backup_files.py", "--source-bucket", APP_FILES)
     for name in ("runbook_target", "runbook_drill"):  # the runbook creates them
         pg.drop_database(name)
-    s3server.create_bucket("runbook-restored-files", object_lock=False)
+    app_role(pg)  # the app's own role: logs in, neither a superuser nor allowed to create databases
+    pgpass = tmp_path / "admin.pgpass"  # what psql asks an operator for, at a terminal
+    pgpass.write_text(f"127.0.0.1:{pg.port}:*:{pg.user}:{pg.password}\n")
+    pgpass.chmod(0o600)
+    profiles = tmp_path / "aws-credentials"
+    profiles.write_text("".join(f"[{name}]\naws_access_key_id = {user.access_key_id}\n"
+                                f"aws_secret_access_key = {user.secret_access_key}\n\n"
+                                for name, user in (("external-backups-readonly", reader), ("app-files-writer", files_writer))))
     env.update({
-        "PATH": runbook_path,
-        "TARGET_DATABASE_URL": pg.url("runbook_target", password=False),  # the password is in PGPASSWORD
-        "SCRATCH_DATABASE_URL": pg.url("runbook_drill", password=False),
-        "TARGET_BUCKET": "runbook-restored-files",
+        **reader.env(),  # section 1 with the read-only keys, not a profile: section 3 must unset them to switch
+        "AWS_SHARED_CREDENTIALS_FILE": str(profiles), "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "PATH": f"{bare_python}:{pg.bin}:/usr/local/bin:/usr/bin:/bin",
+        "APP_ROLE": APP_ROLE,
+        "PGPASSWORD": APP_PASSWORD, "PGPASSFILE": str(pgpass),
+        "TARGET_DATABASE_URL": f"postgresql://{APP_ROLE}@127.0.0.1:{pg.port}/runbook_target",
+        "SCRATCH_DATABASE_URL": f"postgresql://{APP_ROLE}@127.0.0.1:{pg.port}/runbook_drill",
+        "ADMIN_DATABASE_URL": pg.url("postgres", password=False),
+        "TARGET_BUCKET": RESTORED_FILES,
     })
-    yield work, env, has_files
+    yield work, env, has_files, older, {"reader": reader, "files_writer": files_writer}
     for name in ("runbook_app", "runbook_target", "runbook_drill"):
         pg.drop_database(name)
 
 
-def test_runbook_restores_database_and_files(incident, pg, s3server):
-    work, env, has_files = incident
+def test_runbook_restores_database_and_files(incident, pg, iam_server):
+    work, env, has_files, older, users = incident
+    assert "BACKUP_ALLOW_SUPERUSER" not in env
     found = bash_blocks(work / "runbook.md")
     script = ["set -euo pipefail"]
     skipped = []
@@ -107,6 +159,7 @@ def test_runbook_restores_database_and_files(incident, pg, s3server):
             continue
         if not has_files and ("restore_files.py" in body or "--kind files" in body):
             pytest.fail("scripts/backup_files.py and restore_files.py are needed by the runbook")
+        body = body.replace(EXAMPLE_WHEN, f"WHEN={older['started_at']}")  # the operator's edit
         script.append(f"echo '=== runbook block {number}' >&2\n{body}")
     done = subprocess.run(["bash", "-c", "\n".join(script)], cwd=work, env=env, capture_output=True, text=True,
                           timeout=900, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -118,8 +171,34 @@ def test_runbook_restores_database_and_files(incident, pg, s3server):
         assert table_fingerprint(pg, "runbook_target", table) == table_fingerprint(pg, "runbook_app", table)
     assert "psql: restore committed" in done.stdout and "plaintext copies removed" in done.stdout
     assert "PASS" in done.stdout and "FAIL" not in done.stdout.replace("FAILED", "")
-    restored = s3server.client().list_objects_v2(Bucket="runbook-restored-files").get("Contents", [])
-    assert {o["Key"] for o in restored} == {"invoices/2026/0001.pdf", "avatars/zoë.png"}
     assert not list(work.glob("*.sql")) and not list(work.glob("files*.zip*"))
     assert (work / ".venv" / "bin" / "python").exists()  # made by the runbook's first block, and used by the scripts
-    assert PASSPHRASE not in done.stdout + done.stderr and pg.password not in done.stdout + done.stderr
+    secrets = (PASSPHRASE, pg.password, APP_PASSWORD, users["reader"].secret_access_key, users["files_writer"].secret_access_key)
+    assert not [s for s in secrets if s in done.stdout + done.stderr]
+
+    # The databases were created by the admin role, owned by the app's, and every restore ran as
+    # the app's role, which is not a superuser (nothing was allowed past the refusal).
+    owners = pg.psql("SELECT string_agg(pg_get_userbyid(datdba), ',' ORDER BY datname) FROM pg_database "
+                     "WHERE datname IN ('runbook_target', 'runbook_drill')")
+    assert owners == f"{APP_ROLE},{APP_ROLE}"
+    assert re.search(rf"^ {APP_ROLE} +\| f +\| {APP_ROLE}$", done.stdout, re.M), done.stdout
+    assert "superuser" not in done.stderr and "permission denied" not in done.stderr
+    assert pg.psql("SELECT string_agg(DISTINCT tableowner, ',') FROM pg_tables WHERE schemaname = 'public'",
+                   "runbook_target") == APP_ROLE
+
+    # 2.3 chose the backup WHEN names, the older one, not the newest.
+    chosen = f"{older['key']} version {older['version_id']}"
+    assert f"chosen: {chosen}" in done.stdout
+    assert f"restored s3://{EXTERNAL}/{older['key']} (version {older['version_id']})" in done.stdout
+    assert done.stdout.count(f"(version {older['version_id']})") == 1, "only 2.3 restores the older backup"
+
+    # Section 3 created the target bucket and restored into it as the app's files identity: the
+    # read-only keys of section 1 may not write there, so the switch (keys unset first) took.
+    assert f"created s3://{RESTORED_FILES}" in done.stdout
+    assert "warning: AWS_PROFILE" not in done.stderr
+    restored = iam_server.admin.client().list_objects_v2(Bucket=RESTORED_FILES).get("Contents", [])
+    assert {o["Key"] for o in restored} == {"invoices/2026/0001.pdf", "avatars/zoë.png"}
+    denied = subprocess.run([sys.executable, "-c", "import boto3, sys; boto3.client('s3').put_object("
+                             f"Bucket='{RESTORED_FILES}', Key='x', Body=b'x')"],
+                            env={**base_env(), **users["reader"].env()}, capture_output=True, text=True)
+    assert denied.returncode != 0 and "AccessDenied" in denied.stderr
