@@ -8,6 +8,9 @@ copies these rules instead of importing them. Where it differs on purpose, the t
   library's reader does); decrypt.py compares it with the file's own format instead;
 - an AES Crypt archive is stopped at the size its manifest promises, as every output of
   decrypt.py is (a file on disk); the library decrypts an archive whole and then compares sizes;
+- the library reads a dump's SQL as psql would and refuses what pg_dump never writes (it feeds
+  psql); decrypt.py writes a file that nothing runs, and does not (the dumps here are as pg_dump
+  writes them);
 - a wrong passphrase that passes openssl's padding check without a manifest (1 in 256): decrypt.py
   sees noise where SQL text should be and says wrong passphrase, the library says the dump is
   incomplete (tests/test_decrypt.py has that case for decrypt.py).
@@ -47,7 +50,7 @@ from tests.test_decrypt import DECRYPT, env, load_standalone, manifest_for, zstd
 
 
 def library_reads(path, kind: str, passphrases: list[str]) -> None:
-    """The library reading a local backup file, as restore_database.py and restore_files.py --file do."""
+    """The library reading a local backup file (`--file`), checked against FILE.manifest.json when there is one."""
     work = library_verify_dump if kind == "database" else library_read_archive
     library_open_local(str(path), kind, passphrases, work, require_manifest=False)
 
@@ -398,6 +401,10 @@ BACKUPS = [
     pytest.param(Backup("x.sql.encrypted", openssl(DUMP), DUMP), set(), None, id="genuine-dump"),
     pytest.param(Backup("x.sql.zst.encrypted", openssl(SQL_ZST), DUMP, "zstd"), set(), None, id="genuine-compressed-dump"),
     pytest.param(Backup("x.zip.encrypted", aescrypt(ZIP, PASSPHRASE), ZIP), set(), None, id="genuine-archive"),
+    pytest.param(Backup("x.sql.zst.encrypted", openssl(SQL_ZST), passphrases=[WRONG_PASSPHRASE, OLD_PASSPHRASE, PASSPHRASE]),
+                 set(), None, id="genuine-compressed-dump-without-manifest"),
+    pytest.param(Backup("x.zip.encrypted", aescrypt(ZIP, PASSPHRASE), passphrases=[OLD_PASSPHRASE, PASSPHRASE]),
+                 set(), None, id="genuine-archive-without-manifest"),
     pytest.param(Backup("x.sql.encrypted", openssl(DUMP), passphrases=[WRONG_PASSPHRASE]),
                  {"wrong passphrase", "corrupted"}, None, id="wrong-passphrase-dump"),
     pytest.param(Backup("x.zip.encrypted", aescrypt(ZIP, PASSPHRASE), passphrases=[WRONG_PASSPHRASE]),
