@@ -389,7 +389,7 @@ def read_manifest(path: str) -> dict:
 
 def parse_manifest(body: bytes, path: str) -> dict:
     """A manifest from its bytes, accepted only if the backup scripts would accept it (every field
-    present, well formed, bounded, and agreeing with the others); its values are never shown."""
+    present, well formed, bounded, and agreeing with the others); a value is shown only once valid."""
     if len(body) > MAX_MANIFEST_BYTES:
         raise Failure(f"{path} is over {MAX_MANIFEST_BYTES // 1024} KiB: not a backup manifest")
     try:
