@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import getpass
 import hashlib
 import json
@@ -25,8 +26,11 @@ import tempfile
 import threading
 import typing
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
-# Copies of the toolkit's constants (scripts/backupkit): tests/test_decrypt.py checks they agree.
+# Copies of the toolkit's rules (scripts/backupkit), standalone on purpose: tests/test_decrypt_parity.py
+# runs this file and the library on the same inputs (key_id, passphrase rule and choice, manifests,
+# child environment, failure causes), so neither can drift from the other.
 OPENSSL_ARGS = ["-aes-256-cbc", "-pbkdf2", "-md", "sha256", "-iter", "10000"]
 OPENSSL_WRITE_FAILED = "error writing output"
 KEY_ID_SALT = b"external-backups key id"
@@ -39,12 +43,43 @@ BUFFER = 1024 * 1024
 # times the input (--max-ratio). A dump compresses 3-10× (zstd -1); a planted zstd stream can
 # promise 30,000× (131 KB → 4 GiB).
 MAX_RATIO = 1000
-# Never handed to openssl or zstd (the passphrase goes through a pipe); same list as backupkit.config.
+# Never handed to openssl or zstd (the passphrase goes through a pipe).
 SECRET_VARIABLES = (
     "EXTERNAL_BACKUP_ENCRYPTION_KEY", "EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS", "DATABASE_URL", "TARGET_DATABASE_URL",
     "PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "SOURCE_AWS_SECRET_ACCESS_KEY", "SOURCE_AWS_SESSION_TOKEN",
     "BACKUP_HEARTBEAT_URL",
 )
+# Nor these: inside GitHub Actions they let any process that reads them act as this job (a
+# child's environment is readable by every process of the same user, /proc/PID/environ).
+CHILD_ENV_PREFIXES = ("ACTIONS_",)
+CHILD_ENV_DROPPED = ("GITHUB_TOKEN",)
+
+# A manifest as the backup scripts write it; one they would refuse is refused here too.
+ENVIRONMENT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+KEY_RE = re.compile(
+    r"^(?P<env>[a-z0-9][a-z0-9-]{0,62})/(?P<kind>database|files)/"
+    r"(?P<ts>\d{4}-\d\d-\d\d--\d\d-\d\d-\d\d)(?P<suffix>\.sql\.encrypted|\.sql\.zst\.encrypted|\.zip\.encrypted)$"
+)
+TIMESTAMP_FORMAT = "%Y-%m-%d--%H-%M-%S"
+ENCRYPTION = {"database": "openssl-aes-256-cbc-pbkdf2", "files": "aescrypt-v2"}
+FORMAT_NAMES = {"openssl-aes-256-cbc-pbkdf2": "openssl aes-256-cbc", "aescrypt-v2": "AES Crypt"}
+SUFFIXES = {("database", "none"): ".sql.encrypted", ("database", "zstd"): ".sql.zst.encrypted",
+            ("files", "none"): ".zip.encrypted"}
+MANIFEST_FIELDS: dict[str, type] = {
+    "manifest_version": int, "kind": str, "environment": str, "key": str, "started_at": str, "completed_at": str,
+    "encryption": str, "key_id": str, "encrypted_size": int, "encrypted_sha256": str, "plaintext_size": int,
+    "plaintext_sha256": str, "source": dict, "tool_version": str,
+}
+SOURCE_FIELDS: dict[str, dict[str, type]] = {
+    "database": {"database": str, "server_version": str, "pg_dump_version": str},
+    "files": {"bucket": str, "prefix": str, "object_count": int, "total_bytes": int, "skipped": list},
+}
+MAX_SKIPPED_LISTED = 100
+MAX_SIZE = 2**53
+MAX_TEXT = 1024
+HEX64 = re.compile(r"[0-9a-f]{64}")
+HEX16 = re.compile(r"[0-9a-f]{16}")
+ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
 EPILOG = """\
 The passphrase comes from EXTERNAL_BACKUP_ENCRYPTION_KEY (and EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS,
@@ -53,10 +88,11 @@ passphrase in the process list: avoid it on shared machines. A trailing line bre
 a passphrase; one inside it is refused (openssl would read only the first line).
 
 When IN.manifest.json lies beside the input (fetch_backup.py puts it there), or --manifest names
-one, the encrypted and plaintext sizes and SHA-256 are checked against it and the passphrase is
-chosen by its key_id. Without a manifest nothing can prove the output is the whole, unaltered
-backup (openssl has no integrity check): it says so, and a dump must at least end with pg_dump's
-completion trailer. A compressed dump (.sql.zst.encrypted) is written as plain SQL (zstd -d;
+one, it must be a manifest the backup scripts accept (every field checked as they check it) that
+describes IN's format; the encrypted and plaintext sizes and SHA-256 are checked against it and the
+passphrase is chosen by its key_id. Without a manifest nothing can prove the output is the whole,
+unaltered backup (openssl has no integrity check): it says so, and a dump must at least end with
+pg_dump's completion trailer. A compressed dump (.sql.zst.encrypted) is written as plain SQL (zstd -d;
 the zstd program is ZSTD, default zstd on PATH).
 
 OUT must not exist (--force replaces it). The plaintext goes to a file with no name in OUT's
@@ -109,6 +145,7 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+@functools.cache  # slow on purpose (a fifth of a second): each passphrase's is derived once
 def key_id(passphrase: str) -> str:
     return hashlib.pbkdf2_hmac("sha256", passphrase.encode(), KEY_ID_SALT, KEY_ID_ITERATIONS)[:8].hex()
 
@@ -230,7 +267,8 @@ def candidate_passphrases(explicit: str | None) -> list[str]:
 
 
 def child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES and not k.startswith("ACTIONS_")}
+    return {k: v for k, v in os.environ.items()
+            if k not in SECRET_VARIABLES and k not in CHILD_ENV_DROPPED and not k.startswith(CHILD_ENV_PREFIXES)}
 
 
 def decrypt_openssl(source: typing.BinaryIO, out: Output, passphrase: str, compression: str | None) -> None:
@@ -281,9 +319,9 @@ def decrypt_openssl(source: typing.BinaryIO, out: Output, passphrase: str, compr
         secondary = unzstd != 0 and (code == -signal.SIGPIPE or OPENSSL_WRITE_FAILED in problem)
         if code != 0 and not secondary:
             raise ValueError(f"wrong passphrase or corrupted file (openssl: {' '.join(problem.split())[:300]})")
-        if unzstd != 0:  # ValueError: without a manifest, the next passphrase may be the right one
+        if unzstd != 0:  # ValueError: without a manifest, the next passphrase is tried all the same
             detail = " ".join(zstd.stderr.read().decode(errors="replace").split())[:300]
-            raise ValueError(f"corrupted file or wrong passphrase: it does not decompress (zstd: {detail})")
+            raise ValueError(f"decompression failed: the file is corrupted, it does not decompress (zstd: {detail})")
     finally:
         _kill(openssl, zstd)
 
@@ -319,7 +357,7 @@ def decrypt_aescrypt(source: typing.BinaryIO, out: Output, passphrase: str, comp
     try:
         pyAesCrypt.decryptStream(source, out, passphrase, BUFFER)
     except (ValueError, IndexError) as exc:  # IndexError: cut right after the header
-        raise ValueError(f"wrong passphrase or corrupted file ({exc})") from None
+        raise ValueError(f"wrong passphrase or corrupted file (AES Crypt: {exc})") from None
 
 
 def check_looks_like_a_dump(out: Output) -> None:
@@ -337,7 +375,7 @@ def check_looks_like_a_dump(out: Output) -> None:
         if exc.start < len(head) - 4:  # not just a character cut at the end of the sample
             raise ValueError("wrong passphrase (the output is not the SQL text of a dump)") from None
     if TRAILER not in tail:
-        raise Failure("the decrypted dump does not end with pg_dump's completion trailer: it is cut short or damaged")
+        raise Failure("the decrypted dump is incomplete: it does not end with pg_dump's completion trailer (cut short)")
 
 
 def read_manifest(path: str) -> dict:
@@ -346,28 +384,113 @@ def read_manifest(path: str) -> dict:
             body = handle.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
         raise Failure(f"cannot read the manifest {path}: {exc.strerror}") from None
+    return parse_manifest(body, path)
+
+
+def parse_manifest(body: bytes, path: str) -> dict:
+    """A manifest from its bytes, accepted only if the backup scripts would accept it (every field
+    present, well formed, bounded, and agreeing with the others); a value is shown only once valid."""
     if len(body) > MAX_MANIFEST_BYTES:
         raise Failure(f"{path} is over {MAX_MANIFEST_BYTES // 1024} KiB: not a backup manifest")
     try:
         manifest = json.loads(body)
     except (ValueError, RecursionError):
         raise Failure(f"{path} is not valid JSON: not a backup manifest") from None
-    valid = (isinstance(manifest, dict)
-             and all(isinstance(manifest.get(f), str) and re.fullmatch(r"[0-9a-f]{64}", manifest[f])
-                     for f in ("encrypted_sha256", "plaintext_sha256"))
-             and isinstance(manifest.get("key_id"), str) and re.fullmatch(r"[0-9a-f]{16}", manifest["key_id"])
-             and all(isinstance(manifest.get(f), int) for f in ("encrypted_size", "plaintext_size"))
-             and manifest.get("compression", "none") in ("none", "zstd"))
-    if not valid:
-        raise Failure(f"{path} is not a backup manifest (it lacks valid key_id, sizes and SHA-256 sums)")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise Failure(f"{path} is not a backup manifest the backup scripts wrote: it {problem}")
     return manifest
 
 
-def matching_passphrases(passphrases: list[str], wanted: str) -> list[str]:
-    """The passphrase whose key_id the manifest names; also one stored with a trailing newline
-    before the one-line rule (its key_id was taken with the newline)."""
-    exact = [p for p in passphrases if key_id(p) == wanted]
-    return exact or [p + "\n" for p in passphrases if key_id(p + "\n") == wanted]
+def _text(value: object, limit: int = MAX_TEXT) -> bool:
+    return isinstance(value, str) and len(value) <= limit
+
+
+def _size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_SIZE
+
+
+def key_time(key: str) -> datetime | None:
+    match = KEY_RE.fullmatch(key)
+    try:
+        return datetime.strptime(match.group("ts"), TIMESTAMP_FORMAT).replace(tzinfo=UTC) if match else None
+    except ValueError:  # e.g. month 13: not a name the backup scripts write
+        return None
+
+
+def manifest_problem(manifest: object) -> str | None:
+    """What is wrong with a manifest, by the backup scripts' rules (scripts/backupkit/manifest.py,
+    without the key, kind and environment a bucket reader compares it with); None: nothing."""
+    if not isinstance(manifest, dict):
+        return "is not a JSON object"
+    for name, wanted in MANIFEST_FIELDS.items():
+        value = manifest.get(name)
+        if not isinstance(value, wanted) or isinstance(value, bool):
+            return f"lacks a valid {name!r}"
+    if manifest["manifest_version"] != 1:
+        return "has a manifest_version other than 1"
+    if "version_id" not in manifest or not (manifest["version_id"] is None or _text(manifest["version_id"])):
+        return "lacks a valid 'version_id'"
+    if manifest["kind"] not in ENCRYPTION:
+        return "has an unknown kind"
+    if not ENVIRONMENT_RE.fullmatch(manifest["environment"]):
+        return "has an invalid 'environment'"
+    match = KEY_RE.fullmatch(manifest["key"]) if _text(manifest["key"]) else None
+    if not match or key_time(manifest["key"]) is None:
+        return "names an object that is not a backup key"
+    if (match.group("env"), match.group("kind")) != (manifest["environment"], manifest["kind"]):
+        return "names a key of another kind or environment than it says"
+    if manifest["encryption"] != ENCRYPTION[manifest["kind"]]:
+        return f"says an encryption that is not how {manifest['kind']} backups are made"
+    compression = manifest.get("compression", "none")
+    if compression not in ("zstd", "none") or (manifest["kind"] == "files" and compression != "none"):
+        return "has an invalid 'compression'"
+    if SUFFIXES[(manifest["kind"], compression)] != match.group("suffix"):
+        return f"says compression {compression}, which does not fit its key's name"
+    if compression == "zstd" and not (_size(manifest.get("compressed_size"))
+                                      and isinstance(manifest.get("compressed_sha256"), str)
+                                      and HEX64.fullmatch(manifest["compressed_sha256"])):
+        return "lacks a valid 'compressed_size' or 'compressed_sha256'"
+    if not HEX16.fullmatch(manifest["key_id"]):
+        return "has an invalid 'key_id' (16 hexadecimal digits)"
+    for name in ("encrypted_sha256", "plaintext_sha256"):
+        if not HEX64.fullmatch(manifest[name]):
+            return f"has an invalid {name!r}"
+    for name in ("encrypted_size", "plaintext_size"):
+        if not _size(manifest[name]):
+            return f"has an invalid {name!r}"
+    for name in ("started_at", "completed_at"):
+        if not ISO_TIME.fullmatch(manifest[name]):
+            return f"has an invalid {name!r}"
+    started = key_time(manifest["key"]).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if manifest["started_at"] != started or manifest["completed_at"] < manifest["started_at"]:
+        return "has times that do not fit its key's name"
+    if not _text(manifest["tool_version"], 64):
+        return "has an invalid 'tool_version'"
+    source = manifest["source"]
+    for name, wanted in SOURCE_FIELDS[manifest["kind"]].items():
+        value = source.get(name)
+        if ((wanted is str and not _text(value)) or (wanted is int and not _size(value))
+                or (wanted is list and not (isinstance(value, list) and len(value) <= 10 * MAX_SKIPPED_LISTED
+                                            and all(_text(item) for item in value)))):
+            return f"lacks a valid source {name!r}"
+    if manifest["kind"] == "files" and "skipped_count" in source and not _size(source["skipped_count"]):
+        return "lacks a valid source 'skipped_count'"
+    return None
+
+
+def pick_passphrase(wanted: str, candidates: list[str]) -> str:
+    """The candidate whose key_id the manifest names. Before the one-line rule a secret stored with
+    a trailing newline got the key_id of passphrase + newline: such a backup is found too, and gets
+    exactly the passphrase it was made with."""
+    for candidate in candidates:
+        if key_id(candidate) == wanted:
+            return candidate
+    for candidate in candidates:
+        if key_id(candidate + "\n") == wanted:
+            return candidate + "\n"
+    raise Failure(f"this backup needs the passphrase with key_id {wanted}; the passphrases given have "
+                  f"key_id {', '.join(key_id(c) for c in candidates)}: mistyped, or an older one missing?")
 
 
 def decrypt(infile: str, outfile: str, passphrases: list[str], manifest: dict | None, force: bool = False,
@@ -378,9 +501,9 @@ def decrypt(infile: str, outfile: str, passphrases: list[str], manifest: dict | 
     with open_regular(infile, "--filein") as source:
         head = source.read(8)
         if head.startswith(b"Salted__"):
-            kind, function = "openssl aes-256-cbc", decrypt_openssl
+            encryption, function = ENCRYPTION["database"], decrypt_openssl
         elif head.startswith(b"AES"):
-            kind, function = "AES Crypt", decrypt_aescrypt
+            encryption, function = ENCRYPTION["files"], decrypt_aescrypt
         elif not head:
             raise Failure(f"{infile} is empty: not a backup")
         else:
@@ -391,13 +514,15 @@ def decrypt(infile: str, outfile: str, passphrases: list[str], manifest: dict | 
         limit = int(size * max_ratio)
         if manifest is not None:
             size, digest = sha256_file(source)
-            if digest != manifest["encrypted_sha256"] or size != manifest["encrypted_size"]:
-                raise Failure(f"{infile} does not match its manifest (size {size}, SHA-256 {digest}): corrupted or truncated download")
-            matching = matching_passphrases(passphrases, manifest["key_id"])
-            if not matching:
-                raise Failure(f"this backup needs the passphrase with key_id {manifest['key_id']}; the passphrases given have "
-                              f"key_id {', '.join(key_id(p) for p in passphrases)}: mistyped, or an older one missing?")
-            passphrases = matching
+            if size != manifest["encrypted_size"]:
+                raise Failure(f"{infile} is {size} bytes, its manifest says {manifest['encrypted_size']}: truncated or "
+                              "corrupted download")
+            if digest != manifest["encrypted_sha256"]:
+                raise Failure(f"{infile} does not match its manifest's SHA-256 ({digest}): corrupted download")
+            if encryption != manifest["encryption"]:
+                raise Failure(f"{infile} is {FORMAT_NAMES[encryption]}, but its manifest says {manifest['encryption']} "
+                              f"({manifest['kind']} backup): not the file it describes")
+            passphrases = [pick_passphrase(manifest["key_id"], passphrases)]
             compression = manifest.get("compression", "none")
             limit = manifest["plaintext_size"]
 
@@ -425,7 +550,7 @@ def decrypt(infile: str, outfile: str, passphrases: list[str], manifest: dict | 
             out.publish(force)
         finally:
             out.discard()
-    return kind
+    return FORMAT_NAMES[encryption]
 
 
 def too_large(infile: str, manifest: dict | None, size: int, max_ratio: float) -> str:
