@@ -28,6 +28,44 @@ REGION = "us-east-1"
 BOOTSTRAP_CALLS = 3  # create_user, put_user_policy, create_access_key for `admin`
 ADMIN_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
 
+# moto authorizes each S3 request under the name of its API operation (botocore's), not the IAM
+# action AWS checks for it: PUT ?object-lock is checked as s3:PutObjectLockConfiguration, where
+# AWS checks s3:PutBucketObjectLockConfiguration. So that a printed policy is tested for what it
+# grants on AWS, each IAM action it names also grants the operations AWS authorizes with it
+# (AWS's "Actions, resources, and condition keys for Amazon S3"); an action not named grants none.
+OPERATIONS_OF_ACTION = {
+    "s3:PutBucketObjectLockConfiguration": ["s3:PutObjectLockConfiguration"],
+    "s3:GetBucketObjectLockConfiguration": ["s3:GetObjectLockConfiguration"],
+    "s3:PutEncryptionConfiguration": ["s3:PutBucketEncryption", "s3:DeleteBucketEncryption"],
+    "s3:GetEncryptionConfiguration": ["s3:GetBucketEncryption"],
+    "s3:PutBucketPublicAccessBlock": ["s3:PutPublicAccessBlock", "s3:DeletePublicAccessBlock"],
+    "s3:GetBucketPublicAccessBlock": ["s3:GetPublicAccessBlock"],
+    "s3:PutLifecycleConfiguration": ["s3:PutBucketLifecycleConfiguration", "s3:PutBucketLifecycle",
+                                     "s3:DeleteBucketLifecycle"],
+    "s3:GetLifecycleConfiguration": ["s3:GetBucketLifecycleConfiguration", "s3:GetBucketLifecycle"],
+    "s3:ListBucket": ["s3:ListObjects", "s3:ListObjectsV2", "s3:HeadBucket"],
+    "s3:ListBucketVersions": ["s3:ListObjectVersions"],
+    "s3:ListBucketMultipartUploads": ["s3:ListMultipartUploads"],
+    "s3:ListMultipartUploadParts": ["s3:ListParts"],
+    "s3:GetObject": ["s3:HeadObject", "s3:GetObjectAttributes"],
+    "s3:GetObjectVersion": ["s3:GetObject", "s3:HeadObject"],
+    "s3:PutObject": ["s3:CreateMultipartUpload", "s3:UploadPart", "s3:CompleteMultipartUpload",
+                     "s3:CopyObject", "s3:UploadPartCopy"],
+    "s3:DeleteObject": ["s3:DeleteObjects"],
+}
+
+
+def as_moto_checks_it(policy: dict) -> dict:
+    """`policy` with the operation names moto checks added beside each IAM action that grants them
+    (OPERATIONS_OF_ACTION); Deny statements widen the same way, so a denial stays a denial."""
+    statements = []
+    for statement in policy["Statement"]:
+        named = statement["Action"]
+        named = [named] if isinstance(named, str) else list(named)
+        widened = named + [op for action in named for op in OPERATIONS_OF_ACTION.get(action, []) if op not in named]
+        statements.append({**statement, "Action": widened})
+    return {**policy, "Statement": statements}
+
 
 @dataclass(frozen=True)
 class User:
@@ -103,7 +141,8 @@ class IamS3Server:
 
     def _create_user(self, iam, name: str, policy: dict) -> User:
         iam.create_user(UserName=name)
-        iam.put_user_policy(UserName=name, PolicyName=f"{name}-policy", PolicyDocument=json.dumps(policy))
+        iam.put_user_policy(UserName=name, PolicyName=f"{name}-policy",
+                            PolicyDocument=json.dumps(as_moto_checks_it(policy)))
         key = iam.create_access_key(UserName=name)["AccessKey"]
         return User(name, key["AccessKeyId"], key["SecretAccessKey"], self.endpoint)
 

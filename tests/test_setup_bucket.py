@@ -2,12 +2,12 @@
 enforces IAM (tests/iam_helpers.py): every script runs with an IAM user's keys holding exactly one
 printed policy.
 
-What moto does and does not enforce (tested in moto 5.2):
-- identity policies: enforced per request, but with moto's own action names for some calls:
-  GetObjectLockConfiguration, GetBucketEncryption and GetPublicAccessBlock are authorized as
-  s3:ListBucket, their PUTs as s3:CreateBucket, HeadBucket as a made-up s3:HeadBucket,
-  PutObjectRetention as s3:PutObject. So the printed policies are tested for what they allow and
-  deny here, not for every AWS action name.
+What moto does and does not enforce (tested in moto 5.0 to 5.2):
+- identity policies: enforced per request, but under the name of the API operation (botocore's),
+  not the IAM action AWS checks: PUT ?object-lock is checked as s3:PutObjectLockConfiguration where
+  AWS checks s3:PutBucketObjectLockConfiguration. iam_helpers.as_moto_checks_it adds those names
+  beside the IAM actions that grant them, so the printed policies are tested for what they allow
+  and deny, under AWS's names.
 - bucket policies: evaluated for object requests only, and moto ignores `Bool` conditions: the
   deny-insecure-transport policy refuses every object request, even over TLS. AWS refuses only
   plain HTTP, which is also all our local endpoint speaks; so the backup tests set the bucket up

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from datetime import timedelta
 
 from tests.backup_factory import (
@@ -316,6 +317,7 @@ def test_since_counts_past_the_first_hundred_results(run, pg, sample_db, s3serve
     """A flood of planted objects in the window fails the daily check, loudly, without making
     a line and a summary row for each: the first 100 are shown, the rest counted."""
     database_backup(run, pg=pg, started_at=at(1))
+    time.sleep(1.1)  # S3 dates to the second: the plants are stored strictly after the genuine backup
     client = s3server.client()
     for i in range(120):
         key = f"production/database/{at(2) - timedelta(seconds=i):%Y-%m-%d--%H-%M-%S}.sql.encrypted"
