@@ -15,6 +15,7 @@ from backupkit.manifest import COMPRESSIONS, backup_key, for_upload
 from backupkit.output import log, md_code, shown
 from backupkit.pipeline import Pipeline
 from backupkit.postgres import check_dump_client, client_binary
+from backupkit.profile import DumpRows, ObservedTally, profile_key, send_database_profile
 from backupkit.progress import Progress, human_bytes
 from backupkit.streams import Tally, copy
 from backupkit.upload import StreamingUpload
@@ -101,9 +102,11 @@ def main(argv: list[str]) -> int:
     log(f"backing up database '{shown(database.database)}' (server {server_version}, pg_dump {client_version}"
         f"{f', zstd -{level}' if level else ''}) to s3://{bucket}/{key}")
 
-    plaintext, compressed = Tally(), Tally()
+    rows = DumpRows()  # the loss tripwire's profile: rows per table, counted as the SQL goes past
+    plaintext, compressed = ObservedTally(rows), Tally()
     progress = Progress("uploaded")
-    with StreamingUpload(client, bucket, key) as upload, Pipeline() as pipeline:
+    with StreamingUpload(client, bucket, key) as upload, Pipeline() as pipeline, \
+            StreamingUpload(client, bucket, profile_key(key)) as profile_upload:
         last = LastStep(upload, bucket)
         cli.on_interrupt(last.left)
         dump = pipeline.start(
@@ -124,6 +127,7 @@ def main(argv: list[str]) -> int:
         # the dump every core is busy, and it would delay the dump by as much.
         crypto.start_key_ids([passphrase])
         upload.flush()
+        profile = send_database_profile(profile_upload, key, rows, passphrase)  # completed after the backup
         key_id = crypto.key_id(passphrase)
         progress.done()
         # From here a signal no longer stops the backup half-way: it is completed with its manifest.
@@ -132,7 +136,8 @@ def main(argv: list[str]) -> int:
             source={"database": database.database, "server_version": server_version, "pg_dump_version": client_version},
             compression=None if level is None else {"compression": "zstd", "compressed_size": compressed.size,
                                                     "compressed_sha256": compressed.hexdigest()},
-        ))
+            profile=profile.field(),
+        ), before_manifest=(profile_upload,))
     report(manifest, args.json, time.monotonic() - began, bucket)
     return 0
 

@@ -26,11 +26,15 @@ class LastStep:
         self.bucket = bucket
         self.manifest_written = False
 
-    def run(self, client: Any, manifest_for: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def run(self, client: Any, manifest_for: Callable[[], dict[str, Any]],
+            before_manifest: tuple[StreamingUpload, ...] = ()) -> dict[str, Any]:
         """The manifest written. `manifest_for()` builds it from the completed upload; call with
-        every part uploaded (upload.flush()) so that this step is two requests."""
+        every part uploaded (upload.flush()) so that this step is two requests (and one more
+        per upload of `before_manifest`, completed after the backup: its profile)."""
         with signals.held():
             signals.finish(self.upload.complete)
+            for extra in before_manifest:
+                signals.finish(extra.complete)
             manifest = manifest_for()
             signals.finish(write_manifest, client, self.bucket, manifest)
             self.manifest_written = True

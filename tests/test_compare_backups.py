@@ -1,0 +1,188 @@
+"""compare_backups.py, the loss tripwire: real backups of a real PostgreSQL database (their
+profiles counted from the dump as it streams), compared through the bucket as the hourly check
+does; data deleted between backups as a housekeeping job with a mistake would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+
+import pytest
+
+from tests.backup_factory import at, database_backup, put_with_manifest, read_object, upload_dump
+from tests.conftest import PASSPHRASE, error_lines, one_error, versions
+
+ORDERS = 1000
+
+
+@pytest.fixture
+def app(pg):
+    """An app database of its own: orders (1,000 rows), sessions (200), a table with a name that
+    needs quoting, and an empty one."""
+    name = f"tripwire_{uuid.uuid4().hex[:8]}"
+    pg.create_database(name)
+    pg.psql(f"""
+CREATE TABLE orders (id int PRIMARY KEY, customer text, note text);
+INSERT INTO orders SELECT i, 'Zoë Customer ' || i, E'line one\\nline two' FROM generate_series(1, {ORDERS}) AS i;
+CREATE TABLE sessions (id int PRIMARY KEY, token text);
+INSERT INTO sessions SELECT i, md5(i::text) FROM generate_series(1, 200) AS i;
+CREATE SCHEMA billing;
+CREATE TABLE billing."Invoice Lines (2026)" (id int, amount numeric);
+INSERT INTO billing."Invoice Lines (2026)" SELECT i, i * 1.5 FROM generate_series(1, 300) AS i;
+CREATE TABLE empty_one (id int);
+""", name)
+    yield name
+    pg.drop_database(name)
+
+
+def backup(run, pg, database: str, hours_ago: float) -> dict:
+    """A database backup named `hours_ago` hours back (so that the backups of a test order as made)."""
+    return database_backup(run, started_at=at(hours_ago), pg=pg, sample_db=database)
+
+
+def compare(run, *args: str, env: dict | None = None):
+    return run("compare_backups.py", "--kind", "database", *args, env=env)
+
+
+def compared(run, *args: str) -> dict:
+    done = compare(run, "--json", *args)
+    assert done.returncode in (0, 1), done.stderr
+    return json.loads(done.stdout)
+
+
+
+def not_held(client, bucket: str, key: str, version_id: str) -> bool:
+    try:
+        return client.get_object_legal_hold(Bucket=bucket, Key=key, VersionId=version_id)["LegalHold"].get("Status") != "ON"
+    except client.exceptions.ClientError:  # AWS: no legal hold was ever placed
+        return True
+
+
+def decrypt_stock(ciphertext: bytes) -> bytes:
+    return subprocess.run(["openssl", "enc", "-d", "-aes-256-cbc", "-pbkdf2", "-pass", "env:K"], input=ciphertext,
+                          capture_output=True, check=True, env={**os.environ, "K": PASSPHRASE}).stdout
+
+
+def test_each_backup_records_rows_per_table_readable_with_stock_openssl_only(run, pg, app, s3server, bucket):
+    manifest = backup(run, pg, app, 1)
+    profile = manifest["profile"]
+    assert profile["key"] == manifest["key"] + ".profile.encrypted" and profile["entries"] == 4
+    client = s3server.client()
+    stored = read_object(client, bucket, profile["key"], profile["version_id"])
+    assert stored.startswith(b"Salted__") and len(stored) == profile["size"]
+    lines = [json.loads(line) for line in decrypt_stock(stored).splitlines()]
+    assert lines[0] == {"format": "profile-v1", "kind": "database", "backup_key": manifest["key"]}
+    tables = {line["table"]: line["rows"] for line in lines[1:]}
+    assert tables == {"public.orders": ORDERS, "public.sessions": 200, 'billing."Invoice Lines (2026)"': 300,
+                      "public.empty_one": 0}
+    assert all(line["bytes"] > 0 for line in lines[1:] if line["rows"])
+    # Nothing in the bucket names a table, without the passphrase.
+    for version in versions(client, bucket):
+        body = read_object(client, bucket, version["Key"], version["VersionId"])
+        for word in (b"orders", b"sessions", b"Invoice", b"empty_one", b"Customer"):
+            assert word not in body, (version["Key"], word)
+
+
+def test_a_bulk_delete_alarms_naming_the_table_and_both_counts_and_hold_keeps_the_backup_before_it(run, pg, app, s3server, bucket):
+    backup(run, pg, app, 3)
+    good = backup(run, pg, app, 2)
+    quiet = compare(run)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "public.orders" in quiet.stdout and "ALARM" not in quiet.stdout
+    pg.psql("DELETE FROM orders WHERE id % 10 <> 0", app)  # the housekeeping job's mistake: 90% gone
+    damaged = backup(run, pg, app, 1)
+
+    done = compare(run, "--hold")
+    line = one_error(done, "public.orders", "100 rows", "1,000", "90%")
+    assert good["key"] in line  # the backup that still held them
+    assert "LOSS: table public.orders" in done.stdout and "HELD: backup" in done.stdout
+    client = s3server.client()
+    manifest_versions = {v["Key"]: v["VersionId"] for v in versions(client, bucket) if v["Key"] == good["key"] + ".manifest.json"}
+    for key, version in ((good["key"], good["version_id"]), (good["key"] + ".manifest.json", manifest_versions[good["key"] + ".manifest.json"]),
+                         (good["profile"]["key"], good["profile"]["version_id"])):
+        assert client.get_object_legal_hold(Bucket=bucket, Key=key, VersionId=version)["LegalHold"]["Status"] == "ON"
+    assert not_held(client, bucket, damaged["key"], damaged["version_id"])  # the damaged one is not held
+
+    result = compared(run)
+    assert [c["name"] for c in result["crossings"]] == ["public.orders"]
+    assert result["crossings"][0]["now"] == 100 and result["crossings"][0]["before"] == ORDERS
+    orders = next(r for r in result["rows"] if r["name"] == "public.orders")
+    assert orders["series"] == [ORDERS, ORDERS, 100] and orders["previous"] == ORDERS
+
+    # The rows put back, the next backup is quiet again.
+    pg.psql(f"INSERT INTO orders SELECT i, 'Zoë Customer ' || i, 'back' FROM generate_series(1, {ORDERS}) AS i "
+            "WHERE i % 10 <> 0", app)
+    backup(run, pg, app, 0)
+    assert compare(run).returncode == 0
+
+
+def test_a_slow_leak_alarms_on_the_cumulative_drop_not_on_the_first_step(run, pg, app):
+    backup(run, pg, app, 5)
+    results = {}
+    for step in (1, 2, 3, 4):  # 3% of what is left, every hour: 970, 941, 913, 886
+        pg.psql("DELETE FROM orders WHERE id IN (SELECT id FROM orders ORDER BY id LIMIT (SELECT count(*) * 3 / 100 FROM orders))", app)
+        backup(run, pg, app, 5 - step)
+        if step != 2:
+            results[step] = compare(run)
+    assert [results[step].returncode for step in (1, 3, 4)] == [0, 0, 1], [d.stderr for d in results.values()]
+    assert "-3%" in results[1].stdout  # the first step is seen, and is no loss
+    one_error(results[4], "public.orders", "886 rows", "1,000", "11%")
+
+
+def test_a_dropped_table_alarms_and_a_table_allowed_to_churn_does_not(run, pg, app):
+    backup(run, pg, app, 2)
+    pg.psql('DROP TABLE billing."Invoice Lines (2026)"; DELETE FROM sessions', app)
+    backup(run, pg, app, 1)
+    done = compare(run, "--allow-drop", "public.sessions")
+    one_error(done, 'billing."Invoice Lines (2026)"', "gone", "300 rows")
+    assert "public.sessions" in done.stdout and "allowed" in done.stdout
+    # Allowed by the variable too, and by the bare table name; the dropped table is still a loss.
+    by_variable = compare(run, env={"BACKUP_ALLOW_DROP": "other_*, sessions"})
+    assert len(error_lines(by_variable.stderr)) == 1 and "sessions" not in error_lines(by_variable.stderr)[0]
+    # Without the allowance, both are losses: the error names one, stdout lists both.
+    both = compare(run)
+    assert both.returncode == 1 and both.stdout.count("LOSS: ") == 2
+
+
+def test_the_first_backup_alone_and_a_backup_without_profile_are_no_loss(run, pg, app, s3server, bucket):
+    client = s3server.client()
+    upload_dump(client, bucket, at(3), b"-- an older backup, made before profiles\n", PASSPHRASE)
+    done = compare(run)
+    assert done.returncode == 0, done.stderr
+    assert "has no profile" in done.stdout
+    backup(run, pg, app, 2)
+    first = compare(run)
+    assert first.returncode == 0 and "no profile (made before profiles existed): left out" in first.stdout
+
+
+def test_a_profile_that_does_not_match_its_manifest_is_not_decrypted(run, pg, app, s3server, bucket):
+    backup(run, pg, app, 3)
+    newest = backup(run, pg, app, 2)
+    client = s3server.client()
+    # A writer adds a version to the profile's key: the manifest names its own version, so nothing changes.
+    client.put_object(Bucket=bucket, Key=newest["profile"]["key"], Body=b"Salted__" + b"x" * 40, ChecksumAlgorithm="CRC32")
+    assert compare(run).returncode == 0
+    # A newer backup whose manifest promises other profile bytes than are stored: refused before decryption.
+    key = f"production/database/{at(1).strftime('%Y-%m-%d--%H-%M-%S')}.sql.zst.encrypted"
+    stored = read_object(client, bucket, newest["profile"]["key"], newest["profile"]["version_id"])
+    version = client.put_object(Bucket=bucket, Key=key + ".profile.encrypted", Body=stored, ChecksumAlgorithm="CRC32")["VersionId"]
+    body = read_object(client, bucket, newest["key"], newest["version_id"])
+    put_with_manifest(client, bucket, key, body, {**newest, "profile": {**newest["profile"], "key": key + ".profile.encrypted",
+                                                                        "version_id": version, "sha256": "0" * 64}})
+    one_error(compare(run), "profile of the newest backup", "does not match the manifest's size and SHA-256")
+
+
+@pytest.mark.parametrize("args", [
+    ["--max-drop", "150%"], ["--max-drop", "ten"], ["--min-rows", "-1"], ["--window", "0d"], ["--kind", "wal"],
+    ["--environment", "Production"],
+])
+def test_bad_input_exits_2_without_a_traceback(run, args):
+    done = run("compare_backups.py", "--kind", "database", *args)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_nothing_to_compare_is_a_failure_that_says_so(run):
+    one_error(compare(run), "no usable database backup")
