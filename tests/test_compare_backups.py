@@ -186,3 +186,82 @@ def test_bad_input_exits_2_without_a_traceback(run, args):
 
 def test_nothing_to_compare_is_a_failure_that_says_so(run):
     one_error(compare(run), "no usable database backup")
+
+
+# -- files --------------------------------------------------------------------------------------------
+
+def files_backup_at(run, source: str, hours_ago: float) -> dict:
+    done = run("backup_files.py", "--source-bucket", source, "--json",
+               env={"EXTERNAL_BACKUPS_NOW": at(hours_ago).strftime("%Y-%m-%dT%H:%M:%SZ")}, check=True)
+    return json.loads(done.stdout)
+
+
+def compare_files(run, *args: str, env: dict | None = None):
+    return run("compare_backups.py", "--kind", "files", *args, env=env)
+
+
+@pytest.fixture
+def uploads(s3server):
+    """An app bucket: 100 uploads (documents that never change) and 20 avatars."""
+    from tests.files_helpers import new_bucket
+
+    client = s3server.client()
+    source = new_bucket(s3server)
+    for i in range(100):
+        client.put_object(Bucket=source, Key=f"uploads/Zoë Ångström contract {i:03}.pdf", Body=os.urandom(200 + i))
+    for i in range(20):
+        client.put_object(Bucket=source, Key=f"avatars/user-{i}.png", Body=os.urandom(50))
+    return source
+
+
+def test_files_loss_40_of_100_uploads_deleted_names_the_prefix_and_a_restored_bucket_is_quiet(run, s3server, bucket, uploads):
+    client = s3server.client()
+    first = files_backup_at(run, uploads, 5)
+    profile = first["profile"]
+    assert profile["entries"] == 120 and profile["key"] == first["key"] + ".profile.encrypted"
+    alone = compare_files(run)
+    assert alone.returncode == 0, alone.stderr
+
+    # 40 of the 100 uploads deleted.
+    gone = {}
+    for i in range(0, 100, 5):
+        for j in (i, i + 1):
+            key = f"uploads/Zoë Ångström contract {j:03}.pdf"
+            gone[key] = client.get_object(Bucket=uploads, Key=key)["Body"].read()
+            client.delete_object(Bucket=uploads, Key=key)
+    files_backup_at(run, uploads, 4)
+    done = compare_files(run)
+    one_error(done, "prefix uploads/", "60 objects", "100", "40%")
+    assert "40 gone" in done.stdout
+
+    # Put back: quiet again.
+    for key, body in gone.items():
+        client.put_object(Bucket=uploads, Key=key, Body=body)
+    files_backup_at(run, uploads, 3)
+    back = compare_files(run)
+    assert back.returncode == 0, back.stderr + back.stdout
+
+
+def test_files_loss_one_upload_overwritten_in_place_names_its_key_and_holds_the_backup_before(run, s3server, bucket, uploads):
+    client = s3server.client()
+    files_backup_at(run, uploads, 3)
+    key = "uploads/Zoë Ångström contract 042.pdf"
+    client.put_object(Bucket=uploads, Key=key, Body=bytes(242))  # same size, zeros
+    files_backup_at(run, uploads, 2)
+    done = compare_files(run, "--hold")
+    line = one_error(done, key, "changed in place", "242 bytes")
+    assert "HELD: backup" in done.stdout
+    listed = json.loads(run("list_backups.py", "--kind", "files", "--json", check=True).stdout)
+    before = listed[1]  # newest first: the backup before the overwrite
+    assert before["key"] in line
+    held = client.get_object_legal_hold(Bucket=bucket, Key=before["key"], VersionId=before["version_id"])
+    assert held["LegalHold"]["Status"] == "ON"
+    assert not_held(client, bucket, listed[0]["key"], listed[0]["version_id"])
+    # Allowed where objects are rewritten on purpose.
+    assert compare_files(run, "--allow-change", "uploads/").returncode == 0
+    assert compare_files(run, env={"BACKUP_ALLOW_CHANGE": "avatars/,uploads/"}).returncode == 0
+
+    # No object key is readable in any object of the bucket without the passphrase.
+    for version in versions(client, bucket):
+        body = read_object(client, bucket, version["Key"], version["VersionId"])
+        assert "Ångström".encode() not in body and b"contract" not in body and b"avatars/" not in body, version["Key"]

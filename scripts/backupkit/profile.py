@@ -116,23 +116,30 @@ def copy_table(line: bytes) -> str | None:
     return "".join(name)
 
 
-def _may_start_copy(head: bytes) -> bool:
-    """Whether a line starting with `head` (its first bytes, up to 5) may be a COPY line."""
-    return head == b"COPY " if len(head) >= 5 else b"COPY ".startswith(head)
+_HEADER = b"-- Data for Name: "  # pg_dump's comment before each table's data: "…; Type: TABLE DATA; …"
+
+
+def _may_start_header(head: bytes) -> bool:
+    """Whether a line starting with `head` (its first bytes) may be a TABLE DATA header."""
+    size = min(len(head), len(_HEADER))
+    return head[:size] == _HEADER[:size]
 
 
 class DumpRows:
     """Rows and data bytes per table, counted from a plain pg_dump as its chunks go past
-    (`feed`): each line of a COPY block's data is a row (COPY's text format escapes newlines in
-    values), and the block ends at the line `\\.`, found across chunk boundaries. Memory: the
-    tables seen, and at most one COPY line."""
+    (`feed`). A table's data is pg_dump's `-- Data for Name: …; Type: TABLE DATA; …` comment, a
+    `--` line, a blank line, then `COPY name (columns) FROM stdin;` (so a function body holding a
+    COPY line is not taken for one); each line of the block is a row (COPY's text format escapes
+    newlines in values), and the block ends at the line `\\.`, found across chunk boundaries.
+    Memory: the tables seen, and at most one line of the dump outside COPY data."""
 
     def __init__(self) -> None:
         self.tables: dict[str, list[int]] = {}  # name → [rows, bytes], in the dump's order
         self._current: list[int] | None = None  # inside a COPY block: its counters
         self._tail = b""  # inside: the block's last bytes (at most 3), to find `\.` across chunks
-        self._line: bytearray | None = None  # outside: the start of a line that may be a COPY line
-        self._skip_line = False  # outside: in the middle of a line that is not one
+        self._line: bytearray | None = None  # outside: the line being read, when it matters
+        self._skip_line = False  # outside: in the middle of a line that does not matter
+        self._expect = "header"  # outside: the line wanted next: header, dashes, blank, copy
 
     def feed(self, chunk: bytes | memoryview) -> None:
         data = bytes(chunk)
@@ -170,13 +177,13 @@ class DumpRows:
             self._skip_line = False
             return newline + 1
         if self._line is None:  # at the start of a line
-            if not _may_start_copy(data[pos:pos + 5]):
-                found = data.find(b"\nCOPY ", pos)
+            if self._expect == "header" and not _may_start_header(data[pos:pos + len(_HEADER)]):
+                found = data.find(b"\n" + _HEADER, pos)
                 if found >= 0:
                     return found + 1
                 last = data.rfind(b"\n", pos)
                 rest = data[last + 1:]
-                if last < 0 or (rest and not _may_start_copy(rest)):
+                if last < 0 or (rest and not _may_start_header(rest)):
                     self._skip_line = True
                 elif rest:
                     self._line = bytearray(rest)
@@ -184,18 +191,27 @@ class DumpRows:
             self._line = bytearray()
         newline = data.find(b"\n", pos)
         self._line += data[pos:] if newline < 0 else data[pos:newline]
-        if len(self._line) > MAX_COPY_LINE or not _may_start_copy(bytes(self._line[:5])):
-            self._line = None
+        if len(self._line) > MAX_COPY_LINE or (self._expect == "header" and not _may_start_header(bytes(self._line[:len(_HEADER)]))):
+            self._line, self._expect = None, "header"
             self._skip_line = newline < 0
             return n if newline < 0 else newline + 1
         if newline < 0:
             return n
         line, self._line = bytes(self._line), None
-        table = copy_table(line)
-        if table is not None:
+        self._next_line(line)
+        return newline + 1
+
+    def _next_line(self, line: bytes) -> None:
+        expect, self._expect = self._expect, "header"
+        if expect == "dashes" and line == b"--":
+            self._expect = "blank"
+        elif expect == "blank" and line == b"":
+            self._expect = "copy"
+        elif expect == "copy" and (table := copy_table(line)) is not None:
             self._current = self.tables.setdefault(table, [0, 0])
             self._tail = b"\n"
-        return newline + 1
+        elif line.startswith(_HEADER) and b"; Type: TABLE DATA;" in line:
+            self._expect = "dashes"
 
     def entries(self) -> list[dict[str, Any]]:
         return [{"table": name, "rows": rows, "bytes": size} for name, (rows, size) in self.tables.items()]
