@@ -52,7 +52,9 @@ note.
 --hold places an S3 Object Lock legal hold on the newest backup that still held what was lost
 (its object version, its manifest's and its profile's), so that the lifecycle cannot remove it
 until a person releases the hold; it prints what it held. It needs the holder policy
-(setup_bucket.py --print-policies: read, and s3:PutObjectLegalHold). Release one version with:
+(setup_bucket.py --print-policies: read, and s3:PutObjectLegalHold). --release KEY --version-id V
+releases the three holds of that backup once its data is safe (the holder policy too); or, one
+version at a time:
   aws s3api put-object-legal-hold --bucket B --key KEY --version-id V --legal-hold Status=OFF
 A writer can lie in a profile: the tripwire is for accidents, not attacks.
 """
@@ -91,6 +93,10 @@ def build_parser() -> cli.ArgumentParser:
                    help="key prefixes whose objects are rewritten on purpose; repeatable (env BACKUP_ALLOW_CHANGE)")
     p.add_argument("--hold", action="store_true",
                    help="on a loss, place a legal hold on the newest backup before it (needs the holder policy)")
+    p.add_argument("--release", metavar="KEY",
+                   help="instead of comparing: release the legal holds of backup KEY (its object, manifest and profile; "
+                        "the holder policy)")
+    p.add_argument("--version-id", metavar="V", help="with --release: the backup's version (needed when its key has several)")
     cli.add_heartbeat_arg(p)
     cli.add_output_args(p)
     return p
@@ -195,20 +201,33 @@ def compare_files_backups(profiles: Profiles, backups: list[Backup], rules: Rule
     return compare_files([*older, (previous, changes.previous), (newest, changes.newest)], changes, rules, window_said)
 
 
-def hold(client: Any, bucket: str, backup: Backup) -> list[dict[str, Any]]:
-    """A legal hold on the backup's object version, its manifest's and its profile's."""
-    manifest = backup.manifest
-    targets = [("backup", backup.key, backup.version_id), ("manifest", manifest_key(backup.key), backup.manifest_version_id)]
+def hold(client: Any, bucket: str, backup: Backup, status: str = "ON") -> list[dict[str, Any]]:
+    """A legal hold on the backup's object version, its manifest's and its profile's (status
+    "OFF": released)."""
+    manifest = backup.manifest or {}
+    targets = [("backup", backup.key, backup.version_id)]
+    if backup.manifest is not None:
+        targets.append(("manifest", manifest_key(backup.key), backup.manifest_version_id))
     if "profile" in manifest:
         targets.append(("profile", profile_key(backup.key), manifest["profile"]["version_id"]))
     held = []
     for what, key, version_id in targets:
         extra = {"VersionId": version_id} if version_id else {}
-        with s3.s3_errors(f"place a legal hold on s3://{bucket}/{shown(key)} (the holder policy allows "
-                          "s3:PutObjectLegalHold: setup_bucket.py --print-policies)"):
-            client.put_object_legal_hold(Bucket=bucket, Key=key, LegalHold={"Status": "ON"}, **extra)
+        with s3.s3_errors(f"{'place' if status == 'ON' else 'release'} a legal hold on s3://{bucket}/{shown(key)} (the "
+                          "holder policy allows s3:PutObjectLegalHold: setup_bucket.py --print-policies)"):
+            client.put_object_legal_hold(Bucket=bucket, Key=key, LegalHold={"Status": status}, **extra)
         held.append({"what": what, "key": key, "version_id": version_id})
     return held
+
+
+def release(reader: BucketReader, key: str, version_id: str | None, as_json: bool) -> int:
+    """Release the holds --hold placed on one backup."""
+    (backup,) = reader.candidates(latest=False, key=key, version_id=version_id)
+    released = hold(reader.client, reader.bucket, backup, "OFF")
+    lines = [f"RELEASED: {item['what']} s3://{reader.bucket}/{shown(item['key'])}" + (f" version {shown(item['version_id'])}"
+                                                                       if item["version_id"] else "") for item in released]
+    cli.print_result({"released": released}, as_json, "\n".join(lines))
+    return 0
 
 
 def change(now: int | None, before: int | None) -> str:
@@ -223,7 +242,7 @@ def number(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
 
 
-def text_report(comparison: Comparison, notes: list[str], held: list[dict[str, Any]], window_said: str) -> str:
+def text_report(comparison: Comparison, notes: list[str], held: list[dict[str, Any]], window_said: str, bucket: str) -> str:
     kind = comparison.kind
     if comparison.newest is None:
         return "\n".join([f"nothing to compare: the newest usable {kind} backup has no profile "
@@ -250,7 +269,7 @@ def text_report(comparison: Comparison, notes: list[str], held: list[dict[str, A
         lines.append(f"LOSS: {crossing.line()}")
     for item in held:
         version = f" version {shown(item['version_id'])}" if item["version_id"] else ""
-        lines.append(f"HELD: {item['what']} s3://{shown(item['key'])}{version}")
+        lines.append(f"HELD: {item['what']} s3://{bucket}/{shown(item['key'])}{version}")
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
@@ -293,6 +312,11 @@ def main(argv: list[str]) -> int:
     bucket = config.bucket_name(args.bucket)
     rules = Rules(args.max_drop, args.min_rows, patterns(args.allow_drop, os.environ.get("BACKUP_ALLOW_DROP")),
                   patterns(args.allow_change, os.environ.get("BACKUP_ALLOW_CHANGE")))
+    if args.version_id and not args.release:
+        raise UsageError("--version-id goes with --release")
+    if args.release:
+        return release(BucketReader(s3.external_client(), bucket, environment, args.kind, None), args.release,
+                       args.version_id, args.json)
     passphrases = config.passphrases()
     client = s3.external_client()
     reader = BucketReader(client, bucket, environment, args.kind, passphrases)
@@ -309,7 +333,7 @@ def main(argv: list[str]) -> int:
             held += hold(client, bucket, backup)
     notes += comparison.notes
     cli.step_summary(summary(comparison, environment, notes, held))
-    cli.print_result(to_json(comparison, notes, held), args.json, text_report(comparison, notes, held, window_said))
+    cli.print_result(to_json(comparison, notes, held), args.json, text_report(comparison, notes, held, window_said, bucket))
     if comparison.crossings:
         first = comparison.crossings[0]
         more = f"; {len(comparison.crossings)} losses in all, listed above" if len(comparison.crossings) > 1 else ""
