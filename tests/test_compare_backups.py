@@ -265,3 +265,84 @@ def test_files_loss_one_upload_overwritten_in_place_names_its_key_and_holds_the_
     for version in versions(client, bucket):
         body = read_object(client, bucket, version["Key"], version["VersionId"])
         assert "Ångström".encode() not in body and b"contract" not in body and b"avatars/" not in body, version["Key"]
+
+
+def test_a_week_of_hourly_profiles_is_compared_in_seconds_without_downloading_a_backup(run, s3server, bucket):
+    """168 backups, each with a profile of 60 tables (stored as the backup job stores them): the
+    comparison reads the 168 profiles, never a backup object."""
+    import hashlib
+    import time
+    from datetime import timedelta
+
+    from backupkit import crypto
+    from backupkit.manifest import backup_key, build_manifest, write_manifest
+    from backupkit.profile import lines, openssl_encrypt, profile_key
+
+    client = s3server.client()
+    key_id = crypto.key_id(PASSPHRASE)
+    now = at(0)
+    backups = []
+    for i in range(168):  # every 17 minutes over 47.6 hours (a name more than 48 h before S3 stored it is suspicious)
+        started = now - timedelta(minutes=17 * (168 - i))
+        key = backup_key("production", "database", started)
+        tables = [{"table": f"public.t{n:02}", "rows": 1000 + i + n, "bytes": 50_000} for n in range(60)]
+        profile = openssl_encrypt(lines("database", key, tables), PASSPHRASE)
+        profile_version = client.put_object(Bucket=bucket, Key=profile_key(key), Body=profile, ChecksumAlgorithm="CRC32")["VersionId"]
+        body = b"Salted__" + os.urandom(24)  # never read: a download would fail its checks
+        version = client.put_object(Bucket=bucket, Key=key, Body=body, ChecksumAlgorithm="CRC32")["VersionId"]
+        write_manifest(client, bucket, build_manifest(
+            kind="database", environment="production", key=key, version_id=version, started_at=started, completed_at=started,
+            key_id=key_id, encrypted_size=len(body), encrypted_sha256=hashlib.sha256(body).hexdigest(), plaintext_size=1,
+            plaintext_sha256="0" * 64, source={"database": "app", "server_version": "17", "pg_dump_version": "17"},
+            profile={"key": profile_key(key), "version_id": profile_version, "size": len(profile),
+                     "sha256": hashlib.sha256(profile).hexdigest(), "entries": len(tables)}))
+        backups.append(key)
+    began = time.monotonic()
+    result = compared(run)
+    seconds = time.monotonic() - began
+    print(f"\ncompared 168 profiles of 60 tables in {seconds:.1f} s")
+    assert len(result["profiled"]) == 168 and result["crossings"] == []
+    assert next(r for r in result["rows"] if r["name"] == "public.t00")["series"][-1] == 1167
+    assert seconds < 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objects", [65_600, 656_000])
+def test_two_files_profiles_are_merged_as_they_stream(run, s3server, bucket, objects):
+    """Two files backups' profiles (as large as the ZIP64 test's bucket, and ten times that), one
+    object changed in place between them: the comparison merges the two key-ordered streams, its
+    memory does not grow with the objects, and it names the changed key."""
+    import hashlib
+    import time
+
+    from backupkit import crypto
+    from backupkit.manifest import backup_key, build_manifest, write_manifest
+    from backupkit.profile import header, profile_key
+    from tests.backup_factory import aescrypt
+
+    client = s3server.client()
+    changed = f"uploads/{objects // 2:08}.pdf"
+    for hours_ago in (2, 1):
+        started = at(hours_ago)
+        key = backup_key("production", "files", started)
+        rows = [header("files", key)] + [{"key": f"uploads/{i:08}.pdf", "size": 1000 + i % 97,
+                                           "crc32": "deadbeef" if hours_ago == 1 and f"uploads/{i:08}.pdf" == changed else f"{i:08x}"}
+                                          for i in range(objects)]
+        profile = aescrypt(b"".join(json.dumps(r).encode() + b"\n" for r in rows), PASSPHRASE)
+        del rows
+        profile_version = client.put_object(Bucket=bucket, Key=profile_key(key), Body=profile, ChecksumAlgorithm="CRC32")["VersionId"]
+        body = b"AES" + os.urandom(40)
+        version = client.put_object(Bucket=bucket, Key=key, Body=body, ChecksumAlgorithm="CRC32")["VersionId"]
+        write_manifest(client, bucket, build_manifest(
+            kind="files", environment="production", key=key, version_id=version, started_at=started, completed_at=started,
+            key_id=crypto.key_id(PASSPHRASE), encrypted_size=len(body), encrypted_sha256=hashlib.sha256(body).hexdigest(),
+            plaintext_size=1, plaintext_sha256="0" * 64,
+            source={"bucket": "app", "prefix": "", "object_count": objects, "total_bytes": 0, "skipped": [], "skipped_count": 0},
+            profile={"key": profile_key(key), "version_id": profile_version, "size": len(profile),
+                     "sha256": hashlib.sha256(profile).hexdigest(), "entries": objects}))
+    began = time.monotonic()
+    done, memory = run.measured("compare_backups.py", "--kind", "files", timeout=900)
+    seconds = time.monotonic() - began
+    print(f"\ncompared two files profiles of {objects:,} objects in {seconds:.1f} s, peak {memory.peak_tree_kib / 1024:.0f} MiB")
+    one_error(done, changed, "changed in place")
+    assert memory.peak_tree_kib < 200 * 1024

@@ -140,57 +140,65 @@ class DumpRows:
         self._line: bytearray | None = None  # outside: the line being read, when it matters
         self._skip_line = False  # outside: in the middle of a line that does not matter
         self._expect = "header"  # outside: the line wanted next: header, dashes, blank, copy
+        self._scratch = bytearray()
 
     def feed(self, chunk: bytes | memoryview) -> None:
-        data = bytes(chunk)
-        pos, n = 0, len(data)
+        n = len(chunk)
+        if isinstance(chunk, bytes):
+            data: bytes | bytearray = chunk
+        else:  # a view of the pump's buffer: copied into one reused buffer (no allocation per chunk)
+            if len(self._scratch) < n:
+                self._scratch = bytearray(n)
+            self._scratch[:n] = chunk
+            data = self._scratch
+        pos = 0
         while pos < n:
-            pos = self._inside(data, pos) if self._current is not None else self._outside(data, pos)
+            pos = self._inside(data, pos, n) if self._current is not None else self._outside(data, pos, n)
 
-    def _inside(self, data: bytes, pos: int) -> int:
+    def _inside(self, data: bytes | bytearray, pos: int, n: int) -> int:
         counters, tail = self._current, self._tail
         assert counters is not None
-        probe = tail + data[pos:pos + 3]
+        probe = tail + bytes(data[pos:min(pos + 3, n)])
         at = probe.find(_END)
         if 0 <= at < len(tail):  # the end line began in the bytes before this chunk
             end = pos + at + 4 - len(tail)
             counters[1] -= len(tail) - at - 1  # those bytes (`\` or `\.`) were counted as data
         else:
-            at = data.find(_END, pos)
+            # Most chunks hold no end at all: rfind says so fastest (bench/RESULTS.md, tripwire-profile).
+            at = -1 if data.rfind(_END, pos, n) < 0 else data.find(_END, pos, n)
             if at < 0:
-                counters[0] += data.count(b"\n", pos)
-                counters[1] += len(data) - pos
-                self._tail = (tail + data[pos:])[-3:]
-                return len(data)
+                counters[0] += data.count(b"\n", pos, n)
+                counters[1] += n - pos
+                self._tail = (tail + bytes(data[max(pos, n - 3):n]))[-3:]
+                return n
             counters[0] += data.count(b"\n", pos, at + 1)
             counters[1] += at + 1 - pos
             end = at + 4
         self._current, self._tail = None, b""
         return end
 
-    def _outside(self, data: bytes, pos: int) -> int:
-        n = len(data)
+    def _outside(self, data: bytes | bytearray, pos: int, n: int) -> int:
         if self._skip_line:
-            newline = data.find(b"\n", pos)
+            newline = data.find(b"\n", pos, n)
             if newline < 0:
                 return n
             self._skip_line = False
             return newline + 1
         if self._line is None:  # at the start of a line
-            if self._expect == "header" and not _may_start_header(data[pos:pos + len(_HEADER)]):
-                found = data.find(b"\n" + _HEADER, pos)
+            if self._expect == "header" and not _may_start_header(bytes(data[pos:min(pos + len(_HEADER), n)])):
+                found = data.find(b"\n" + _HEADER, pos, n)
                 if found >= 0:
                     return found + 1
-                last = data.rfind(b"\n", pos)
-                rest = data[last + 1:]
+                last = data.rfind(b"\n", pos, n)
+                rest = bytes(data[last + 1:n])
                 if last < 0 or (rest and not _may_start_header(rest)):
                     self._skip_line = True
                 elif rest:
                     self._line = bytearray(rest)
                 return n
             self._line = bytearray()
-        newline = data.find(b"\n", pos)
-        self._line += data[pos:] if newline < 0 else data[pos:newline]
+        newline = data.find(b"\n", pos, n)
+        self._line += data[pos:n] if newline < 0 else data[pos:newline]
         if len(self._line) > MAX_COPY_LINE or (self._expect == "header" and not _may_start_header(bytes(self._line[:len(_HEADER)]))):
             self._line, self._expect = None, "header"
             self._skip_line = newline < 0
