@@ -15,6 +15,7 @@ and checked against the manifest's size and SHA-256 before anything is decrypted
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -116,6 +117,14 @@ def copy_table(line: bytes) -> str | None:
     return "".join(name)
 
 
+def _starts(view: memoryview) -> bool:
+    """Whether `view` is a leading slice of a bytearray (its bytes are then obj[:len(view)])."""
+    obj = view.obj
+    if not isinstance(obj, bytearray) or view.format != "B" or not view.c_contiguous or view.readonly:
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) == ctypes.addressof(ctypes.c_char.from_buffer(obj))
+
+
 _HEADER = b"-- Data for Name: "  # pg_dump's comment before each table's data: "…; Type: TABLE DATA; …"
 
 
@@ -146,7 +155,9 @@ class DumpRows:
         n = len(chunk)
         if isinstance(chunk, bytes):
             data: bytes | bytearray = chunk
-        else:  # a view of the pump's buffer: copied into one reused buffer (no allocation per chunk)
+        elif _starts(chunk):  # the pump's buffer[:count]: read in place
+            data = chunk.obj
+        else:  # another view: copied into one reused buffer (no allocation per chunk)
             if len(self._scratch) < n:
                 self._scratch = bytearray(n)
             self._scratch[:n] = chunk
