@@ -532,8 +532,8 @@ def wait_until(condition, timeout: float = 60, what: str = "condition") -> None:
 
 @pytest.mark.parametrize("victim", ["SIGKILL psql", "SIGKILL restore", "SIGTERM restore", "SIGINT restore"])
 def test_restore_killed_half_way_commits_nothing(run, pg, sample_db, target, tmp_path, victim):
-    """psql killed, or the restore itself killed (psql then dies with it, PR_SET_PDEATHSIG, instead
-    of reading EOF on its input and committing) or stopped by a signal, while psql is half-way."""
+    """psql killed, or the restore itself killed (psql then reads EOF without our COMMIT once its
+    statement ends, and rolls back) or stopped by a signal, while psql is half-way."""
     database_backup(run, pg=pg, sample_db=sample_db)
     install_gate(pg, target, f"PERFORM pg_advisory_xact_lock({GATE_LOCK});")
     gate = HeldLock(pg, target, GATE_LOCK)
@@ -546,7 +546,7 @@ def test_restore_killed_half_way_commits_nothing(run, pg, sample_db, target, tmp
             what="psql blocked half-way")
         assert proc.poll() is None, proc.stderr.read()
         restore_psql = next(p for p in psutil.Process(proc.pid).children(recursive=True)
-                            if p.name() == "psql" and "--single-transaction" in p.cmdline())
+                            if p.name() == "psql" and "-c" not in p.cmdline())
         {
             "SIGKILL psql": restore_psql.kill,
             "SIGKILL restore": proc.kill,
@@ -554,7 +554,8 @@ def test_restore_killed_half_way_commits_nothing(run, pg, sample_db, target, tmp
             "SIGINT restore": lambda: proc.send_signal(signal.SIGINT),
         }[victim]()
         if victim == "SIGKILL restore":
-            restore_psql.wait(timeout=10)  # died with its parent
+            gate.release()  # psql's statement goes on; then it reads EOF, and no COMMIT
+            restore_psql.wait(timeout=10)
         stdout, stderr = proc.communicate(timeout=BOUND)
         watch.stop()
     finally:
