@@ -19,7 +19,7 @@ from .output import shown
 
 ENVIRONMENT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+DURATION_RE = re.compile(r"^\s*([0-9]+)\s*([smhdw])\s*$")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MAX_DURATION = timedelta(days=3660)  # ten years: longer than any backup is kept
 
