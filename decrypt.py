@@ -151,10 +151,17 @@ def key_id(passphrase: str) -> str:
 
 
 def one_line(passphrase: str, where: str) -> str:
-    """The toolkit's passphrase rule: a trailing line break is dropped, one inside is refused."""
+    """The toolkit's passphrase rule: a trailing line break is dropped, one inside is refused, and
+    so are bytes that are not UTF-8 (held as lone surrogates; no message shows any of them)."""
     passphrase = passphrase.rstrip("\r\n")
     if "\n" in passphrase or "\r" in passphrase:
         raise Failure(f"{where} contains a line break: openssl would use only its first line")
+    if not passphrase.isascii():
+        try:
+            passphrase.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Failure(f"{where} is not valid UTF-8 text: store the passphrase as UTF-8 "
+                          "(the backups' key_id is derived from its UTF-8 bytes)") from None
     return passphrase
 
 
