@@ -63,7 +63,9 @@ environment:
 
 examples:
   scripts/restore_database.py --environment production --latest --target-database-url "$TARGET_DATABASE_URL"
-  scripts/restore_database.py --environment production --key 2026-11-29--10-00-00.sql.encrypted --replace
+  scripts/restore_database.py --environment production --key 2026-11-29--10-00-00.sql.encrypted \\
+      --version-id 3HL4kqtJ... --replace
+      (--version-id: needed when the key has several versions; list_backups.py shows them)
   scripts/fetch_backup.py --environment production --kind database --latest --out backup.sql.encrypted
   scripts/restore_database.py --file backup.sql.encrypted --target-database-url "$TARGET_DATABASE_URL"
 """
