@@ -20,7 +20,9 @@ from tests.backup_factory import database_backup
 
 SOURCE_DB = "killed_source"
 CHILDREN = ("psql", "openssl", "zstd", "pg_dump")
-GONE_WITHIN = 5.0  # seconds after the kill: every child has ended
+# Seconds after the kill by which every child has ended: psql first runs what is left in its pipe
+# (up to 1 MiB) at the slowed pace; measured 1.6 to 3.4 s on two busy cores.
+GONE_WITHIN = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,7 @@ def copied(pg, database: str) -> int:
 @pytest.mark.parametrize("fraction", [None, 0.0, 0.25, 0.5])
 def test_restore_killed_while_psql_reads_commits_nothing(run, pg, source_db, target, fraction):
     """SIGKILL the restore as soon as its psql session exists (None), or once the COPY has loaded
-    `fraction` of the rows: psql, openssl and zstd end within seconds, and the target is exactly
+    `fraction` of the rows: psql, openssl and zstd end within GONE_WITHIN seconds, and the target is exactly
     as it was (psql ends the COPY cut short cleanly, then reads EOF: with --single-transaction it
     would have committed the rows it had)."""
     manifest = database_backup(run, pg=pg, sample_db=source_db)
