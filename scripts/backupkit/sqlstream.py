@@ -212,12 +212,13 @@ class SqlGuard:
     COPY data.
 
     `restrict_key` starts psql's input with `\\restrict KEY` (pg_dump's own framing lines are
-    dropped); `statement_timeout_ms` is set first and after the dump's own `SET statement_timeout`;
+    dropped); `begin` then opens the transaction (`BEGIN;`), whose COMMIT is the caller's to send;
+    `statement_timeout_ms` is set first and after the dump's own `SET statement_timeout`;
     `seal` ends the input with the check of the shared catalogs; `on_copy(table, rows)` hears of
     every COPY block."""
 
     def __init__(self, write: Callable[[bytes], Any] | None = None, *, restrict_key: str | None = None,
-                 statement_timeout_ms: int | None = None, seal: bool = False,
+                 statement_timeout_ms: int | None = None, seal: bool = False, begin: bool = False,
                  on_copy: Callable[[str, int], Any] | None = None):
         self._write = write or (lambda data: None)
         self._seal = seal
@@ -236,6 +237,8 @@ class SqlGuard:
         self._copy_rows = 0
         self._new_statement()
         prelude = f"\\restrict {restrict_key}\n".encode() if restrict_key is not None else b""
+        if begin:
+            prelude += b"BEGIN;\n"
         self._write(prelude + b"SET client_encoding = 'UTF8';" + self._timeout + b"\n")
 
     # -- public ------------------------------------------------------------------------------
