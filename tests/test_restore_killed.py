@@ -11,11 +11,14 @@ fork and exec (no preexec_fn) to arrange it.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import psutil
 import pytest
 
+from dev.harness import REPO
 from tests.backup_factory import database_backup
 
 SOURCE_DB = "killed_source"
@@ -167,3 +170,32 @@ def test_backup_killed_mid_stream_leaves_no_child(run, pg, source_db):
         if proc.poll() is None:
             left = killed(proc, kids)
     assert left == [], f"still running {GONE_WITHIN} s after the backup was killed: {left}"
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25])
+def test_runbook_filter_killed_while_psql_reads_commits_nothing(pg, source_db, target, tmp_path, fraction):
+    """The runbook's manual restore (2.4), `sqlstream.py database-backup.sql | psql`, with the filter
+    SIGKILLed while psql loads the rows: psql reads EOF without the filter's COMMIT, and the
+    target is exactly as it was (with psql --single-transaction, the rows read would be committed)."""
+    dump = tmp_path / "database-backup.sql"
+    with dump.open("wb") as out:
+        subprocess.run([str(pg.bin / "pg_dump"), "--format=plain", "--clean", "--if-exists", "--no-owner",
+                        "--no-privileges", pg.url(source_db, password=False)], env=pg.env(), stdout=out, check=True)
+    psql = subprocess.Popen([str(pg.bin / "psql"), "-X", "-v", "ON_ERROR_STOP=1", "-q", "-o", "/dev/null",
+                             pg.url(target, password=False)], env=pg.env(), stdin=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    guard = subprocess.Popen([sys.executable, str(REPO / "scripts/backupkit/sqlstream.py"), str(dump)],
+                             stdout=psql.stdin)
+    psql.stdin.close()  # the filter holds the pipe's only write end, as in a shell pipeline
+    try:
+        wanted = max(1, int(fraction * 120000))
+        wait_for(lambda: guard.poll() is not None or copied(pg, target) >= wanted, f"{wanted} rows copied")
+        assert guard.poll() is None, "the filter ended before the moment"
+    finally:
+        guard.kill()
+        guard.wait()
+    psql.wait(timeout=120)
+    tables = pg.psql("SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE schemaname = 'public'",
+                     target)
+    assert tables == "keep_me", psql.stderr.read()
+    assert pg.psql("SELECT note FROM keep_me", target) == "before the restore"

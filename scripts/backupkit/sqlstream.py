@@ -4,7 +4,10 @@ as psql and the server will (quotes, dollar quotes, comments, COPY data, psql's 
 variables) and lets through only the statements a plain dump of one database writes.
 
 Standard library only, so that it also runs on its own in the runbook's manual restore:
-`python3 sqlstream.py database-backup.sql | psql -X -v ON_ERROR_STOP=1 --single-transaction …`.
+`python3 sqlstream.py database-backup.sql | psql -X -v ON_ERROR_STOP=1 …`. There it opens the
+transaction itself and sends `COMMIT;` only after the whole dump passed: psql whose input ends
+any other way (the filter refused, or was killed) reaches EOF inside the transaction, and
+PostgreSQL rolls it back (`psql --single-transaction` would commit what it had read).
 """
 
 from __future__ import annotations
@@ -800,15 +803,17 @@ def _main(argv: list[str] | None = None) -> int:
         description="Pass a plain pg_dump on to psql only as far as it holds what pg_dump writes: psql restricted with a "
                     "random key, pg_dump's framing lines dropped, psql's variables kept out, statements pg_dump never "
                     "writes (COMMIT, ALTER ROLE, COPY … PROGRAM, …) refused, the completion trailer checked, and a "
-                    "check before the commit that nothing outside the database changed. When it refuses, it ends "
-                    "psql's input with a statement that fails, so that psql -v ON_ERROR_STOP=1 --single-transaction "
-                    "commits nothing, and exits 1.",
+                    "check before the commit that nothing outside the database changed. It opens the transaction "
+                    "itself (BEGIN) and sends COMMIT only after the whole dump passed: when it refuses, it ends "
+                    "psql's input with a statement that fails, and exits 1; if it is stopped or killed, psql's input "
+                    "ends without the COMMIT. Either way PostgreSQL rolls everything back. Do not give psql "
+                    "--single-transaction: that commits whatever psql read when its input ends.",
         epilog="example: python3 scripts/backupkit/sqlstream.py database-backup.sql | "
-               "psql -X -v ON_ERROR_STOP=1 --single-transaction -q -o /dev/null \"$TARGET_DATABASE_URL\"")
+               "psql -X -v ON_ERROR_STOP=1 -q -o /dev/null \"$TARGET_DATABASE_URL\"")
     parser.add_argument("dump", nargs="?", help="the plain SQL dump (default: standard input)")
     args = parser.parse_args(argv)
     out = sys.stdout.buffer
-    guard = SqlGuard(out.write, restrict_key=secrets.token_hex(32), seal=True)
+    guard = SqlGuard(out.write, restrict_key=secrets.token_hex(32), seal=True, begin=True)
     tail = b""
     try:
         with open(args.dump or sys.stdin.fileno(), "rb", closefd=bool(args.dump)) as source:
@@ -818,6 +823,7 @@ def _main(argv: list[str] | None = None) -> int:
         if TRAILER not in tail:
             raise Refused("no completion trailer (it is cut short), and so nothing")
         guard.finish()
+        out.write(b"COMMIT;\n")
         out.flush()
         return 0
     except BrokenPipeError:
