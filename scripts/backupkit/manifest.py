@@ -41,7 +41,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 TIMESTAMP_FORMAT = "%Y-%m-%d--%H-%M-%S"
 KEY_RE = re.compile(
     r"^(?P<env>[a-z0-9][a-z0-9-]{0,62})/(?P<kind>database|files)/"
-    r"(?P<ts>\d{4}-\d\d-\d\d--\d\d-\d\d-\d\d)(?P<suffix>\.sql\.encrypted|\.sql\.zst\.encrypted|\.zip\.encrypted)$"
+    r"(?P<ts>[0-9]{4}-[0-9]{2}-[0-9]{2}--[0-9]{2}-[0-9]{2}-[0-9]{2})(?P<suffix>\.sql\.encrypted|\.sql\.zst\.encrypted|\.zip\.encrypted)$"
 )
 # A genuine manifest is under 1 KiB, or a few tens of KiB for a files backup naming skipped
 # objects (at most MAX_SKIPPED_LISTED of them): anything bigger is not read at all.
@@ -55,7 +55,7 @@ LONGEST_RUN = timedelta(hours=48)
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
-_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+_ISO = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 _MAX_SIZE = 2**53
 _MAX_TEXT = 1024
 
