@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import signals
+from .errors import BackupError
 from .manifest import write_manifest
 from .upload import StreamingUpload
 
@@ -34,7 +35,10 @@ class LastStep:
         with signals.held():
             signals.finish(self.upload.complete)
             for extra in before_manifest:
-                signals.finish(extra.complete)
+                try:
+                    signals.finish(extra.complete)
+                except BackupError as exc:
+                    raise BackupError(f"{exc} (the backup object exists but counts as incomplete: no manifest)") from exc
             manifest = manifest_for()
             signals.finish(write_manifest, client, self.bucket, manifest)
             self.manifest_written = True
