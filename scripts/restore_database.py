@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from backupkit import cli, config, s3
-from backupkit.dump import Restored, add_restore_args, check_restore_target, restore_dump, restore_options
+from backupkit.dump_restore import Restored, add_restore_args, check_restore_target, restore_dump, restore_options
 from backupkit.errors import BackupError, UsageError
 from backupkit.output import md_code, shown
 from backupkit.postgres import client_binary, user_tables

@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from backupkit import cli, config, s3
+from backupkit import cli, config, formats, s3
 from backupkit.config import duration_arg, format_age
-from backupkit.dump import RestoreOptions, add_restore_args, check_restore_target, restore_dump, restore_options
+from backupkit.dump_restore import RestoreOptions, add_restore_args, check_restore_target, restore_dump, restore_options
 from backupkit.errors import BackupError, Problem, UsageError, VerificationError
 from backupkit.manifest import KINDS, Backup, iso
 from backupkit.output import log, md_code, shown
@@ -108,8 +108,9 @@ def describe(backup: Backup, result: dict[str, Any]) -> str:
         return f"FAILED  {backup.label()}: {result['reason']}"
     text = f"OK      {backup.label()}: {human_bytes(result['encrypted_size'])} encrypted"
     if backup.kind == "database":
-        zstd = ", zstd-compressed" if result.get("compression") == "zstd" else ""
-        text += f"{zstd}, {human_bytes(result['plaintext_size'])} dump, completion trailer present"
+        compression = formats.find("database", result.get("compression"))
+        compressed = f", {compression.compression.name}-compressed" if compression and compression.compression.compresses else ""
+        text += f"{compressed}, {human_bytes(result['plaintext_size'])} dump, completion trailer present"
     else:
         text += (f", {human_bytes(result['plaintext_size'])} ZIP, {result['members']} members "
                  f"({human_bytes(result['member_bytes'])}), CRCs and central directory match")

@@ -39,7 +39,7 @@ from backupkit.crypto import OPENSSL_CIPHER_ARGS as LIBRARY_OPENSSL_ARGS
 from backupkit.crypto import OPENSSL_WRITE_FAILED as LIBRARY_OPENSSL_WRITE_FAILED
 from backupkit.crypto import key_id as library_key_id
 from backupkit.crypto import pick_passphrase as library_pick_passphrase
-from backupkit.dump import verify_dump as library_verify_dump
+from backupkit.dump_reader import verify_dump as library_verify_dump
 from backupkit.errors import BackupError as LibraryRefusal
 from backupkit.manifest import parse_manifest as library_parse_manifest
 from backupkit.retrieve import open_local as library_open_local

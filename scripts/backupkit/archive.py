@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from . import signals
+from . import formats, signals
 from .attributes import NotArchivable, decode_attributes, encode_attributes
-from .crypto import AESCRYPT_BUFFER, FullReader, aescrypt_decrypt, aescrypt_encrypt
+from .crypto import AESCRYPT_BUFFER, FullReader
 from .errors import BackupError, Problem, VerificationError
+from .manifest import check_plaintext
 from .objects import SourceObject, fetch_in_order
 from .output import has_unsafe_characters, log, shown
-from .retrieve import Fetched, check_plaintext
+from .retrieve import Fetched
 from .s3 import explain
 from .streams import Tally, copy, enlarge_pipe
 from .zipcheck import ZipStreamChecker, size_extra
@@ -212,7 +213,9 @@ class EncryptingSink:
     block with an error stops the thread before the caller aborts its upload.
     """
 
-    def __init__(self, passphrase: str, out: Callable[[bytes], Any], buffer_size: int = AESCRYPT_BUFFER):
+    def __init__(self, passphrase: str, out: Callable[[bytes], Any], buffer_size: int = AESCRYPT_BUFFER,
+                 fmt: formats.Format = formats.FILES):
+        self._encrypt_stream = fmt.encryption.encrypt
         self.plaintext = Tally()
         self._out = out
         self._error: BaseException | None = None
@@ -227,7 +230,7 @@ class EncryptingSink:
 
     def _encrypt(self, passphrase: str, buffer_size: int) -> None:
         try:
-            aescrypt_encrypt(FullReader(self._reader), _Forward(self), passphrase, buffer_size)
+            self._encrypt_stream(FullReader(self._reader), _Forward(self), passphrase, buffer_size)
         except BaseException as exc:  # noqa: BLE001 - raised in the writer's thread by close()
             self._error = exc
         finally:
@@ -375,7 +378,7 @@ def read_archive(fetched: Fetched, keep: int | None = None,
             if fetched.encryption == "zip":
                 copy(source, sink.write)
             else:
-                aescrypt_decrypt(source, sink, fetched.passphrase)
+                formats.encryption_named(fetched.encryption).decrypt(source, sink, fetched.passphrase)
     finally:
         if handle is not None:
             handle.close()
