@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from backupkit import cli, config, formats, s3
+from backupkit import cli, config, formats, store
 from backupkit.compression import DEFAULT_LEVEL, LEVELS
 from backupkit.dump_writer import DumpWriter
 from backupkit.errors import UsageError
@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
     pg_dump = args.pg_dump or "pg_dump"
     psql = client_binary("psql", beside=pg_dump)
     fmt.compression.check()
-    client = s3.external_client_soon()  # made while the checks run and the dump starts
+    client = store.external_store_soon()  # made while the checks run and the dump starts
 
     client_version, server_version = check_dump_client(pg_dump, database, psql)
     started = config.utcnow()

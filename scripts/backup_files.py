@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from backupkit import cli, config, crypto, s3
+from backupkit import cli, config, crypto, s3, store
 from backupkit.archive import ArchiveWriter, EncryptingSink, archive_objects
 from backupkit.laststep import LastStep
 from backupkit.manifest import MAX_SKIPPED_LISTED, backup_key, for_upload
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     passphrase = config.passphrases()[0]
     crypto.start_key_ids([passphrase])  # for the manifest, derived while the backup runs
 
-    client = s3.external_client()
+    client = store.external_store()
     source = s3.source_client(args.source_profile, max_pool_connections=PREFETCH_WORKERS + 4)
     started = config.utcnow()
     began = time.monotonic()

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 
-from backupkit import cli, config, s3
+from backupkit import cli, config, store
 from backupkit.errors import UsageError
 from backupkit.manifest import KINDS, MANIFEST_SUFFIX
 from backupkit.output import shown
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
     out = output_path(args.out)
 
     # No passphrase here: fetching checks the ciphertext; decrypt.py picks the passphrase later.
-    reader = BucketReader(s3.external_client(), bucket, environment, args.kind, passphrases=None)
+    reader = BucketReader(store.external_store(), bucket, environment, args.kind, passphrases=None)
     options = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
 
     def keep(fetched: Fetched) -> None:

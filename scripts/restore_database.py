@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from backupkit import cli, config, s3
+from backupkit import cli, config, store
 from backupkit.dump_restore import Restored, add_restore_args, check_restore_target, restore_dump, restore_options
 from backupkit.errors import BackupError, UsageError
 from backupkit.output import md_code, shown
@@ -131,7 +131,7 @@ def main(argv: list[str]) -> int:
     if args.file:
         retrieved = open_local(args.file, "database", passphrases, restore, require_manifest=not args.without_manifest)
     else:
-        reader = BucketReader(s3.external_client(), bucket, environment, "database", passphrases)
+        reader = BucketReader(store.external_store(), bucket, environment, "database", passphrases)
         candidates = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
         retrieved = reader.first_good(candidates, restore, latest=args.latest)
     report(retrieved, target, psql, args.json)

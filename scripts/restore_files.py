@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from backupkit import cli, config, s3, signals
+from backupkit import cli, config, s3, signals, store
 from backupkit.archive import ArchiveContents, FileSection, plaintext_file, read_archive, unsafe_name
 from backupkit.attributes import allow_non_ascii_metadata, put_parameters
 from backupkit.errors import BackupError, UsageError
@@ -359,7 +359,7 @@ def main(argv: list[str]) -> int:
         bucket = config.bucket_name(args.bucket)
         passphrases = config.passphrases()
     began = time.monotonic()
-    target = s3.external_client(max_pool_connections=WORKERS + 4)
+    target = s3.client(max_pool_connections=WORKERS + 4)  # the app's bucket, with the same identity
     allow_non_ascii_metadata(target)  # metadata goes back as S3 returned it (put_parameters)
     check_target(target, target_bucket, prefix, args.dry_run)
     restore = Restore(target, target_bucket, prefix, args.only, args.dry_run, args.skip_unsafe_names)
@@ -367,7 +367,7 @@ def main(argv: list[str]) -> int:
     if args.file:
         retrieved = open_local(args.file, "files", passphrases, restore, require_manifest=False, plain_zip=True)
     else:
-        reader = BucketReader(s3.external_client(), bucket, environment, "files", passphrases)
+        reader = BucketReader(store.external_store(), bucket, environment, "files", passphrases)
         options = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
         retrieved = reader.first_good(options, restore, latest=args.latest)
     report(args, retrieved, f"s3://{target_bucket}/{prefix}", time.monotonic() - began)

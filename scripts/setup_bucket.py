@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from backupkit import bucket_state, cli, config, s3
+from backupkit import bucket_state, cli, config, store
 from backupkit.bucket_state import BucketSettings
 from backupkit.errors import BackupError, UsageError
 from backupkit.output import log, md_code
@@ -131,7 +131,7 @@ def main(argv: list[str]) -> int:
         cli.print_result(bucket_state.policies(bucket, environment), True, "")
         return 0
 
-    client = s3.external_client(region=args.region)
+    client = store.external_store(region=args.region)
     region = args.region or client.meta.region_name
     if (client.meta.endpoint_url or "").startswith("http://") and not settings.allow_plain_http:
         raise UsageError(

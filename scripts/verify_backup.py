@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from backupkit import cli, config, formats, s3
+from backupkit import cli, config, formats, store
 from backupkit.config import duration_arg, format_age
 from backupkit.dump_restore import RestoreOptions, add_restore_args, check_restore_target, restore_dump, restore_options
 from backupkit.errors import BackupError, Problem, UsageError, VerificationError
@@ -150,7 +150,7 @@ def main(argv: list[str]) -> int:
             raise BackupError(f"--restore-into '{shown(target.database)}' already has {len(tables)} tables: "
                               "give an empty scratch database (this check never restores over data)")
 
-    reader = BucketReader(s3.external_client(), bucket, environment, args.kind, passphrases)
+    reader = BucketReader(store.external_store(), bucket, environment, args.kind, passphrases)
     results: list[dict[str, Any]] = []
     skipped = Skips()
 

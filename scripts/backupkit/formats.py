@@ -79,7 +79,7 @@ def all_formats() -> tuple[Format, ...]:
 
 
 def kinds() -> tuple[str, ...]:
-    return tuple(dict.fromkeys(f.kind for f in _formats))
+    return tuple(dict.fromkeys(f.kind for f in all_formats()))
 
 
 def of_kind(kind: str) -> list[Format]:
@@ -87,7 +87,7 @@ def of_kind(kind: str) -> list[Format]:
 
 
 def suffixes() -> tuple[str, ...]:
-    return tuple(f.suffix for f in _formats)
+    return tuple(f.suffix for f in all_formats())
 
 
 def find(kind: str, compression: Any, encryption: Any = None) -> Format | None:

@@ -47,7 +47,7 @@ def part_size(part_number: int, initial: int = INITIAL_PART_SIZE) -> int:
 class StreamingUpload:
     """`write()` bytes, then `complete()` (returns the version id) or `abort()`.
 
-    `client` may be a Future of one (s3.external_client_soon): bytes are taken into the first
+    `client` may be a Future of one (store.external_store_soon): bytes are taken into the first
     part buffers while it is being made. Used as a context manager, an exception inside the
     block aborts the upload.
     """
