@@ -12,7 +12,7 @@ from backupkit.dump_writer import DumpWriter
 from backupkit.errors import UsageError
 from backupkit.manifest import backup_key
 from backupkit.output import log, md_code, shown
-from backupkit.postgres import check_dump_client, client_binary
+from backupkit.postgres import check_dump_client, client_binary, database_target
 from backupkit.progress import human_bytes
 
 DESCRIPTION = f"""\
@@ -85,11 +85,12 @@ def compression_settings(name: str, level: str) -> tuple[formats.Format, int | N
 
 def main(argv: list[str]) -> int:
     args = cli.parse_args(build_parser(), argv)
+    cli.start(args)
     environment = config.environment_name(args.environment)
     bucket = config.bucket_name(args.bucket)
     fmt, level = compression_settings(args.compression, args.compression_level)
     passphrase = config.passphrases()[0]
-    database = config.database_target(args.database_url)
+    database = database_target(args.database_url)
     pg_dump = args.pg_dump or "pg_dump"
     psql = client_binary("psql", beside=pg_dump)
     fmt.compression.check()

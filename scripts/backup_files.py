@@ -7,7 +7,7 @@ import os
 import time
 
 from backupkit import cli, config, crypto, s3, store
-from backupkit.archive import ArchiveWriter, EncryptingSink, archive_objects
+from backupkit.archive_write import ArchiveWriter, EncryptingSink, archive_objects
 from backupkit.laststep import LastStep
 from backupkit.manifest import MAX_SKIPPED_LISTED, backup_key, for_upload
 from backupkit.objects import PREFETCH_WORKERS, list_objects
@@ -69,6 +69,7 @@ def build_parser() -> cli.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = cli.parse_args(build_parser(), argv)
+    cli.start(args)
     environment = config.environment_name(args.environment)
     bucket = config.bucket_name(args.bucket)
     source_bucket = config.bucket_name(args.source_bucket, "source bucket", "set SOURCE_BUCKET or pass --source-bucket")

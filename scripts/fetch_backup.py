@@ -80,6 +80,7 @@ def output_path(value: str) -> str:
 
 def main(argv: list[str]) -> int:
     args = cli.parse_args(build_parser(), argv)
+    cli.start(args)
     if args.version_id and not args.key:
         raise UsageError("--version-id needs --key")
     environment = config.environment_name(args.environment)

@@ -183,6 +183,7 @@ def environments(client: Any, bucket: str) -> list[str]:
 
 def main(argv: list[str]) -> int:
     args = cli.parse_args(build_parser(), argv)
+    cli.start(args)
     environment = config.environment_name(args.environment)
     bucket = config.bucket_name(args.bucket)
     kinds = KINDS if args.kind == "all" else (args.kind,)

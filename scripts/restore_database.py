@@ -9,7 +9,8 @@ from backupkit import cli, config, store
 from backupkit.dump_restore import Restored, add_restore_args, check_restore_target, restore_dump, restore_options
 from backupkit.errors import BackupError, UsageError
 from backupkit.output import md_code, shown
-from backupkit.postgres import client_binary, user_tables
+from backupkit.pgurl import DatabaseTarget
+from backupkit.postgres import client_binary, database_target, user_tables
 from backupkit.progress import human_bytes
 from backupkit.retrieve import BucketReader, Fetched, Retrieved, local_format, open_local
 
@@ -86,11 +87,12 @@ def build_parser() -> cli.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = cli.parse_args(build_parser(), argv)
+    cli.start(args)
     if args.version_id and not args.key:
         raise UsageError("--version-id needs --key")
     if args.without_manifest and not args.file:
         raise UsageError("--without-manifest goes with --file")
-    target = config.database_target(args.target_database_url, "TARGET_DATABASE_URL")
+    target = database_target(args.target_database_url, "TARGET_DATABASE_URL")
     if not args.target_database_url:
         raise UsageError("no target database: set TARGET_DATABASE_URL or pass --target-database-url")
     passphrases = config.passphrases()
@@ -138,7 +140,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def report(retrieved: Retrieved[Restored], target: config.DatabaseTarget, psql: str, as_json: bool) -> None:
+def report(retrieved: Retrieved[Restored], target: DatabaseTarget, psql: str, as_json: bool) -> None:
     fetched, restored = retrieved.fetched, retrieved.result
     tables_after = user_tables(target, psql)
     result = {

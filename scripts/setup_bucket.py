@@ -116,6 +116,7 @@ def check(client: Any, settings: BucketSettings) -> tuple[bool, list[bucket_stat
 
 def main(argv: list[str]) -> int:
     args = cli.parse_args(build_parser(), argv)
+    cli.start(args)
     bucket = config.bucket_name(args.bucket)
     settings = BucketSettings(bucket, args.retention_days, args.expire_days, args.mode,
                               args.allow_plain_http).validate()

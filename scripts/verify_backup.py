@@ -13,7 +13,8 @@ from backupkit.dump_restore import RestoreOptions, add_restore_args, check_resto
 from backupkit.errors import BackupError, Problem, UsageError, VerificationError
 from backupkit.manifest import KINDS, Backup, iso
 from backupkit.output import log, md_code, shown
-from backupkit.postgres import client_binary, row_counts
+from backupkit.pgurl import DatabaseTarget
+from backupkit.postgres import client_binary, database_target, row_counts
 from backupkit.progress import human_bytes
 from backupkit.retrieve import BucketReader, Fetched, Skips
 from backupkit.verify import verify_fetched
@@ -89,7 +90,7 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
-def check(fetched: Fetched, target: config.DatabaseTarget | None, psql: str, options: RestoreOptions) -> dict[str, Any]:
+def check(fetched: Fetched, target: DatabaseTarget | None, psql: str, options: RestoreOptions) -> dict[str, Any]:
     """Verify one fetched backup; with a target, restore it there (the restore verifies too)."""
     manifest = fetched.manifest
     details: dict[str, Any] = {"encrypted_size": manifest["encrypted_size"], "compression": manifest.get("compression", "none")}
@@ -133,6 +134,7 @@ def outcome(backup: Backup, ok: bool, details: dict[str, Any] | None = None, rea
 
 def main(argv: list[str]) -> int:
     args = cli.parse_args(build_parser(), argv)
+    cli.start(args)
     if args.version_id and not args.key:
         raise UsageError("--version-id needs --key")
     if args.restore_into and args.kind != "database":
@@ -144,7 +146,7 @@ def main(argv: list[str]) -> int:
     target, psql = None, client_binary("psql", explicit=args.psql)
     limits = restore_options(args)
     if args.restore_into:
-        target = config.database_target(args.restore_into, "--restore-into")
+        target = database_target(args.restore_into, "--restore-into")
         tables = check_restore_target(target, psql, limits)
         if tables:
             raise BackupError(f"--restore-into '{shown(target.database)}' already has {len(tables)} tables: "

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 # The library's side of every comparison, named once: when backupkit's modules move, only these lines change.
-from backupkit.archive import read_archive as library_read_archive
+from backupkit.archive_read import read_archive as library_read_archive
 from backupkit.config import child_env as library_child_env
 from backupkit.config import passphrase as library_passphrase_rule
 from backupkit.crypto import OPENSSL_CIPHER_ARGS as LIBRARY_OPENSSL_ARGS

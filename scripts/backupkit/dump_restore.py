@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from .config import DatabaseTarget, duration_arg, format_age
+from .config import duration_arg, format_age
 from .dump_reader import Bounded, DumpReader, check_dump, hold_back, refusal
 from .errors import BackupError, Problem, VerificationError
 from .output import log, shown
+from .pgurl import DatabaseTarget
 from .pipeline import Pipeline
 from .postgres import client_version, end_sessions, risky_role, target_state, user_tables
 from .retrieve import Fetched

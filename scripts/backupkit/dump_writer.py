@@ -13,10 +13,10 @@ from datetime import datetime
 from typing import Any
 
 from . import crypto
-from .config import DatabaseTarget
 from .formats import Format
 from .laststep import LastStep
 from .manifest import for_upload
+from .pgurl import DatabaseTarget
 from .pipeline import Pipeline
 from .progress import Progress
 from .streams import Tally, copy

@@ -1,6 +1,6 @@
 """Every backup format, in one registry: its kind, its compression (compression.py), its
 encryption (crypto.py), the suffix of its key, the manifest fields it adds, and its pipeline in
-both directions (`start_writing` here, the reading in dump_reader.py and archive_read.py).
+both directions (`start_writing` here; dump_reader.py and archive_read.py read it back).
 
 Readers find a backup's format here, from its manifest, its key or its first bytes; nothing else
 tests "zstd" or a suffix by name. A new compression is a `Compression` entry and one `register`

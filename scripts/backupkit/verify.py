@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import formats
-from .archive import read_archive
+from .archive_read import read_archive
 from .dump_reader import verify_dump
 from .retrieve import Fetched
 
