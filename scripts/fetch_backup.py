@@ -9,7 +9,7 @@ import tempfile
 
 from backupkit import cli, config, store
 from backupkit.errors import UsageError
-from backupkit.manifest import KINDS, MANIFEST_SUFFIX
+from backupkit.manifest import KINDS, MANIFEST_SUFFIX, compression_of
 from backupkit.output import shown
 from backupkit.progress import human_bytes
 from backupkit.retrieve import BucketReader, Fetched
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
     backup, manifest = retrieved.fetched.backup, retrieved.fetched.manifest
     result = {"key": backup.key, "version_id": backup.version_id, "file": out, "manifest_file": out + MANIFEST_SUFFIX,
               "size": manifest["encrypted_size"], "encrypted_sha256": manifest["encrypted_sha256"],
-              "key_id": manifest["key_id"], "compression": manifest.get("compression", "none"),
+              "key_id": manifest["key_id"], "compression": compression_of(manifest),
               "skipped": [s.to_json() for s in retrieved.skipped], "skipped_count": retrieved.skipped.total}
     cli.print_result(result, args.json,
                      f"fetched s3://{bucket}/{backup.label()} to {shown(args.out)} ({human_bytes(manifest['encrypted_size'])}, "

@@ -11,7 +11,7 @@ from backupkit import cli, config, formats, store
 from backupkit.config import duration_arg, format_age
 from backupkit.dump_restore import RestoreOptions, add_restore_args, check_restore_target, restore_dump, restore_options
 from backupkit.errors import BackupError, Problem, UsageError, VerificationError
-from backupkit.manifest import KINDS, Backup, iso
+from backupkit.manifest import KINDS, Backup, compression_of, iso
 from backupkit.output import log, md_code, shown
 from backupkit.pgurl import DatabaseTarget
 from backupkit.postgres import client_binary, database_target, row_counts
@@ -93,7 +93,7 @@ def build_parser() -> cli.ArgumentParser:
 def check(fetched: Fetched, target: DatabaseTarget | None, psql: str, options: RestoreOptions) -> dict[str, Any]:
     """Verify one fetched backup; with a target, restore it there (the restore verifies too)."""
     manifest = fetched.manifest
-    details: dict[str, Any] = {"encrypted_size": manifest["encrypted_size"], "compression": manifest.get("compression", "none")}
+    details: dict[str, Any] = {"encrypted_size": manifest["encrypted_size"], "compression": compression_of(manifest)}
     if target is None:
         details.update(verify_fetched(fetched))
         return details

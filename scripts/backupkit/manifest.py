@@ -91,12 +91,18 @@ SOURCE_FIELDS: dict[str, dict[str, type]] = {
 }
 
 
-def backup_key(environment: str, kind: str, started_at: datetime, compression: str = "none") -> str:
+def backup_key(environment: str, kind: str, started_at: datetime, compression: str | None = None) -> str:
+    """ENVIRONMENT/KIND/YYYY-MM-DD--HH-MM-SS and the suffix of the format (None: uncompressed)."""
     stamp = started_at.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
-    fmt = formats.find(kind, compression)
+    fmt = formats.find(kind, compression) if compression is not None else formats.uncompressed(kind)
     if fmt is None:
         raise KeyError((kind, compression))
     return f"{environment}/{kind}/{stamp}{fmt.suffix}"
+
+
+def compression_of(manifest: dict[str, Any]) -> str:
+    """The compression a (validated) manifest names; without the field (files), the kind's none."""
+    return manifest.get("compression", formats.uncompressed(manifest["kind"]).compression.name)
 
 
 def manifest_key(key: str) -> str:

@@ -29,7 +29,18 @@ import botocore.exceptions
 from . import formats
 from .crypto import pick_passphrase, start_key_ids
 from .errors import BackupError, Problem, UsageError, VerificationError
-from .manifest import MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, Backup, Catalogue, catalogue, check_against_manifest, iso, match_key, parse_manifest
+from .manifest import (
+    MANIFEST_SUFFIX,
+    MAX_MANIFEST_BYTES,
+    Backup,
+    Catalogue,
+    catalogue,
+    check_against_manifest,
+    compression_of,
+    iso,
+    match_key,
+    parse_manifest,
+)
 from .output import log, shown
 from .progress import Progress, human_bytes
 from .s3 import error_code, read_body
@@ -114,11 +125,6 @@ class Retrieved(Generic[T]):
     fetched: Fetched
     result: T
     skipped: Skips = field(default_factory=Skips)
-
-
-def _compression(manifest: dict[str, Any]) -> str:
-    """The compression a (validated) manifest names; without the field, the kind's none."""
-    return manifest.get("compression", formats.uncompressed(manifest["kind"]).compression.name)
 
 
 @contextmanager
@@ -286,7 +292,7 @@ class BucketReader:
             if found != manifest["encryption"]:
                 raise VerificationError(f"the object is not in its manifest's format {manifest['encryption']} "
                                         f"(it looks like {found or 'neither format'})", Problem.BAD_CONTENT)
-            fetched = Fetched(path, passphrase, manifest["encryption"], _compression(manifest),
+            fetched = Fetched(path, passphrase, manifest["encryption"], compression_of(manifest),
                               manifest, f"s3://{self.bucket}/{backup.label()}", backup)
             return Retrieved(fetched, work(fetched))
 
@@ -378,7 +384,7 @@ def open_local(path: str, kind: str, passphrases: list[str], work: Callable[[Fet
     if manifest is not None:
         check_against_manifest(Tally.of_file(path), manifest, label)
         tries = [pick_passphrase(manifest["key_id"], passphrases)]
-        compression = _compression(manifest)
+        compression = compression_of(manifest)
     else:
         tries = passphrases
         # Without a manifest, a dump's compression is told by its first bytes.
