@@ -58,7 +58,7 @@ CHILD_ENV_DROPPED = ("GITHUB_TOKEN",)
 ENVIRONMENT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 KEY_RE = re.compile(
     r"^(?P<env>[a-z0-9][a-z0-9-]{0,62})/(?P<kind>database|files)/"
-    r"(?P<ts>\d{4}-\d\d-\d\d--\d\d-\d\d-\d\d)(?P<suffix>\.sql\.encrypted|\.sql\.zst\.encrypted|\.zip\.encrypted)$"
+    r"(?P<ts>[0-9]{4}-[0-9]{2}-[0-9]{2}--[0-9]{2}-[0-9]{2}-[0-9]{2})(?P<suffix>\.sql\.encrypted|\.sql\.zst\.encrypted|\.zip\.encrypted)$"
 )
 TIMESTAMP_FORMAT = "%Y-%m-%d--%H-%M-%S"
 ENCRYPTION = {"database": "openssl-aes-256-cbc-pbkdf2", "files": "aescrypt-v2"}
@@ -79,7 +79,7 @@ MAX_SIZE = 2**53
 MAX_TEXT = 1024
 HEX64 = re.compile(r"[0-9a-f]{64}")
 HEX16 = re.compile(r"[0-9a-f]{16}")
-ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+ISO_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 EPILOG = """\
 The passphrase comes from EXTERNAL_BACKUP_ENCRYPTION_KEY (and EXTERNAL_BACKUP_ENCRYPTION_KEY_PREVIOUS,
@@ -151,10 +151,17 @@ def key_id(passphrase: str) -> str:
 
 
 def one_line(passphrase: str, where: str) -> str:
-    """The toolkit's passphrase rule: a trailing line break is dropped, one inside is refused."""
+    """The toolkit's passphrase rule: a trailing line break is dropped, one inside is refused, and
+    so are bytes that are not UTF-8 (held as lone surrogates; no message shows any of them)."""
     passphrase = passphrase.rstrip("\r\n")
     if "\n" in passphrase or "\r" in passphrase:
         raise Failure(f"{where} contains a line break: openssl would use only its first line")
+    if not passphrase.isascii():
+        try:
+            passphrase.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Failure(f"{where} is not valid UTF-8 text: store the passphrase as UTF-8 "
+                          "(the backups' key_id is derived from its UTF-8 bytes)") from None
     return passphrase
 
 

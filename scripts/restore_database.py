@@ -16,11 +16,14 @@ from backupkit.retrieve import BucketReader, Fetched, Retrieved, local_format, o
 
 DESCRIPTION = """\
 Restore a database backup into TARGET with
-  openssl enc -d -aes-256-cbc -pbkdf2 [| zstd -d] | psql -v ON_ERROR_STOP=1 --single-transaction
+  openssl enc -d -aes-256-cbc -pbkdf2 [| zstd -d] | psql -v ON_ERROR_STOP=1
+in one transaction (its BEGIN and COMMIT sent by this script, never by the end of psql's input).
 Nothing plaintext touches the disk, and nothing is committed unless the whole backup verified:
 the download's size and SHA-256 match the manifest, openssl (and zstd) exited 0, the SQL's
 SHA-256 matches, and pg_dump's completion trailer is there. Until then the end of the dump is
-held back from psql; on any failure psql is killed and its transaction rolls back.
+held back from psql, and so is the COMMIT; on any failure psql is killed and its transaction
+rolls back (if this script is killed outright, psql reads the end of its input without a COMMIT,
+and its transaction rolls back too).
 
 psql runs restricted (its \\restrict, with a key of ours) from its first input byte, and the SQL
 passes a guard on its way: only the statements a plain pg_dump of one database writes reach psql.
@@ -61,7 +64,9 @@ environment:
 
 examples:
   scripts/restore_database.py --environment production --latest --target-database-url "$TARGET_DATABASE_URL"
-  scripts/restore_database.py --environment production --key 2026-11-29--10-00-00.sql.encrypted --replace
+  scripts/restore_database.py --environment production --key 2026-11-29--10-00-00.sql.encrypted \\
+      --version-id 3HL4kqtJ... --replace
+      (--version-id: needed when the key has several versions; list_backups.py shows them)
   scripts/fetch_backup.py --environment production --kind database --latest --out backup.sql.encrypted
   scripts/restore_database.py --file backup.sql.encrypted --target-database-url "$TARGET_DATABASE_URL"
 """

@@ -288,10 +288,14 @@ def filter_run(dump: bytes) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "scripts/backupkit/sqlstream.py")], input=dump, capture_output=True)
 
 
-def test_the_standalone_filter_restricts_psql_and_ends_with_the_seal():
+def test_the_standalone_filter_restricts_psql_and_commits_only_after_the_seal():
+    """The filter opens the transaction itself and commits it last: psql is not given
+    --single-transaction (which commits what it read when its input ends, however it ends)."""
     done = filter_run(GENUINE)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(b"\\restrict ") and done.stdout.endswith(SEAL.encode())
+    first, second = done.stdout.split(b"\n", 2)[:2]
+    assert first.startswith(b"\\restrict ") and second == b"BEGIN;"
+    assert done.stdout.endswith(SEAL.encode() + b"COMMIT;\n")
 
 
 @pytest.mark.parametrize("dump", [b"CREATE TABLE a (x int);\nCOMMIT;\n" + TRAILER, b"CREATE TABLE a (x int);\n",

@@ -381,7 +381,7 @@ def test_database_restore_stopped_after_its_commit_says_so(run, pg, sample_db, s
     wrapper = tmp_path / "psql"
     wrapper.write_text(
         f"#!{sys.executable}\nimport os, subprocess, sys, time\nreal, marker = {real!r}, {str(marker)!r}\n"
-        "if '--single-transaction' in sys.argv:\n"
+        "if 'ON_ERROR_STOP=1' in sys.argv and '-c' not in sys.argv:\n"
         "    code = subprocess.call([real, *sys.argv[1:]])\n"
         "    if code == 0:\n        open(marker, 'w').close()\n    sys.exit(code)\n"
         "if os.path.exists(marker) and not os.path.exists(marker + '.held'):\n"
@@ -406,7 +406,7 @@ def test_database_restore_stopped_while_psql_commits_says_so(run, pg, sample_db,
     wrapper = tmp_path / "psql"
     wrapper.write_text(  # the restore's psql reads its whole input, then is slow to go on
         f"#!{sys.executable}\nimport os, subprocess, sys, time\nreal, marker = {real!r}, {str(marker)!r}\n"
-        "if '--single-transaction' in sys.argv:\n"
+        "if 'ON_ERROR_STOP=1' in sys.argv and '-c' not in sys.argv:\n"
         "    data = sys.stdin.buffer.read()\n    open(marker, 'w').close()\n    time.sleep(30)\n"
         "    sys.exit(subprocess.run([real, *sys.argv[1:]], input=data).returncode)\n"
         "os.execv(real, [real, *sys.argv[1:]])\n")

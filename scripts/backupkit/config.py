@@ -18,7 +18,7 @@ from .output import shown
 
 ENVIRONMENT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+DURATION_RE = re.compile(r"^\s*([0-9]+)\s*([smhdw])\s*$")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MAX_DURATION = timedelta(days=3660)  # ten years: longer than any backup is kept
 
@@ -130,11 +130,19 @@ def utcnow() -> datetime:
 def passphrase(value: str, variable: str = KEY_VAR) -> str:
     """One passphrase, by the rule every reader and writer shares (decrypt.py and the runbook too):
     a trailing line break, as secret stores and `echo` add, is not part of it; a line break
-    anywhere else is refused, because `openssl -pass` reads only the first line."""
+    anywhere else is refused, because `openssl -pass` reads only the first line. Bytes that are not
+    UTF-8 (Python holds them as lone surrogates) are refused too: key_id and openssl need the
+    passphrase's bytes, and no message may show any of them."""
     value = value.rstrip("\r\n")
     if "\n" in value or "\r" in value:
         raise UsageError(f"{variable} contains a line break: openssl would use only its first line; "
                          "store the passphrase on one line")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{variable} is not valid UTF-8 text: store the passphrase as UTF-8 "
+                             "(the backups' key_id is derived from its UTF-8 bytes)") from None
     return value
 
 

@@ -5,7 +5,7 @@ manifest promised.
 
 `hold_back` keeps the last HOLD_BACK bytes of the SQL (which hold pg_dump's completion trailer)
 from psql until decryption ended cleanly, the SQL's size and SHA-256 matched the manifest and the
-trailer is there: psql commits `--single-transaction` when its input ends.
+trailer is there (dump_restore.py sends its COMMIT only after them).
 """
 
 from __future__ import annotations

@@ -10,9 +10,13 @@ ours) from its first byte, and only the statements a plain pg_dump of one databa
 that the transaction changed nothing outside the target database, and the role is not a superuser
 unless the operator said so.
 
-psql commits `--single-transaction` when its input ends, so the held-back end of the SQL
-(dump_reader.hold_back) reaches it only after decryption ended cleanly, the SQL's size and
-SHA-256 matched the manifest and the trailer is there; otherwise psql is killed and rolls back.
+psql runs the dump in one transaction that we open (`BEGIN;` after the `\\restrict` line) and
+commit: the held-back end of the SQL (dump_reader.hold_back: its last HOLD_BACK bytes hold
+pg_dump's completion trailer), the seal and our `COMMIT;` reach it only after decryption ended
+cleanly, the SQL's size and SHA-256 matched the manifest and the trailer is there; otherwise psql
+is killed and rolls back. Not `--single-transaction`, which commits when psql's input ends: if
+this process is killed outright, psql reads EOF without a COMMIT, ends its session, and
+PostgreSQL rolls the restore back.
 A restore that fails once psql started says whether the target is as it was before (then
 `--latest` may try an older backup), or stops.
 """
@@ -189,11 +193,10 @@ def _restore(fetched: Fetched, target: DatabaseTarget, psql: str, options: Resto
         reader = DumpReader(pipeline, fetched)
         restore = pipeline.start(
             "psql",
-            [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", *target.args()],
+            [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", *target.args()],
             env={**target.env(), "PGAPPNAME": session}, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            die_with_parent=True,
         )
-        guard = SqlGuard(restore.stdin.write, restrict_key=secrets.token_hex(32), seal=True,
+        guard = SqlGuard(restore.stdin.write, restrict_key=secrets.token_hex(32), seal=True, begin=True,
                          statement_timeout_ms=int(options.statement_timeout.total_seconds() * 1000))
         with _Deadline(options.timeout.total_seconds(), lambda: [restore, *pipeline.stages]) as deadline:
             try:
@@ -208,6 +211,7 @@ def _restore(fetched: Fetched, target: DatabaseTarget, psql: str, options: Resto
                             guard.feed(held)
                             guard.finish()
                             on_commit()
+                            restore.stdin.write(b"COMMIT;\n")
                             restore.stdin.close()
                         except BrokenPipeError:
                             pass

@@ -37,7 +37,8 @@ TIMESTAMP_FORMAT = "%Y-%m-%d--%H-%M-%S"
 
 
 def key_re() -> re.Pattern[str]:
-    """A backup's key: ENVIRONMENT/KIND/YYYY-MM-DD--HH-MM-SS and a registered format's suffix."""
+    """A backup's key: ENVIRONMENT/KIND/YYYY-MM-DD--HH-MM-SS (ASCII digits only) and a registered
+    format's suffix."""
     return _key_re(formats.kinds(), formats.suffixes())
 
 
@@ -45,7 +46,7 @@ def key_re() -> re.Pattern[str]:
 def _key_re(kinds: tuple[str, ...], suffixes: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(
         r"^(?P<env>[a-z0-9][a-z0-9-]{0,62})/(?P<kind>" + "|".join(map(re.escape, kinds)) + ")/"
-        r"(?P<ts>\d{4}-\d\d-\d\d--\d\d-\d\d-\d\d)(?P<suffix>" + "|".join(map(re.escape, suffixes)) + ")$"
+        r"(?P<ts>[0-9]{4}-[0-9]{2}-[0-9]{2}--[0-9]{2}-[0-9]{2}-[0-9]{2})(?P<suffix>" + "|".join(map(re.escape, suffixes)) + ")$"
     )
 
 
@@ -65,7 +66,7 @@ LONGEST_RUN = timedelta(hours=48)
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
-_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+_ISO = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 _MAX_SIZE = 2**53
 _MAX_TEXT = 1024
 

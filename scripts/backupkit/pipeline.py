@@ -8,7 +8,6 @@ and raises a BackupError naming the first command that failed, its exit status a
 from __future__ import annotations
 
 import collections
-import ctypes
 import os
 import signal
 import subprocess
@@ -21,13 +20,6 @@ from .errors import BackupError
 from .streams import Tally, copy, enlarge_pipe, is_pipe, tee_pipes
 
 STDERR_TAIL = 64 * 1024  # keep this much of a stage's stderr for its error message
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # If we are killed outright, the child must not outlive us: a psql that sees EOF on its
-    # input would COMMIT a partial restore.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class Stage:
@@ -104,7 +96,6 @@ class Pipeline:
         stdin: Any = subprocess.DEVNULL,
         stdout: Any = subprocess.PIPE,
         pass_fds: Sequence[int] = (),
-        die_with_parent: bool = False,
         missing_hint: str = "install it or put it on PATH",
     ) -> Stage:
         try:
@@ -116,9 +107,10 @@ class Pipeline:
                 env=env,
                 pass_fds=tuple(pass_fds),
                 # Own process group: a Ctrl-C in the terminal reaches us, and we stop the
-                # stages in order (psql must be killed, not left to read EOF and commit).
+                # stages in order. No code runs in the child between fork and exec: if we are
+                # killed outright, our pipes close and each stage ends on EOF or EPIPE (the
+                # restore's psql then ends outside a COMMIT of ours, which rolls it back).
                 start_new_session=True,
-                preexec_fn=_die_with_parent if die_with_parent else None,
             )
         except FileNotFoundError:
             raise BackupError(f"{name}: command not found: {argv[0]} ({missing_hint})") from None
@@ -182,8 +174,8 @@ class Pipeline:
             raise self._pump_errors[0]
 
     def terminate(self) -> None:
-        # Kill first, close pipes after: a psql that saw EOF on its input before dying would
-        # COMMIT what it had read.
+        # Kill first, close pipes after: a stage that saw EOF on its input before dying would
+        # take it for the end of its input.
         for stage in self.stages:
             stage.terminate()
         for stage in self.stages:

@@ -4,7 +4,10 @@ as psql and the server will (quotes, dollar quotes, comments, COPY data, psql's 
 variables) and lets through only the statements a plain dump of one database writes.
 
 Standard library only, so that it also runs on its own in the runbook's manual restore:
-`python3 sqlstream.py database-backup.sql | psql -X -v ON_ERROR_STOP=1 --single-transaction …`.
+`python3 sqlstream.py database-backup.sql | psql -X -v ON_ERROR_STOP=1 …`. There it opens the
+transaction itself and sends `COMMIT;` only after the whole dump passed: psql whose input ends
+any other way (the filter refused, or was killed) reaches EOF inside the transaction, and
+PostgreSQL rolls it back (`psql --single-transaction` would commit what it had read).
 """
 
 from __future__ import annotations
@@ -212,12 +215,13 @@ class SqlGuard:
     COPY data.
 
     `restrict_key` starts psql's input with `\\restrict KEY` (pg_dump's own framing lines are
-    dropped); `statement_timeout_ms` is set first and after the dump's own `SET statement_timeout`;
+    dropped); `begin` then opens the transaction (`BEGIN;`), whose COMMIT is the caller's to send;
+    `statement_timeout_ms` is set first and after the dump's own `SET statement_timeout`;
     `seal` ends the input with the check of the shared catalogs; `on_copy(table, rows)` hears of
     every COPY block."""
 
     def __init__(self, write: Callable[[bytes], Any] | None = None, *, restrict_key: str | None = None,
-                 statement_timeout_ms: int | None = None, seal: bool = False,
+                 statement_timeout_ms: int | None = None, seal: bool = False, begin: bool = False,
                  on_copy: Callable[[str, int], Any] | None = None):
         self._write = write or (lambda data: None)
         self._seal = seal
@@ -236,6 +240,8 @@ class SqlGuard:
         self._copy_rows = 0
         self._new_statement()
         prelude = f"\\restrict {restrict_key}\n".encode() if restrict_key is not None else b""
+        if begin:
+            prelude += b"BEGIN;\n"
         self._write(prelude + b"SET client_encoding = 'UTF8';" + self._timeout + b"\n")
 
     # -- public ------------------------------------------------------------------------------
@@ -797,15 +803,17 @@ def _main(argv: list[str] | None = None) -> int:
         description="Pass a plain pg_dump on to psql only as far as it holds what pg_dump writes: psql restricted with a "
                     "random key, pg_dump's framing lines dropped, psql's variables kept out, statements pg_dump never "
                     "writes (COMMIT, ALTER ROLE, COPY … PROGRAM, …) refused, the completion trailer checked, and a "
-                    "check before the commit that nothing outside the database changed. When it refuses, it ends "
-                    "psql's input with a statement that fails, so that psql -v ON_ERROR_STOP=1 --single-transaction "
-                    "commits nothing, and exits 1.",
+                    "check before the commit that nothing outside the database changed. It opens the transaction "
+                    "itself (BEGIN) and sends COMMIT only after the whole dump passed: when it refuses, it ends "
+                    "psql's input with a statement that fails, and exits 1; if it is stopped or killed, psql's input "
+                    "ends without the COMMIT. Either way PostgreSQL rolls everything back. Do not give psql "
+                    "--single-transaction: that commits whatever psql read when its input ends.",
         epilog="example: python3 scripts/backupkit/sqlstream.py database-backup.sql | "
-               "psql -X -v ON_ERROR_STOP=1 --single-transaction -q -o /dev/null \"$TARGET_DATABASE_URL\"")
+               "psql -X -v ON_ERROR_STOP=1 -q -o /dev/null \"$TARGET_DATABASE_URL\"")
     parser.add_argument("dump", nargs="?", help="the plain SQL dump (default: standard input)")
     args = parser.parse_args(argv)
     out = sys.stdout.buffer
-    guard = SqlGuard(out.write, restrict_key=secrets.token_hex(32), seal=True)
+    guard = SqlGuard(out.write, restrict_key=secrets.token_hex(32), seal=True, begin=True)
     tail = b""
     try:
         with open(args.dump or sys.stdin.fileno(), "rb", closefd=bool(args.dump)) as source:
@@ -815,6 +823,7 @@ def _main(argv: list[str] | None = None) -> int:
         if TRAILER not in tail:
             raise Refused("no completion trailer (it is cut short), and so nothing")
         guard.finish()
+        out.write(b"COMMIT;\n")
         out.flush()
         return 0
     except BrokenPipeError:
