@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import time
 
-from backupkit import cli, config, crypto, s3
-from backupkit.archive import ArchiveWriter, EncryptingSink, archive_objects
+from backupkit import cli, config, crypto, s3, store
+from backupkit.archive_write import ArchiveWriter, EncryptingSink, archive_objects
 from backupkit.laststep import LastStep
 from backupkit.manifest import MAX_SKIPPED_LISTED, backup_key, for_upload
 from backupkit.objects import PREFETCH_WORKERS, list_objects
@@ -70,6 +70,7 @@ def build_parser() -> cli.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = cli.parse_args(build_parser(), argv)
+    cli.start(args)
     environment = config.environment_name(args.environment)
     bucket = config.bucket_name(args.bucket)
     source_bucket = config.bucket_name(args.source_bucket, "source bucket", "set SOURCE_BUCKET or pass --source-bucket")
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> int:
     passphrase = config.passphrases()[0]
     crypto.start_key_ids([passphrase])  # for the manifest, derived while the backup runs
 
-    client = s3.external_client()
+    client = store.external_store()
     source = s3.source_client(args.source_profile, max_pool_connections=PREFETCH_WORKERS + 4)
     started = config.utcnow()
     began = time.monotonic()

@@ -7,9 +7,9 @@ import json
 import os
 import tempfile
 
-from backupkit import cli, config, s3
+from backupkit import cli, config, store
 from backupkit.errors import UsageError
-from backupkit.manifest import KINDS, MANIFEST_SUFFIX
+from backupkit.manifest import KINDS, MANIFEST_SUFFIX, compression_of
 from backupkit.output import shown
 from backupkit.progress import human_bytes
 from backupkit.retrieve import BucketReader, Fetched
@@ -80,6 +80,7 @@ def output_path(value: str) -> str:
 
 def main(argv: list[str]) -> int:
     args = cli.parse_args(build_parser(), argv)
+    cli.start(args)
     if args.version_id and not args.key:
         raise UsageError("--version-id needs --key")
     environment = config.environment_name(args.environment)
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> int:
     out = output_path(args.out)
 
     # No passphrase here: fetching checks the ciphertext; decrypt.py picks the passphrase later.
-    reader = BucketReader(s3.external_client(), bucket, environment, args.kind, passphrases=None)
+    reader = BucketReader(store.external_store(), bucket, environment, args.kind, passphrases=None)
     options = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
 
     def keep(fetched: Fetched) -> None:
@@ -98,7 +99,7 @@ def main(argv: list[str]) -> int:
     backup, manifest = retrieved.fetched.backup, retrieved.fetched.manifest
     result = {"key": backup.key, "version_id": backup.version_id, "file": out, "manifest_file": out + MANIFEST_SUFFIX,
               "size": manifest["encrypted_size"], "encrypted_sha256": manifest["encrypted_sha256"],
-              "key_id": manifest["key_id"], "compression": manifest.get("compression", "none"),
+              "key_id": manifest["key_id"], "compression": compression_of(manifest),
               "skipped": [s.to_json() for s in retrieved.skipped], "skipped_count": retrieved.skipped.total}
     cli.print_result(result, args.json,
                      f"fetched s3://{bucket}/{backup.label()} to {shown(args.out)} ({human_bytes(manifest['encrypted_size'])}, "

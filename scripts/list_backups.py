@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from backupkit import bucket_state, cli, config, s3
+from backupkit import bucket_state, cli, config, s3, store
 from backupkit.config import duration_arg, format_age
 from backupkit.errors import BackupError, Problem, UsageError
 from backupkit.manifest import KINDS, Backup, Catalogue, catalogue, iso, read_retention
@@ -183,12 +183,13 @@ def environments(client: Any, bucket: str) -> list[str]:
 
 def main(argv: list[str]) -> int:
     args = cli.parse_args(build_parser(), argv)
+    cli.start(args)
     environment = config.environment_name(args.environment)
     bucket = config.bucket_name(args.bucket)
     kinds = KINDS if args.kind == "all" else (args.kind,)
     limits = max_ages(args.max_age, kinds)
     now = config.utcnow()
-    client = s3.external_client()
+    client = store.external_store()
     found = catalogue(client, bucket, environment, kinds)
 
     if not found.backups and not found.others_count:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 
-from backupkit import cli, config, s3
-from backupkit.dump import Restored, add_restore_args, check_restore_target, restore_dump, restore_options
+from backupkit import cli, config, store
+from backupkit.dump_restore import Restored, add_restore_args, check_restore_target, restore_dump, restore_options
 from backupkit.errors import BackupError, UsageError
 from backupkit.output import md_code, shown
-from backupkit.postgres import client_binary, user_tables
+from backupkit.pgurl import DatabaseTarget
+from backupkit.postgres import client_binary, database_target, user_tables
 from backupkit.progress import human_bytes
 from backupkit.retrieve import BucketReader, Fetched, Retrieved, local_format, open_local
 
@@ -91,11 +92,12 @@ def build_parser() -> cli.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = cli.parse_args(build_parser(), argv)
+    cli.start(args)
     if args.version_id and not args.key:
         raise UsageError("--version-id needs --key")
     if args.without_manifest and not args.file:
         raise UsageError("--without-manifest goes with --file")
-    target = config.database_target(args.target_database_url, "TARGET_DATABASE_URL")
+    target = database_target(args.target_database_url, "TARGET_DATABASE_URL")
     if not args.target_database_url:
         raise UsageError("no target database: set TARGET_DATABASE_URL or pass --target-database-url")
     passphrases = config.passphrases()
@@ -136,14 +138,14 @@ def main(argv: list[str]) -> int:
     if args.file:
         retrieved = open_local(args.file, "database", passphrases, restore, require_manifest=not args.without_manifest)
     else:
-        reader = BucketReader(s3.external_client(), bucket, environment, "database", passphrases)
+        reader = BucketReader(store.external_store(), bucket, environment, "database", passphrases)
         candidates = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
         retrieved = reader.first_good(candidates, restore, latest=args.latest)
     report(retrieved, target, psql, args.json)
     return 0
 
 
-def report(retrieved: Retrieved[Restored], target: config.DatabaseTarget, psql: str, as_json: bool) -> None:
+def report(retrieved: Retrieved[Restored], target: DatabaseTarget, psql: str, as_json: bool) -> None:
     fetched, restored = retrieved.fetched, retrieved.result
     tables_after = user_tables(target, psql)
     result = {

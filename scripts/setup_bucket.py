@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from backupkit import bucket_state, cli, config, s3
+from backupkit import bucket_state, cli, config, store
 from backupkit.bucket_state import BucketSettings
 from backupkit.errors import BackupError, UsageError
 from backupkit.output import log, md_code
@@ -116,6 +116,7 @@ def check(client: Any, settings: BucketSettings) -> tuple[bool, list[bucket_stat
 
 def main(argv: list[str]) -> int:
     args = cli.parse_args(build_parser(), argv)
+    cli.start(args)
     bucket = config.bucket_name(args.bucket)
     settings = BucketSettings(bucket, args.retention_days, args.expire_days, args.mode,
                               args.allow_plain_http).validate()
@@ -131,7 +132,7 @@ def main(argv: list[str]) -> int:
         cli.print_result(bucket_state.policies(bucket, environment), True, "")
         return 0
 
-    client = s3.external_client(region=args.region)
+    client = store.external_store(region=args.region)
     region = args.region or client.meta.region_name
     if (client.meta.endpoint_url or "").startswith("http://") and not settings.allow_plain_http:
         raise UsageError(

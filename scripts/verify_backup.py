@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from backupkit import cli, config, s3
+from backupkit import cli, config, formats, store
 from backupkit.config import duration_arg, format_age
-from backupkit.dump import RestoreOptions, add_restore_args, check_restore_target, restore_dump, restore_options
+from backupkit.dump_restore import RestoreOptions, add_restore_args, check_restore_target, restore_dump, restore_options
 from backupkit.errors import BackupError, Problem, UsageError, VerificationError
-from backupkit.manifest import KINDS, Backup, iso
+from backupkit.manifest import KINDS, Backup, compression_of, iso
 from backupkit.output import log, md_code, shown
-from backupkit.postgres import client_binary, row_counts
+from backupkit.pgurl import DatabaseTarget
+from backupkit.postgres import client_binary, database_target, row_counts
 from backupkit.progress import human_bytes
 from backupkit.retrieve import BucketReader, Fetched, Skips
 from backupkit.verify import verify_fetched
@@ -89,10 +90,10 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
-def check(fetched: Fetched, target: config.DatabaseTarget | None, psql: str, options: RestoreOptions) -> dict[str, Any]:
+def check(fetched: Fetched, target: DatabaseTarget | None, psql: str, options: RestoreOptions) -> dict[str, Any]:
     """Verify one fetched backup; with a target, restore it there (the restore verifies too)."""
     manifest = fetched.manifest
-    details: dict[str, Any] = {"encrypted_size": manifest["encrypted_size"], "compression": manifest.get("compression", "none")}
+    details: dict[str, Any] = {"encrypted_size": manifest["encrypted_size"], "compression": compression_of(manifest)}
     if target is None:
         details.update(verify_fetched(fetched))
         return details
@@ -108,8 +109,9 @@ def describe(backup: Backup, result: dict[str, Any]) -> str:
         return f"FAILED  {backup.label()}: {result['reason']}"
     text = f"OK      {backup.label()}: {human_bytes(result['encrypted_size'])} encrypted"
     if backup.kind == "database":
-        zstd = ", zstd-compressed" if result.get("compression") == "zstd" else ""
-        text += f"{zstd}, {human_bytes(result['plaintext_size'])} dump, completion trailer present"
+        compression = formats.find("database", result.get("compression"))
+        compressed = f", {compression.compression.name}-compressed" if compression and compression.compression.compresses else ""
+        text += f"{compressed}, {human_bytes(result['plaintext_size'])} dump, completion trailer present"
     else:
         text += (f", {human_bytes(result['plaintext_size'])} ZIP, {result['members']} members "
                  f"({human_bytes(result['member_bytes'])}), CRCs and central directory match")
@@ -132,6 +134,7 @@ def outcome(backup: Backup, ok: bool, details: dict[str, Any] | None = None, rea
 
 def main(argv: list[str]) -> int:
     args = cli.parse_args(build_parser(), argv)
+    cli.start(args)
     if args.version_id and not args.key:
         raise UsageError("--version-id needs --key")
     if args.restore_into and args.kind != "database":
@@ -143,13 +146,13 @@ def main(argv: list[str]) -> int:
     target, psql = None, client_binary("psql", explicit=args.psql)
     limits = restore_options(args)
     if args.restore_into:
-        target = config.database_target(args.restore_into, "--restore-into")
+        target = database_target(args.restore_into, "--restore-into")
         tables = check_restore_target(target, psql, limits)
         if tables:
             raise BackupError(f"--restore-into '{shown(target.database)}' already has {len(tables)} tables: "
                               "give an empty scratch database (this check never restores over data)")
 
-    reader = BucketReader(s3.external_client(), bucket, environment, args.kind, passphrases)
+    reader = BucketReader(store.external_store(), bucket, environment, args.kind, passphrases)
     results: list[dict[str, Any]] = []
     skipped = Skips()
 

@@ -14,8 +14,9 @@ from datetime import UTC, datetime
 import pyAesCrypt
 import pytest
 
-from backupkit import archive as archive_module
-from backupkit.archive import ArchiveWriter, EncryptingSink, archive_objects, decode_attributes
+from backupkit import archive_write as archive_module
+from backupkit.archive_write import ArchiveWriter, EncryptingSink, archive_objects
+from backupkit.attributes import decode_attributes
 from backupkit.crypto import AESCRYPT_BUFFER, FullReader
 from backupkit.objects import SourceObject
 from tests.backup_factory import files_backup as backup

@@ -32,14 +32,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 # The library's side of every comparison, named once: when backupkit's modules move, only these lines change.
-from backupkit.archive import read_archive as library_read_archive
+from backupkit.archive_read import read_archive as library_read_archive
 from backupkit.config import child_env as library_child_env
 from backupkit.config import passphrase as library_passphrase_rule
 from backupkit.crypto import OPENSSL_CIPHER_ARGS as LIBRARY_OPENSSL_ARGS
 from backupkit.crypto import OPENSSL_WRITE_FAILED as LIBRARY_OPENSSL_WRITE_FAILED
 from backupkit.crypto import key_id as library_key_id
 from backupkit.crypto import pick_passphrase as library_pick_passphrase
-from backupkit.dump import verify_dump as library_verify_dump
+from backupkit.dump_reader import verify_dump as library_verify_dump
 from backupkit.errors import BackupError as LibraryRefusal
 from backupkit.manifest import parse_manifest as library_parse_manifest
 from backupkit.retrieve import open_local as library_open_local

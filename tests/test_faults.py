@@ -299,7 +299,7 @@ def test_backup_without_openssl(run, pg, sample_db, s3server, bucket, no_openssl
 
 
 def test_s3_client_failing_after_the_dump_started_stops_every_stage(run, pg, big_db, s3server, bucket, tmp_path):
-    """The S3 client is made while the dump already runs (s3.external_client_soon): when it cannot
+    """The S3 client is made while the dump already runs (store.external_store_soon): when it cannot
     be made, that is the one error, and pg_dump, zstd and openssl are stopped, not left behind."""
     config = tmp_path / "aws-config"
     config.write_text("")

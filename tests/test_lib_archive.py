@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backupkit import archive
+from backupkit import archive_read, archive_write, attributes
 from backupkit.attributes import (
     METADATA_LIMIT,
     REQUEST_HEADER_LIMIT,
@@ -131,12 +131,12 @@ def expected_attributes(head: dict) -> dict:
     return expected
 
 
-def read_back(zip_bytes: bytes) -> archive.ArchiveContents:
+def read_back(zip_bytes: bytes) -> archive_read.ArchiveContents:
     """The readers' check (verify_backup.py, restore_files.py) of a plain ZIP."""
     with tempfile.NamedTemporaryFile(suffix=".zip") as handle:
         handle.write(zip_bytes)
         handle.flush()
-        return archive.read_archive(Fetched(handle.name, "", "zip", None, None, "test.zip"))
+        return archive_read.read_archive(Fetched(handle.name, "", "zip", None, None, "test.zip"))
 
 
 # -- the properties -----------------------------------------------------------------------------
@@ -144,11 +144,11 @@ def read_back(zip_bytes: bytes) -> archive.ArchiveContents:
 @given(objects=st.lists(st.tuples(s3_keys(), heads_within_s3_limits(), st.binary(max_size=64)), max_size=4,
                         unique_by=lambda o: o[0]))
 def test_whatever_s3_returns_is_archived_and_reads_back_identical(objects):
-    writer = archive.ArchiveWriter(Unseekable())
+    writer = archive_write.ArchiveWriter(Unseekable())
     out = writer._gate.sink
     kept = []
     for key, head, body in objects:
-        comment = archive.encode_attributes(head)  # never refused: the head is within S3's limits
+        comment = attributes.encode_attributes(head)  # never refused: the head is within S3's limits
         if "\0" in key:  # a ZIP name cannot carry it: refused, never cut short
             with pytest.raises(NotArchivable, match="NUL"):
                 writer.add(key, len(body), WHEN, comment, [body])
@@ -264,7 +264,7 @@ def test_an_abandoned_archive_writes_nothing_more_and_raises_nothing_later():
     sink = ClosingSink()
     hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
     try:
-        with pytest.raises(RuntimeError), archive.ArchiveWriter(sink) as writer:
+        with pytest.raises(RuntimeError), archive_write.ArchiveWriter(sink) as writer:
             writer.add("a.txt", 1, WHEN, b"", [b"a"])
             written = len(sink.buf)
             raise RuntimeError("the next object could not be read")
@@ -277,12 +277,12 @@ def test_an_abandoned_archive_writes_nothing_more_and_raises_nothing_later():
 
 
 def test_unnamed_file_has_no_name_and_holds_what_is_written(tmp_path):
-    descriptor = archive.unnamed_file(str(tmp_path))
+    descriptor = archive_read.unnamed_file(str(tmp_path))
     try:
         os.write(descriptor, b"plaintext")
         assert list(tmp_path.iterdir()) == []
         assert os.fstat(descriptor).st_mode & 0o777 == 0o600
-        with archive.FileSection(descriptor, 5, 4) as section:
+        with archive_read.FileSection(descriptor, 5, 4) as section:
             assert section.read() == b"text"
             section.seek(1)
             assert section.read(2) == b"ex"

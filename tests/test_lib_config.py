@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from backupkit import config
+from backupkit import config, pgurl, postgres
 from backupkit.errors import UsageError
 
 BAD_ENVIRONMENTS = ["prod/uction", "..", "../etc", "Production", "-prod", "prod_1", "a" * 64, " prod", "prod\n", ""]
@@ -76,7 +76,7 @@ def test_the_passphrase_rule(monkeypatch):
      "Zq:/?#[]@!$&'()*+,;=% Xv", "app"),
 ])
 def test_database_urls_are_split_into_a_password_free_url_and_the_password(url, dbname, password, database):
-    target = config.database_target(url)
+    target = postgres.database_target(url)
     assert (target.dbname, target.password, target.database) == (dbname, password, database)
     assert password is None or password not in " ".join(target.args())
 
@@ -91,7 +91,7 @@ def test_database_urls_are_split_into_a_password_free_url_and_the_password(url, 
 ])
 def test_urls_libpq_would_misread_are_refused_without_showing_them(url):
     with pytest.raises(UsageError) as raised:
-        config.database_target(url, "DATABASE_URL")
+        postgres.database_target(url, "DATABASE_URL")
     message = str(raised.value)
     assert message.startswith("DATABASE_URL") and url not in message
     assert not [secret for secret in ("pa#ss", "pa/ss", "pa?ss", ":pw@", "ss%23w", "ss/x", "zq9x", "zzss") if secret in message]
@@ -99,29 +99,29 @@ def test_urls_libpq_would_misread_are_refused_without_showing_them(url):
 
 def test_the_refusal_says_which_characters_to_encode():
     with pytest.raises(UsageError) as raised:
-        config.database_target("postgresql://app:p@ss%23w/rd?@127.0.0.1/app", "DATABASE_URL")
+        postgres.database_target("postgresql://app:p@ss%23w/rd?@127.0.0.1/app", "DATABASE_URL")
     assert "an '@' after the host" in str(raised.value)
     assert ": / ? # [ ] @ ! $ & ' ( ) * + , ; = % and space" in str(raised.value) and "PGPASSWORD" in str(raised.value)
 
 
 def test_everything_that_could_be_the_password_of_a_refused_url_is_a_secret():
-    secrets = config.url_secrets("postgresql://app:p@ss%23w/rd?@127.0.0.1/app")
+    secrets = pgurl.url_secrets("postgresql://app:p@ss%23w/rd?@127.0.0.1/app")
     assert "p@ss%23w/rd?" in secrets and "p@ss#w/rd?" in secrets
-    assert config.url_secrets("postgresql://postgres@db/app") == []  # a user name is no secret
+    assert pgurl.url_secrets("postgresql://postgres@db/app") == []  # a user name is no secret
 
 
 def test_an_sslpassword_is_refused_without_showing_it():
     """libpq takes it only in the connection string, which pg_dump and psql would get on argv."""
     with pytest.raises(UsageError) as raised:
-        config.database_target("postgresql://app@db/app?sslmode=verify-full&sslpassword=k3y-secret", "DATABASE_URL")
+        postgres.database_target("postgresql://app@db/app?sslmode=verify-full&sslpassword=k3y-secret", "DATABASE_URL")
     assert str(raised.value).startswith("DATABASE_URL has sslpassword") and "k3y-secret" not in str(raised.value)
 
 
 def test_the_password_of_any_url_is_known_as_a_secret():
     for url in ("postgresql://app:pa#ss@db/app", "postgresql://app:s3cret@db/app", "postgresql://app@db/app?password=qpw"):
-        secrets = config.url_secrets(url)
+        secrets = pgurl.url_secrets(url)
         assert any(s in url for s in secrets) and not any(s == url for s in secrets)
-    assert "pa#ss" in config.url_secrets("postgresql://app:pa#ss@db/app")
+    assert "pa#ss" in pgurl.url_secrets("postgresql://app:pa#ss@db/app")
 
 
 def test_children_get_no_secret_and_no_actions_variable(monkeypatch):

@@ -1,4 +1,4 @@
-"""backupkit.dump's held-back tail and the guard it feeds, in process (no PostgreSQL): a dump
+"""backupkit.dump_reader's held-back tail and the guard it feeds, in process (no PostgreSQL): a dump
 read back in chunks that end anywhere (a `\\restrict` line cut in two, CRLF or LF, pg_dump's
 completion trailer cut across the held-back boundary, a dump shorter than what is held back)
 reaches psql as the same bytes, and is refused for the same reason, as when it is read whole.
@@ -11,7 +11,7 @@ import threading
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backupkit.dump import HOLD_BACK, Tail, hold_back
+from backupkit.dump_reader import HOLD_BACK, Tail, hold_back
 from backupkit.postgres import TRAILER_WINDOW, has_trailer
 from backupkit.sqlstream import Refused, SqlGuard
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from backupkit import cli, config
+from backupkit import cli, config, redaction
 from backupkit.errors import BackupError
 from backupkit.output import annotation, annotation_property, has_unsafe_characters, md_code, safe_lines, shown
 
@@ -67,10 +67,10 @@ def test_redaction_covers_every_secret_the_process_knows(monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgresql://app:db%23Secret@db/app")
     monkeypatch.setenv("TARGET_DATABASE_URL", "postgresql://app:pa#ss-broken@db/app")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-Secret-4")
-    config.register_secret("flag-Secret-5")
+    redaction.register_secret("flag-Secret-5")
     text = ("current-Passphrase-1 old-Passphrase-2 older-Passphrase-3 db%23Secret db#Secret pa#ss-broken aws-Secret-4 "
             "flag-Secret-5 expected postgresql://USER:PASSWORD@HOST")
-    redacted = cli.redact(text)
+    redacted = redaction.redact(text)
     assert redacted.count("***") == 8
     assert "expected postgresql://USER:PASSWORD@HOST" in redacted  # a URL is not blanked whole
 

@@ -90,7 +90,7 @@ def test_missing_bucket_is_a_clear_error(s3server):
 
 
 def test_a_client_still_being_made_is_waited_for(s3server, bucket):
-    # s3.external_client_soon: the backup's pipeline starts while boto3 is being imported.
+    # store.external_store_soon: the backup's pipeline starts while boto3 is being imported.
     client = s3server.client()
     future: Future = Future()
     threading.Timer(0.3, future.set_result, [client]).start()

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from backupkit import archive
+from backupkit import archive_write as archive
 from backupkit.zipcheck import SIZE_EXTRA_ID, ZipCheckError, ZipStreamChecker
 
 # Member data that contains the data-descriptor signature, twice, one with plausible sizes.

@@ -116,7 +116,7 @@ def test_dry_run_counts_objects_in_the_target_that_are_not_in_the_backup(run, s3
 
 
 def test_objects_not_in_the_backup_are_counted_page_by_page(s3server):
-    from restore_files import not_in_backup
+    from backupkit.files_restore import not_in_backup
 
     client = s3server.client()
     target = new_bucket(s3server, "restored")
@@ -292,7 +292,7 @@ def test_missing_target_bucket_fails_early(run, backed_up):
 def test_part_hasher_computes_the_etags_s3_gives():
     import hashlib
 
-    from restore_files import PartHasher, part_sizes
+    from backupkit.files_restore import PartHasher, part_sizes
 
     data = os.urandom(12 * MIB + 5)
     whole = PartHasher(None)

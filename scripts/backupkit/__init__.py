@@ -1,8 +1,9 @@
 """Internal library shared by the external-backup scripts.
 
-Each module holds one mechanism (configuration, S3, the streaming upload, subprocess pipelines,
-encryption formats, manifests, the retrieval gate, output); the scripts in ``scripts/`` are thin
-fronts over them.
+Each module holds one mechanism (the format registry, configuration, the external store, the
+streaming upload, subprocess pipelines, encryption and compression stages, manifests, the
+retrieval gate, each direction of each backup, output); the scripts in ``scripts/`` are thin
+fronts over them. docs/architecture.md draws the layers.
 
 Scripts run without activating anything: when the Python that started one lacks the packages
 of requirements.txt and the checkout has a ``.venv`` (README, "Prerequisites"), the script is run

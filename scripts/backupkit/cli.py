@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import signals
-from .config import SECRET_VARS, flag_secrets, url_secrets
 from .errors import BackupError, UsageError
 from .heartbeat import Heartbeat
 from .output import annotation, annotation_property, log, md_code, safe_lines, shown
+from .redaction import redact
 from .signals import Terminated
 
 __all__ = ["Terminated"]  # scripts and tests name it cli.Terminated
@@ -34,31 +34,6 @@ def on_interrupt(note: Callable[[], str]) -> None:
 def _stopped() -> str:
     said = [text for text in (note() for note in _interrupt_notes) if text]
     return "; ".join(said) or "nothing was completed by this run"
-
-
-def secrets_in_environment() -> list[str]:
-    """Every secret this process knows, longest first (so a secret's part is never left over)."""
-    found: list[str] = []
-    for name in SECRET_VARS:
-        value = os.environ.get(name)
-        if not value:
-            continue
-        if name.endswith("DATABASE_URL") and "://" in value:
-            # A URL's secret is its password: redacting the whole URL would also blank out
-            # e.g. 'postgresql://' in "expected postgresql://USER:PASSWORD@…".
-            found += url_secrets(value)
-            continue
-        if name.endswith("_PREVIOUS"):
-            found += value.split(",")
-        found += [value, value.strip()]
-    found += flag_secrets()
-    return sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
-
-
-def redact(text: str) -> str:
-    for secret in secrets_in_environment():
-        text = text.replace(secret, "***")
-    return text
 
 
 def step_summary(markdown: str) -> None:
@@ -95,15 +70,21 @@ def add_heartbeat_arg(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse argv; with a heartbeat URL, ping its start now (work starts here)."""
-    global _heartbeat, _debug
+    """Parse argv (a usage error is one `error:` line and exit 2); --debug takes effect now."""
+    global _debug
     args = p.parse_args(argv)
     _debug = bool(getattr(args, "debug", False))
+    return args
+
+
+def start(args: argparse.Namespace) -> None:
+    """The work starts: with a heartbeat URL (--heartbeat-url), ping its start now; `run` then
+    pings its success or failure."""
+    global _heartbeat
     url = getattr(args, "heartbeat_url", None)
     if url:
         _heartbeat = Heartbeat(url)
         _heartbeat.start()
-    return args
 
 
 # Held while the error line is written: the signal watchdog writes it only if nobody did.

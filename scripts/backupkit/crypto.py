@@ -1,4 +1,5 @@
-"""Encryption formats: openssl `enc -aes-256-cbc -pbkdf2` for dumps, AES Crypt v2 for archives.
+"""Encryptions, one `Encryption` entry each (formats.py puts them in backup formats): openssl
+`enc -aes-256-cbc -pbkdf2` for dumps (a pipeline stage), AES Crypt v2 for archives (in process).
 
 Also the passphrase's `key_id` (names a passphrase without revealing it) and the choice of the
 passphrase a backup needs.
@@ -10,8 +11,9 @@ import hashlib
 import os
 import subprocess
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from .config import child_env
@@ -88,14 +90,6 @@ def pick_passphrase(wanted_key_id: str, candidates: list[str]) -> str:
     )
 
 
-def detect_format(head: bytes) -> str | None:
-    if head.startswith(OPENSSL_MAGIC):
-        return OPENSSL_FORMAT
-    if head.startswith(AESCRYPT_MAGIC):
-        return AESCRYPT_FORMAT
-    return None
-
-
 def passphrase_pipe(passphrase: str) -> int:
     """A pipe whose read end yields the passphrase, for `openssl -pass fd:N`.
 
@@ -166,3 +160,26 @@ def aescrypt_decrypt(reader: BinaryIO, writer: Any, passphrase: str) -> None:
     except (ValueError, IndexError) as exc:
         raise VerificationError(f"decryption failed, wrong passphrase or corrupted backup (AES Crypt: {exc})",
                                 Problem.UNDECRYPTABLE) from None
+
+
+@dataclass(frozen=True)
+class Encryption:
+    """One way of encrypting a backup: `name` is the manifest's "encryption" value, `magic` how
+    its files start, `looks_like` what a file that is not one lacks (for the refusal of --file).
+    A stream cipher run as a pipeline stage has `start` (and `write_failed`, what it says when
+    the stage after it stopped reading: that stage's failure is the cause); one run in process
+    has `encrypt` and `decrypt` (reader → writer)."""
+
+    name: str
+    magic: bytes
+    looks_like: str
+    suffix: str = ".encrypted"
+    start: Callable[..., Stage] | None = None
+    write_failed: str | None = None
+    encrypt: Callable[..., None] | None = None
+    decrypt: Callable[..., None] | None = None
+
+
+OPENSSL = Encryption(OPENSSL_FORMAT, OPENSSL_MAGIC, "no 'Salted__' header", start=start_openssl,
+                     write_failed=OPENSSL_WRITE_FAILED)
+AESCRYPT = Encryption(AESCRYPT_FORMAT, AESCRYPT_MAGIC, "AES Crypt", encrypt=aescrypt_encrypt, decrypt=aescrypt_decrypt)

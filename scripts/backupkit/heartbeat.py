@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 
 from . import signals
-from .config import is_http_url, register_secret
+from .config import is_http_url
 from .errors import UsageError
 from .output import log
+from .redaction import register_secret
 from .threads import in_background
 
 # Seconds per try, for the whole request: a socket timeout alone bounds each read, and a monitor

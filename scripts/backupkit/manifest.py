@@ -14,6 +14,7 @@ its LastModified is SUSPICIOUS and never "latest"; ages come from the server's c
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import re
 import sys
@@ -23,26 +24,37 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from . import __version__
+from . import __version__, formats
 from .config import ENVIRONMENT_RE, utcnow
-from .crypto import AESCRYPT_FORMAT, OPENSSL_FORMAT
 from .errors import BackupError, Problem, VerificationError
 from .output import shown
 from .profile import PROFILE_SUFFIX, profile_problem
 from .s3 import error_code, read_body, s3_errors
 from .threads import DaemonPool
 
-KINDS = ("database", "files")
-ENCRYPTION = {"database": OPENSSL_FORMAT, "files": AESCRYPT_FORMAT}
-COMPRESSIONS = ("zstd", "none")  # database backups only; files are stored in the ZIP
-SUFFIXES = {("database", "none"): ".sql.encrypted", ("database", "zstd"): ".sql.zst.encrypted",
-            ("files", "none"): ".zip.encrypted"}
+KINDS = formats.kinds()  # ("database", "files")
 MANIFEST_SUFFIX = ".manifest.json"
 TIMESTAMP_FORMAT = "%Y-%m-%d--%H-%M-%S"
-KEY_RE = re.compile(
-    r"^(?P<env>[a-z0-9][a-z0-9-]{0,62})/(?P<kind>database|files)/"
-    r"(?P<ts>[0-9]{4}-[0-9]{2}-[0-9]{2}--[0-9]{2}-[0-9]{2}-[0-9]{2})(?P<suffix>\.sql\.encrypted|\.sql\.zst\.encrypted|\.zip\.encrypted)$"
-)
+
+
+def key_re() -> re.Pattern[str]:
+    """A backup's key: ENVIRONMENT/KIND/YYYY-MM-DD--HH-MM-SS (ASCII digits only) and a registered
+    format's suffix."""
+    return _key_re(formats.kinds(), formats.suffixes())
+
+
+@functools.lru_cache(maxsize=8)
+def _key_re(kinds: tuple[str, ...], suffixes: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile(
+        r"^(?P<env>[a-z0-9][a-z0-9-]{0,62})/(?P<kind>" + "|".join(map(re.escape, kinds)) + ")/"
+        r"(?P<ts>[0-9]{4}-[0-9]{2}-[0-9]{2}--[0-9]{2}-[0-9]{2}-[0-9]{2})(?P<suffix>" + "|".join(map(re.escape, suffixes)) + ")$"
+    )
+
+
+def match_key(key: str) -> re.Match[str] | None:
+    return key_re().fullmatch(key)
+
+
 # A genuine manifest is under 1 KiB, or a few tens of KiB for a files backup naming skipped
 # objects (at most MAX_SKIPPED_LISTED of them): anything bigger is not read at all.
 MAX_MANIFEST_BYTES = 256 * 1024
@@ -81,9 +93,18 @@ SOURCE_FIELDS: dict[str, dict[str, type]] = {
 }
 
 
-def backup_key(environment: str, kind: str, started_at: datetime, compression: str = "none") -> str:
+def backup_key(environment: str, kind: str, started_at: datetime, compression: str | None = None) -> str:
+    """ENVIRONMENT/KIND/YYYY-MM-DD--HH-MM-SS and the suffix of the format (None: uncompressed)."""
     stamp = started_at.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
-    return f"{environment}/{kind}/{stamp}{SUFFIXES[(kind, compression)]}"
+    fmt = formats.find(kind, compression) if compression is not None else formats.uncompressed(kind)
+    if fmt is None:
+        raise KeyError((kind, compression))
+    return f"{environment}/{kind}/{stamp}{fmt.suffix}"
+
+
+def compression_of(manifest: dict[str, Any]) -> str:
+    """The compression a (validated) manifest names; without the field (files), the kind's none."""
+    return manifest.get("compression", formats.uncompressed(manifest["kind"]).compression.name)
 
 
 def manifest_key(key: str) -> str:
@@ -95,7 +116,7 @@ def iso(moment: datetime) -> str:
 
 
 def key_time(key: str) -> datetime | None:
-    match = KEY_RE.fullmatch(key)
+    match = match_key(key)
     if not match:
         return None
     try:
@@ -131,8 +152,8 @@ def build_manifest(
         "version_id": version_id,
         "started_at": iso(started_at),
         "completed_at": iso(completed_at),
-        "encryption": ENCRYPTION[kind],
-        **(compression or ({"compression": "none"} if kind == "database" else {})),
+        "encryption": formats.of_kind(kind)[0].encryption.name,
+        **(compression or ({"compression": formats.uncompressed(kind).compression.name} if kind == "database" else {})),
         "key_id": key_id,
         "encrypted_size": encrypted_size,
         "encrypted_sha256": encrypted_sha256,
@@ -189,22 +210,23 @@ def validate_manifest(manifest: Any, *, key: str | None = None, kind: str | None
         raise bad(f"has an unknown kind '{shown(manifest['kind'][:64])}'")
     if not ENVIRONMENT_RE.fullmatch(manifest["environment"]):
         raise bad("has an invalid 'environment'")
-    match = KEY_RE.fullmatch(manifest["key"]) if _text(manifest["key"]) else None
+    match = match_key(manifest["key"]) if _text(manifest["key"]) else None
     if not match or key_time(manifest["key"]) is None:
         raise bad("names an object that is not a backup key")
     if (match.group("env"), match.group("kind")) != (manifest["environment"], manifest["kind"]):
         raise bad(f"says {manifest['kind']} backup of {manifest['environment']} but names {shown(manifest['key'])}")
-    if manifest["encryption"] != ENCRYPTION[manifest["kind"]]:
+    if manifest["encryption"] not in [e.name for e in formats.encryptions(manifest["kind"])]:
         raise bad(f"says encryption '{shown(manifest['encryption'][:64])}', which is not how {manifest['kind']} backups are made")
-    compression = manifest.get("compression", "none")
-    if compression not in COMPRESSIONS or (manifest["kind"] == "files" and compression != "none"):
+    compression = manifest.get("compression", formats.uncompressed(manifest["kind"]).compression.name)
+    fmt = formats.find(manifest["kind"], compression, manifest["encryption"]) if isinstance(compression, str) else None
+    if fmt is None:
         raise bad("has an invalid 'compression'")
-    if SUFFIXES[(manifest["kind"], compression)] != match.group("suffix"):
+    if fmt.suffix != match.group("suffix"):
         raise bad(f"says compression {compression}, which does not fit the name {shown(manifest['key'])}")
-    if compression == "zstd" and not (_size(manifest.get("compressed_size"))
-                                      and isinstance(manifest.get("compressed_sha256"), str)
-                                      and _HEX64.fullmatch(manifest["compressed_sha256"])):
-        raise bad("lacks a valid 'compressed_size' or 'compressed_sha256'")
+    fields = fmt.compression.manifest_fields  # the compressed stream's size and SHA-256
+    if fields and not all(_size(manifest.get(name)) if name.endswith("_size") else
+                          isinstance(manifest.get(name), str) and _HEX64.fullmatch(manifest[name]) for name in fields):
+        raise bad(f"lacks a valid {' or '.join(repr(name) for name in fields)}")
     if not _KEY_ID.fullmatch(manifest["key_id"]):
         raise bad("has an invalid 'key_id' (16 hexadecimal digits)")
     for name in ("encrypted_sha256", "plaintext_sha256"):
@@ -258,6 +280,28 @@ def parse_manifest(body: bytes, *, key: str | None = None, kind: str | None = No
     except (ValueError, RecursionError):
         raise VerificationError(f"{where} is not valid JSON", Problem.BAD_MANIFEST) from None
     return validate_manifest(manifest, key=key, kind=kind, environment=environment)
+
+
+def check_against_manifest(tally: Any, manifest: dict[str, Any], what: str) -> None:
+    if tally.size != manifest["encrypted_size"]:
+        raise VerificationError(
+            f"{what} is {tally.size} bytes, the manifest says {manifest['encrypted_size']}: truncated or corrupted",
+            Problem.CORRUPT)
+    if tally.hexdigest() != manifest["encrypted_sha256"]:
+        raise VerificationError(f"{what} does not match the manifest's SHA-256: corrupted", Problem.CORRUPT)
+
+
+def check_plaintext(plaintext: Any, manifest: dict[str, Any] | None, what: str) -> None:
+    """The decrypted (and decompressed) bytes against the manifest, end to end."""
+    if manifest is None:
+        return
+    if plaintext.size != manifest["plaintext_size"]:
+        raise VerificationError(
+            f"the decrypted {what} is {plaintext.size} bytes, the manifest says {manifest['plaintext_size']}: corrupted",
+            Problem.CORRUPT)
+    if plaintext.hexdigest() != manifest["plaintext_sha256"]:
+        raise VerificationError(f"the decrypted {what} does not match the manifest's plaintext SHA-256: corrupted",
+                                Problem.CORRUPT)
 
 
 def write_manifest(client: Any, bucket: str, manifest: dict[str, Any]) -> str | None:
@@ -451,10 +495,10 @@ class Catalogue:
     def add(self, kind: str, version: Listed) -> None:
         key = version.key
         self._listed += 1
-        if key.endswith(PROFILE_SUFFIX) and KEY_RE.fullmatch(key[: -len(PROFILE_SUFFIX)]):
+        if key.endswith(PROFILE_SUFFIX) and match_key(key[: -len(PROFILE_SUFFIX)]):
             return  # a backup's profile, read only through its manifest (compare_backups.py)
         backup_part = key[: -len(MANIFEST_SUFFIX)] if key.endswith(MANIFEST_SUFFIX) else key
-        match = KEY_RE.fullmatch(backup_part)
+        match = match_key(backup_part)
         if not match or match.group("kind") != kind or key_time(backup_part) is None:
             self.others_count += 1
             if len(self.others) < 10:
@@ -498,7 +542,7 @@ class Catalogue:
         if version.storage_class in ARCHIVED_STORAGE_CLASSES:
             return None, f"its manifest is stored as {shown(version.storage_class)}: S3 refuses to read it"
         try:
-            return read_manifest(self.client, self.bucket, key, version.version_id, kind=KEY_RE.fullmatch(key).group("kind"),
+            return read_manifest(self.client, self.bucket, key, version.version_id, kind=match_key(key).group("kind"),
                                  environment=self.environment), None
         except BackupError as exc:  # invalid, or unreadable even after retries
             return None, str(exc)

@@ -58,7 +58,7 @@ def list_objects(client: Any, bucket: str, prefix: str = "") -> Listing:
 
 
 @dataclass
-class Fetched:
+class FetchedObject:
     """One object ready to be written: its bytes whole (`data`) or as a response to stream."""
 
     source: SourceObject
@@ -104,19 +104,19 @@ def refusal(code: str | None) -> str | None:
     return None
 
 
-def _get(client: Any, bucket: str, obj: SourceObject, whole: bool) -> Fetched:
+def _get(client: Any, bucket: str, obj: SourceObject, whole: bool) -> FetchedObject:
     try:
         response = client.get_object(Bucket=bucket, Key=obj.key)
     except Exception as exc:
         if error_code(exc) in VANISHED:
-            return Fetched(obj, skipped="deleted after the listing")
+            return FetchedObject(obj, skipped="deleted after the listing")
         if error_code(exc) in ARCHIVED:
-            return Fetched(obj, skipped=f"in an archived storage class ({obj.storage_class}): restore it in S3 first")
+            return FetchedObject(obj, skipped=f"in an archived storage class ({obj.storage_class}): restore it in S3 first")
         refused = refusal(error_code(exc))
         if refused is not None:
-            return Fetched(obj, skipped=refused, refused=True)
+            return FetchedObject(obj, skipped=refused, refused=True)
         raise explain(exc, f"download s3://{bucket}/{shown(obj.key)}") from exc
-    fetched = Fetched(obj, head=response)
+    fetched = FetchedObject(obj, head=response)
     # Whole only within what the listing said (and the prefetch budget reserved): an object that
     # grew since it was listed is streamed when its turn comes.
     if whole and response["ContentLength"] <= min(WHOLE_OBJECT_LIMIT, obj.size):
@@ -131,7 +131,7 @@ def _get(client: Any, bucket: str, obj: SourceObject, whole: bool) -> Fetched:
 
 def fetch_in_order(client: Any, bucket: str, objects: Iterable[SourceObject], *,
                    workers: int = PREFETCH_WORKERS, budget: int = PREFETCH_BYTES,
-                   skip: Callable[[SourceObject], str | None] = lambda obj: None) -> Iterator[Fetched]:
+                   skip: Callable[[SourceObject], str | None] = lambda obj: None) -> Iterator[FetchedObject]:
     """The objects, fetched, in the order given. Memory: at most `budget` bytes of small objects
     fetched ahead, plus one CHUNK of the large object being streamed."""
     pool = DaemonPool(max_workers=workers, thread_name_prefix="fetch")  # a stuck GET never holds up the exit
@@ -154,7 +154,7 @@ def fetch_in_order(client: Any, bucket: str, objects: Iterable[SourceObject], *,
             obj, future = window.popleft()
             if future is None:
                 why = skip(obj)  # an object `skip` gives a reason for comes in its turn, skipped
-                yield Fetched(obj, skipped=why) if why is not None else _get(client, bucket, obj, whole=False)
+                yield FetchedObject(obj, skipped=why) if why is not None else _get(client, bucket, obj, whole=False)
             else:
                 fetched = future.result()
                 reserved -= obj.size

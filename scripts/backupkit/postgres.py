@@ -8,13 +8,23 @@ import re
 import subprocess
 import time
 
-from .config import DatabaseTarget, child_env
+from .config import child_env
 from .errors import BackupError
 from .output import shown
+from .pgurl import DatabaseTarget, parse_target, url_secrets
+from .redaction import register_secret
 
 TRAILER = b"-- PostgreSQL database dump complete"
 # pg_dump 15.14+/16.10+/17.6+ write `\unrestrict KEY` after the trailer: look near the end.
 TRAILER_WINDOW = 1024
+
+
+def database_target(url: str | None, what: str = "DATABASE_URL") -> DatabaseTarget:
+    """The database a URL names (pgurl.parse_target), its password registered for redaction
+    first, whatever is wrong with the rest. None: libpq's PG* variables."""
+    for secret in url_secrets(url) if url else []:
+        register_secret(secret)
+    return parse_target(url, what)
 
 
 def has_trailer(tail: bytes) -> bool:

@@ -306,7 +306,8 @@ class ArchiveEntries:
     Memory: the encryption's buffers, nothing per object."""
 
     def __init__(self, backup_key: str, passphrase: str):
-        from .archive import EncryptingSink, unnamed_file  # the archive's own encryption stream
+        from .archive_read import unnamed_file
+        from .archive_write import EncryptingSink  # the archive's own encryption stream
 
         self.backup_key = backup_key
         self.entries = 0

@@ -26,9 +26,21 @@ from typing import Any, Generic, TypeVar
 
 import botocore.exceptions
 
-from .crypto import AESCRYPT_FORMAT, OPENSSL_FORMAT, detect_format, pick_passphrase, start_key_ids
+from . import formats
+from .crypto import pick_passphrase, start_key_ids
 from .errors import BackupError, Problem, UsageError, VerificationError
-from .manifest import KEY_RE, MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, Backup, Catalogue, catalogue, iso, parse_manifest
+from .manifest import (
+    MANIFEST_SUFFIX,
+    MAX_MANIFEST_BYTES,
+    Backup,
+    Catalogue,
+    catalogue,
+    check_against_manifest,
+    compression_of,
+    iso,
+    match_key,
+    parse_manifest,
+)
 from .output import log, shown
 from .progress import Progress, human_bytes
 from .s3 import error_code, read_body
@@ -101,8 +113,8 @@ class Fetched:
 
     path: str
     passphrase: str
-    encryption: str  # OPENSSL_FORMAT, AESCRYPT_FORMAT, or "zip" for an already decrypted archive
-    compression: str | None  # "zstd" or "none"; None: unknown (a dump without manifest), told by its bytes
+    encryption: str  # an Encryption's name (formats.py), or "zip" for an already decrypted archive
+    compression: str | None  # a Compression's name; None: unknown (a dump without manifest), told by its bytes
     manifest: dict[str, Any] | None  # None: a local file without one (nothing to check against)
     label: str  # for messages: the S3 key and version, or the file's path
     backup: Backup | None = None  # None for a local file
@@ -113,28 +125,6 @@ class Retrieved(Generic[T]):
     fetched: Fetched
     result: T
     skipped: Skips = field(default_factory=Skips)
-
-
-def check_against_manifest(tally: Tally, manifest: dict[str, Any], what: str) -> None:
-    if tally.size != manifest["encrypted_size"]:
-        raise VerificationError(
-            f"{what} is {tally.size} bytes, the manifest says {manifest['encrypted_size']}: truncated or corrupted",
-            Problem.CORRUPT)
-    if tally.hexdigest() != manifest["encrypted_sha256"]:
-        raise VerificationError(f"{what} does not match the manifest's SHA-256: corrupted", Problem.CORRUPT)
-
-
-def check_plaintext(plaintext: Tally, manifest: dict[str, Any] | None, what: str) -> None:
-    """The decrypted (and decompressed) bytes against the manifest, end to end."""
-    if manifest is None:
-        return
-    if plaintext.size != manifest["plaintext_size"]:
-        raise VerificationError(
-            f"the decrypted {what} is {plaintext.size} bytes, the manifest says {manifest['plaintext_size']}: corrupted",
-            Problem.CORRUPT)
-    if plaintext.hexdigest() != manifest["plaintext_sha256"]:
-        raise VerificationError(f"the decrypted {what} does not match the manifest's plaintext SHA-256: corrupted",
-                                Problem.CORRUPT)
 
 
 @contextmanager
@@ -206,7 +196,7 @@ class BucketReader:
             raise UsageError("say which backup: --latest or --key KEY")
         if "/" not in key:
             key = f"{self.environment}/{self.kind}/{key}"  # a bare file name is accepted too
-        match = KEY_RE.fullmatch(key)
+        match = match_key(key)
         if not match or (match.group("env"), match.group("kind")) != (self.environment, self.kind):
             raise UsageError(f"--key '{shown(key)}' is not a {self.kind} backup of {self.environment}: use a key "
                              f"(or file name) as list_backups.py --kind {self.kind} shows it")
@@ -297,11 +287,12 @@ class BucketReader:
             path = os.path.join(workdir, "backup.encrypted")
             self.download_checked(backup, path)
             with open(path, "rb") as handle:
-                found = detect_format(handle.read(8))
+                detected = formats.detect_encryption(handle.read(formats.MAGIC_READ))
+            found = detected.name if detected else None
             if found != manifest["encryption"]:
                 raise VerificationError(f"the object is not in its manifest's format {manifest['encryption']} "
                                         f"(it looks like {found or 'neither format'})", Problem.BAD_CONTENT)
-            fetched = Fetched(path, passphrase, manifest["encryption"], manifest.get("compression", "none"),
+            fetched = Fetched(path, passphrase, manifest["encryption"], compression_of(manifest),
                               manifest, f"s3://{self.bucket}/{backup.label()}", backup)
             return Retrieved(fetched, work(fetched))
 
@@ -352,17 +343,14 @@ def local_format(path: str, kind: str, *, plain_zip: bool = False) -> str:
     if os.path.getsize(path) == 0:
         raise UsageError(f"--file {shown(path)} is empty: not a backup")
     with open(path, "rb") as handle:
-        head = handle.read(8)
-    found = detect_format(head)
-    if kind == "database" and found == OPENSSL_FORMAT:
-        return found
-    if kind == "files" and found == AESCRYPT_FORMAT:
-        return found
+        head = handle.read(formats.MAGIC_READ)
+    found = formats.detect_encryption(head)
+    if found is not None and found.name in [e.name for e in formats.encryptions(kind)]:
+        return found.name
     if kind == "files" and plain_zip and head.startswith(b"PK\x03\x04"):
         return "zip"
-    wanted = "an encrypted database backup (no 'Salted__' header)" if kind == "database" else \
-        "an encrypted files backup (AES Crypt)" + (" nor a ZIP" if plain_zip else "")
-    raise UsageError(f"{shown(path)} is not {wanted}")
+    lacks = ", ".join(e.looks_like for e in formats.encryptions(kind))
+    raise UsageError(f"{shown(path)} is not an encrypted {kind} backup ({lacks})" + (" nor a ZIP" if plain_zip else ""))
 
 
 def read_local_manifest(path: str, kind: str) -> dict[str, Any] | None:
@@ -385,7 +373,7 @@ def open_local(path: str, kind: str, passphrases: list[str], work: Callable[[Fet
     start_key_ids(passphrases)
     label = shown(path)
     if encryption == "zip":
-        fetched = Fetched(path, "", "zip", "none", None, label)
+        fetched = Fetched(path, "", "zip", formats.uncompressed(kind).compression.name, None, label)
         return Retrieved(fetched, work(fetched))
     manifest = read_local_manifest(path, kind)
     if manifest is None and require_manifest:
@@ -396,10 +384,11 @@ def open_local(path: str, kind: str, passphrases: list[str], work: Callable[[Fet
     if manifest is not None:
         check_against_manifest(Tally.of_file(path), manifest, label)
         tries = [pick_passphrase(manifest["key_id"], passphrases)]
-        compression = manifest.get("compression", "none")
+        compression = compression_of(manifest)
     else:
         tries = passphrases
-        compression = None if kind == "database" else "none"  # a dump's is told by its first bytes
+        # Without a manifest, a dump's compression is told by its first bytes.
+        compression = None if len(formats.compressions(kind)) > 1 else formats.uncompressed(kind).compression.name
     problem: VerificationError | None = None
     for passphrase in tries:
         fetched = Fetched(path, passphrase, encryption, compression, manifest, label)

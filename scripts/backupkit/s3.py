@@ -1,4 +1,5 @@
-"""S3 clients for the external bucket and for the app's (source) bucket, and error translation.
+"""S3 clients (beneath store.py for the external bucket; the app's buckets for the files backup
+and its restore), and error translation.
 
 The external bucket uses boto3's own credential chain and endpoint variables (AWS_PROFILE,
 AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, …). The source bucket may have its own SOURCE_AWS_*
@@ -12,7 +13,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import botocore.exceptions
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 from .config import is_http_url
 from .errors import BackupError, UsageError
-from .threads import in_background
 
 T = TypeVar("T")
 # A response body that breaks off after its headers arrived: botocore's retries have ended by
@@ -54,7 +53,7 @@ def _seconds(variable: str, default: float) -> float:
 
 
 def _config(max_pool_connections: int = 16) -> Config:
-    from botocore.config import Config  # here, with boto3: see external_client_soon
+    from botocore.config import Config  # here, with boto3: see store.external_store_soon
 
     return Config(
         retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
@@ -81,7 +80,9 @@ def check_endpoints() -> None:
                              "or http://127.0.0.1:9000")
 
 
-def external_client(max_pool_connections: int = 16, region: str | None = None):  # noqa: ANN201 (boto3 client type)
+def client(max_pool_connections: int = 16, region: str | None = None):  # noqa: ANN201 (boto3 client type)
+    """A client from boto3's own credential chain and endpoint variables: the external store's
+    (store.py), and the restore's target bucket's (the same identity writes it back)."""
     import boto3
 
     check_endpoints()
@@ -127,17 +128,6 @@ def identities() -> str:
         source = _METHODS.get(credentials.method, credentials.method or "boto3's chain").format(profile=session.profile_name)
         said.append(f"access key id {credentials.access_key} (from {source}{f', for the {what}' if len(_sessions) > 1 else ''})")
     return "; ".join(said)
-
-
-def external_client_soon() -> Future:
-    """external_client() made in a thread, so that a backup starts its dump meanwhile: importing
-    boto3 and loading the S3 model take 0.25-0.5 s of one core, which the one-line pipe spends
-    while its pg_dump already runs. pg_dump then starts 0.24 s after launch instead of 0.49 s: a
-    gain where a core is spare; on a machine already busy it only moves that CPU (bench/RESULTS.md,
-    summary). The endpoint variables are checked here, now. A daemon thread: a run stopped
-    meanwhile does not wait for it at exit."""
-    check_endpoints()
-    return in_background(external_client, name="s3-client")
 
 
 def source_client(profile: str | None = None, max_pool_connections: int = 16):  # noqa: ANN201

@@ -8,6 +8,12 @@ on the way. Nothing becomes a visible object until `complete()`; `abort()` other
 The part workers are daemon threads: after a signal, an abort waits for the parts under way only
 until the run's exit bound (signals.time_left), then leaves them (S3 refuses a part of an aborted
 upload), and the abort request itself is abandoned if S3 does not answer by then.
+
+Not s3transfer (boto3's upload_fileobj): it returns nothing, so the VersionId the manifest names
+would need a later HEAD, which a writer adding a version meanwhile can race (boto/s3transfer#82,
+open since 2017); and its part size is fixed for the whole transfer (TransferConfig's
+multipart_chunksize), so a stream of unknown length stops at S3's 10,000 parts (78 GiB at its
+8 MiB default) unless every part is large from the first: here the part size grows as it goes.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ def part_size(part_number: int, initial: int = INITIAL_PART_SIZE) -> int:
 class StreamingUpload:
     """`write()` bytes, then `complete()` (returns the version id) or `abort()`.
 
-    `client` may be a Future of one (s3.external_client_soon): bytes are taken into the first
+    `client` may be a Future of one (store.external_store_soon): bytes are taken into the first
     part buffers while it is being made. Used as a context manager, an exception inside the
     block aborts the upload.
     """

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .archive import read_archive
-from .crypto import OPENSSL_FORMAT
-from .dump import verify_dump
+from . import formats
+from .archive_read import read_archive
+from .dump_reader import verify_dump
 from .retrieve import Fetched
 
 
 def verify_fetched(fetched: Fetched) -> dict[str, Any]:
     """What was checked, for the report; raises VerificationError on the first problem."""
-    if fetched.encryption == OPENSSL_FORMAT:
+    if formats.kind_of(fetched.encryption) == "database":
         return verify_dump(fetched)
     contents = read_archive(fetched)
     source = (fetched.manifest or {}).get("source", {})

@@ -11,6 +11,10 @@ early if the end were found by scanning. So the files backup writes each member'
 a local extra field of its own (SIZE_EXTRA_ID), and the checker then reads exactly that many
 bytes and expects the descriptor right after them. Only archives without that field (written
 before it, or by the original system) are scanned for their descriptors.
+
+Not stream-unzip: it refuses a stored member followed by a data descriptor (NotStreamUnzippable,
+uktrade/stream-unzip#105 and #106), which is every member of our streamed archives, and it does
+not cross-check the central directory against what went past.
 """
 
 from __future__ import annotations

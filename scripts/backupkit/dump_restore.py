@@ -1,6 +1,5 @@
-"""Reading a database backup back: `openssl -d` (then `zstd -d` when it is compressed) into this
-process, which hashes the SQL and hands it on, either to a sink that keeps only its end (verify),
-or to psql (restore); never more of it than the manifest promised.
+"""Restoring a database backup into psql: the SQL that dump_reader.py reads back goes to a
+restricted, guarded psql in one transaction, committed only once everything verified.
 
 psql is the dangerous reader. It executes backslash meta-commands as it reads them (`\\!` runs a
 shell command), and the SQL it sends runs with the restoring role's rights, long before the end
@@ -12,11 +11,12 @@ that the transaction changed nothing outside the target database, and the role i
 unless the operator said so.
 
 psql runs the dump in one transaction that we open (`BEGIN;` after the `\\restrict` line) and
-commit: the last HOLD_BACK bytes (which hold pg_dump's completion trailer), the seal and our
-`COMMIT;` reach it only after decryption ended cleanly, the SQL's size and SHA-256 matched the
-manifest and the trailer is there; otherwise psql is killed and rolls back. Not
-`--single-transaction`, which commits when psql's input ends: if this process is killed outright,
-psql reads EOF without a COMMIT, ends its session, and PostgreSQL rolls the restore back.
+commit: the held-back end of the SQL (dump_reader.hold_back: its last HOLD_BACK bytes hold
+pg_dump's completion trailer), the seal and our `COMMIT;` reach it only after decryption ended
+cleanly, the SQL's size and SHA-256 matched the manifest and the trailer is there; otherwise psql
+is killed and rolls back. Not `--single-transaction`, which commits when psql's input ends: if
+this process is killed outright, psql reads EOF without a COMMIT, ends its session, and
+PostgreSQL rolls the restore back.
 A restore that fails once psql started says whether the target is as it was before (then
 `--latest` may try an older backup), or stops.
 """
@@ -24,39 +24,28 @@ A restore that fails once psql started says whether the target is as it was befo
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import re
 import secrets
-import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import IO, Any
+from typing import Any
 
-from .compression import ZSTD_MAGIC, start_zstd
-from .config import DatabaseTarget, duration_arg, format_age
-from .crypto import OPENSSL_WRITE_FAILED, start_openssl
+from .config import duration_arg, format_age
+from .dump_reader import Bounded, DumpReader, check_dump, hold_back, refusal
 from .errors import BackupError, Problem, VerificationError
 from .output import log, shown
+from .pgurl import DatabaseTarget
 from .pipeline import Pipeline
-from .postgres import (
-    TRAILER_WINDOW,
-    client_version,
-    end_sessions,
-    has_trailer,
-    risky_role,
-    target_state,
-    user_tables,
-)
-from .retrieve import Fetched, check_plaintext
+from .postgres import client_version, end_sessions, risky_role, target_state, user_tables
+from .retrieve import Fetched
 from .sqlstream import SEAL_MARK, Refused, SqlGuard
-from .streams import CHUNK, Tally
+from .streams import Tally
 
-HOLD_BACK = 64 * 1024  # plaintext kept from psql until verified; holds pg_dump's trailer
 # psql learned \restrict in these releases (CVE-2025-8714); older ones cannot be restricted.
 RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
 # Generous: a restore of hundreds of GB takes hours, and one statement (a COPY, an index) of a
@@ -123,168 +112,6 @@ def check_restore_target(target: DatabaseTarget, psql: str, options: RestoreOpti
                               "README, Threat model), or pass --allow-superuser (BACKUP_ALLOW_SUPERUSER=1) to accept it")
         log(f"warning: {why}; allowed by --allow-superuser")
     return tables
-
-
-class _Prefixed:
-    """A stream with some bytes already read from it put back in front."""
-
-    def __init__(self, first: bytes, rest: IO[bytes]):
-        self._first = first
-        self._rest = rest
-
-    def read1(self, size: int = -1) -> bytes:
-        if self._first:
-            data, self._first = self._first, b""
-            return data
-        return self._rest.read1(size)
-
-    read = read1
-
-    def close(self) -> None:
-        self._rest.close()
-
-
-class DumpReader:
-    """The SQL of one backup file, read from `stdout`; `finish()` raises unless every stage that
-    produced it exited cleanly."""
-
-    def __init__(self, pipeline: Pipeline, fetched: Fetched):
-        self._pipeline = pipeline
-        self.decrypt = start_openssl(pipeline, fetched.passphrase, decrypt=True, infile=fetched.path)
-        self.decompress = None
-        compression, first = fetched.compression, b""
-        if compression is None:  # a local dump without manifest: its first bytes say
-            while len(first) < len(ZSTD_MAGIC) and (more := self.decrypt.stdout.read1(CHUNK)):
-                first += more
-            compression = "zstd" if first.startswith(ZSTD_MAGIC) else "none"
-        if compression == "zstd":
-            if first:
-                self.decompress = start_zstd(pipeline, stdin=subprocess.PIPE)
-                pipeline.pump(_Prefixed(first, self.decrypt.stdout), self.decompress.stdin)
-            else:
-                self.decompress = start_zstd(pipeline, stdin=self.decrypt.stdout)
-                self.decrypt.stdout.close()  # zstd holds it now: if zstd dies, openssl gets EPIPE
-            self.stdout: Any = self.decompress.stdout
-        else:
-            self.stdout = _Prefixed(first, self.decrypt.stdout) if first else self.decrypt.stdout
-
-    def finish(self) -> None:
-        self._pipeline.join_pumps()
-        decrypted = self.decrypt.wait()
-        decompressed = self.decompress.wait() if self.decompress is not None else 0
-        # zstd stopping on bad data makes openssl fail writing to it (SIGPIPE, or "error writing
-        # output file"): then zstd's failure is the cause.
-        secondary = decompressed != 0 and (decrypted == -signal.SIGPIPE or OPENSSL_WRITE_FAILED in self.decrypt.stderr_text())
-        if decrypted != 0 and not secondary:
-            raise VerificationError(f"decryption failed, wrong passphrase or corrupted backup ({self.decrypt.describe_failure()})",
-                                    Problem.UNDECRYPTABLE)
-        if decompressed != 0:
-            raise VerificationError(f"decompression failed: the backup is corrupted ({self.decompress.describe_failure()})",
-                                    Problem.CORRUPT)
-
-
-class Tail:
-    """A sink that keeps only the last `size` bytes written."""
-
-    def __init__(self, size: int = TRAILER_WINDOW):
-        self.size = size
-        self.data = b""
-
-    def write(self, chunk: bytes) -> int:
-        self.data = (self.data + chunk[-self.size:])[-self.size:]
-        return len(chunk)
-
-
-
-def _check_dump(plaintext: Tally, tail: bytes, fetched: Fetched) -> None:
-    check_plaintext(plaintext, fetched.manifest, "dump")
-    if not has_trailer(tail):
-        raise VerificationError("the dump is incomplete: pg_dump's completion trailer is missing", Problem.BAD_CONTENT)
-
-
-def _refused(exc: Refused) -> VerificationError:
-    if not exc.never:
-        return VerificationError(f"{exc} (README, Threat model)", Problem.BAD_CONTENT)
-    return VerificationError(f"{exc}: this backup was not made by the backup job; keep it out of restores and tell "
-                             "the team", Problem.BAD_CONTENT)
-
-
-class _Bounded:
-    """Reads of the dump, never more than the manifest promised: a compressed stream promises
-    nothing about its output (16 GiB of zeros fit in a few KB)."""
-
-    def __init__(self, src: Any, tally: Tally, fetched: Fetched):
-        self._read = getattr(src, "read1", src.read)
-        self._tally = tally
-        self._limit = fetched.manifest["plaintext_size"] if fetched.manifest else None
-
-    def read(self, size: int) -> bytes:
-        chunk = self._read(size)
-        self._tally.update(chunk)
-        if self._limit is not None and self._tally.size > self._limit:
-            raise VerificationError(f"the SQL goes on past the {self._limit} bytes its manifest promised: corrupted, or a "
-                                    "decompression bomb; nothing more of it is read", Problem.CORRUPT)
-        return chunk
-
-
-def verify_dump(fetched: Fetched) -> dict[str, Any]:
-    """Decrypt (and decompress) into a hashing sink that also reads the SQL as psql would and
-    refuses what pg_dump never writes; then the SQL's hash and pg_dump's trailer."""
-    plaintext = Tally()
-    tail = Tail()
-    guard = SqlGuard()
-    with Pipeline() as pipeline:
-        reader = DumpReader(pipeline, fetched)
-        source = _Bounded(reader.stdout, plaintext, fetched)
-        refused: Refused | None = None
-        try:
-            while chunk := source.read(CHUNK):
-                tail.write(chunk)
-                if refused is None:
-                    try:
-                        guard.feed(chunk)
-                    except Refused as exc:
-                        # Read on: a corrupted stream (or, without a manifest, a wrong passphrase)
-                        # also yields what pg_dump never writes, and that is the failure to name.
-                        refused = exc
-            reader.finish()
-            _check_dump(plaintext, tail.data, fetched)
-            if refused is not None:
-                raise refused
-            guard.finish()
-        except Refused as exc:
-            raise _refused(exc) from None
-    return {"plaintext_size": plaintext.size, "trailer": True}
-
-
-def hold_back(src: _Bounded, guard: SqlGuard, stop: threading.Event,
-              keep: int = HOLD_BACK) -> tuple[bytes, bool, Refused | None]:
-    """Copy src → guard (→ psql) except the last `keep` bytes, which are returned for the caller
-    to release only once the whole stream verified. If psql's input breaks (psql died), or the
-    guard refuses, nothing more reaches psql but src is still read to the end and hashed (unless
-    `stop` is set): a corrupted stream, or without a manifest a wrong passphrase, also yields
-    bytes pg_dump never writes, and the failure to name is the one found at the end. Returns
-    (held tail, psql's input given up, refusal)."""
-    # Whole chunks are held and released as they are: no byte is copied on the way (the dump can
-    # be hundreds of GB, and this core is shared with psql's).
-    held: collections.deque[bytes] = collections.deque()
-    size = 0
-    broken = False
-    refused: Refused | None = None
-    while not stop.is_set() and (chunk := src.read(CHUNK)):
-        held.append(chunk)
-        size += len(chunk)
-        while size - len(held[0]) >= keep:
-            oldest = held.popleft()
-            size -= len(oldest)
-            if not broken:
-                try:
-                    guard.feed(oldest)
-                except BrokenPipeError:
-                    broken = True
-                except Refused as exc:
-                    broken, refused = True, exc
-    return b"".join(held), broken, refused
 
 
 @dataclass
@@ -355,7 +182,7 @@ def restore_dump(fetched: Fetched, target: DatabaseTarget, psql: str, options: R
     try:
         return _restore(fetched, target, psql, options, session, began, on_commit or (lambda: None))
     except (BackupError, Refused) as exc:
-        error = _refused(exc) if isinstance(exc, Refused) else exc
+        error = refusal(exc) if isinstance(exc, Refused) else exc
         raise _after_failure(error, fetched, target, psql, session, before) from None
 
 
@@ -373,10 +200,10 @@ def _restore(fetched: Fetched, target: DatabaseTarget, psql: str, options: Resto
                          statement_timeout_ms=int(options.statement_timeout.total_seconds() * 1000))
         with _Deadline(options.timeout.total_seconds(), lambda: [restore, *pipeline.stages]) as deadline:
             try:
-                held, broken, refused = hold_back(_Bounded(reader.stdout, plaintext, fetched), guard, deadline.expired)
+                held, broken, refused = hold_back(Bounded(reader.stdout, plaintext, fetched), guard, deadline.expired)
                 if not deadline.expired.is_set():
                     reader.finish()
-                    _check_dump(plaintext, held, fetched)
+                    check_dump(plaintext, held, fetched)
                     if refused is not None:
                         raise refused
                     if not broken:
@@ -419,5 +246,3 @@ def _after_failure(error: BackupError, fetched: Fetched, target: DatabaseTarget,
     if isinstance(error, VerificationError):
         return VerificationError(f"{error} (the target is as it was before)", error.problem)
     return error
-
-
