@@ -9,7 +9,7 @@ from concurrent.futures import Future
 from datetime import timedelta
 from typing import Any
 
-from backupkit import cli, config, s3
+from backupkit import cli, config, s3, store
 from backupkit.config import duration_arg, format_age
 from backupkit.crypto import pick_passphrase
 from backupkit.errors import BackupError, UsageError
@@ -315,10 +315,10 @@ def main(argv: list[str]) -> int:
     if args.version_id and not args.release:
         raise UsageError("--version-id goes with --release")
     if args.release:
-        return release(BucketReader(s3.external_client(), bucket, environment, args.kind, None), args.release,
+        return release(BucketReader(store.external_store(), bucket, environment, args.kind, None), args.release,
                        args.version_id, args.json)
     passphrases = config.passphrases()
-    client = s3.external_client()
+    client = store.external_store()
     reader = BucketReader(client, bucket, environment, args.kind, passphrases)
     window_said = format_age(args.window)
     notes: list[str] = []

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import child_env
-from .crypto import AESCRYPT_FORMAT, OPENSSL_FORMAT, detect_format, openssl_args, passphrase_pipe
+from .crypto import AESCRYPT_FORMAT, AESCRYPT_MAGIC, OPENSSL_FORMAT, OPENSSL_MAGIC, openssl_args, passphrase_pipe
 from .errors import BackupError, Problem, VerificationError
 from .output import shown
 from .streams import CHUNK, Tally
@@ -390,7 +390,8 @@ def download_profile(client: Any, bucket: str, manifest: dict[str, Any], path: s
         raise VerificationError(f"its profile {where} does not match the manifest's size and SHA-256: corrupted",
                                 Problem.CORRUPT)
     with open(path, "rb") as handle:
-        found = detect_format(handle.read(8))
+        head = handle.read(8)
+    found = OPENSSL_FORMAT if head.startswith(OPENSSL_MAGIC) else AESCRYPT_FORMAT if head.startswith(AESCRYPT_MAGIC) else None
     if found != manifest["encryption"]:
         raise VerificationError(f"its profile is not in the backup's format {manifest['encryption']}", Problem.BAD_CONTENT)
 
