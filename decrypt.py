@@ -75,6 +75,9 @@ SOURCE_FIELDS: dict[str, dict[str, type]] = {
     "files": {"bucket": str, "prefix": str, "object_count": int, "total_bytes": int, "skipped": list},
 }
 MAX_SKIPPED_LISTED = 100
+# The optional `profile` field (the loss tripwire's record of the backup: scripts/backupkit/profile.py).
+PROFILE_SUFFIX = ".profile.encrypted"
+PROFILE_FIELDS = ("key", "version_id", "size", "sha256", "entries")
 MAX_SIZE = 2**53
 MAX_TEXT = 1024
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -483,6 +486,24 @@ def manifest_problem(manifest: object) -> str | None:
             return f"lacks a valid source {name!r}"
     if manifest["kind"] == "files" and "skipped_count" in source and not _size(source["skipped_count"]):
         return "lacks a valid source 'skipped_count'"
+    return profile_problem(manifest)
+
+
+def profile_problem(manifest: dict) -> str | None:
+    """The optional `profile` field, as scripts/backupkit/profile.py checks it."""
+    if "profile" not in manifest:
+        return None
+    profile = manifest["profile"]
+    if not isinstance(profile, dict) or set(profile) != set(PROFILE_FIELDS):
+        return "has an invalid 'profile'"
+    if profile["key"] != manifest["key"] + PROFILE_SUFFIX:
+        return "names a profile that is not its backup's"
+    if not (profile["version_id"] is None or _text(profile["version_id"])):
+        return "has an invalid profile 'version_id'"
+    if not (_size(profile["size"]) and _size(profile["entries"])):
+        return "has an invalid profile 'size' or 'entries'"
+    if not (isinstance(profile["sha256"], str) and HEX64.fullmatch(profile["sha256"])):
+        return "has an invalid profile 'sha256'"
     return None
 
 

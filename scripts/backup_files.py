@@ -12,6 +12,7 @@ from backupkit.laststep import LastStep
 from backupkit.manifest import MAX_SKIPPED_LISTED, backup_key, for_upload
 from backupkit.objects import PREFETCH_WORKERS, list_objects
 from backupkit.output import log, md_code, shown
+from backupkit.profile import ArchiveEntries, profile_key
 from backupkit.progress import Progress, human_bytes
 from backupkit.upload import StreamingUpload
 
@@ -87,15 +88,17 @@ def main(argv: list[str]) -> int:
     log(f"backing up {len(listing.objects)} objects ({human_bytes(listing.total_bytes)}) of "
         f"s3://{source_bucket}/{shown(prefix)} to s3://{bucket}/{key}")
     progress = Progress("archived", total_bytes=listing.total_bytes, total_objects=len(listing.objects))
-    with StreamingUpload(client, bucket, key) as upload:
+    with StreamingUpload(client, bucket, key) as upload, ArchiveEntries(key, passphrase) as entries, \
+            StreamingUpload(client, bucket, profile_key(key), max_in_flight=2) as profile_upload:
         last = LastStep(upload, bucket)
         cli.on_interrupt(last.left)
         with EncryptingSink(passphrase, upload.write) as sink:
-            writer = ArchiveWriter(sink)
+            writer = ArchiveWriter(sink, observer=entries)  # the loss tripwire's profile: each member's key, size, CRC
             result = archive_objects(source, source_bucket, listing.objects, writer, progress.update)
             writer.close()
             sink.close()  # raises unless the encryption ended cleanly
         upload.flush()
+        profile = entries.send(profile_upload)  # completed after the backup
         key_id = crypto.key_id(passphrase)
         progress.done()
         # From here a signal no longer stops the backup half-way: it is completed with its manifest.
@@ -104,7 +107,8 @@ def main(argv: list[str]) -> int:
             source={"bucket": source_bucket, "prefix": prefix, "object_count": result.object_count,
                     "total_bytes": result.total_bytes, "skipped": [left_out for left_out, _ in result.skipped[:MAX_SKIPPED_LISTED]],
                     "skipped_count": len(result.skipped)},
-        ))
+            profile=profile.field(),
+        ), before_manifest=(profile_upload,))
     report(manifest, result.skipped, time.monotonic() - began, bucket, args.json)
     return 0
 

@@ -61,6 +61,8 @@ def put_with_manifest(client, bucket: str, key: str, body: bytes, manifest: dict
     started = iso(key_time(key))  # a writer making a manifest for this name gives it this name's time
     written = {**manifest, "key": key, "version_id": version_id, "started_at": started,
                "completed_at": max(started, manifest["completed_at"])}
+    if "profile" in written and written["profile"]["key"] != key + ".profile.encrypted":
+        del written["profile"]  # a manifest moved to another key: its backup's profile is not there
     write_manifest(client, bucket, written)
     return written
 

@@ -141,6 +141,8 @@ VALID = {
                    "skipped": ["gone.txt"], "skipped_count": 1},
     },
 }
+PROFILE = {"key": DATABASE["key"] + ".profile.encrypted", "version_id": "p1", "size": 4096, "sha256": "d" * 64, "entries": 12}
+VALID["database-with-profile"] = {**DATABASE, "profile": PROFILE}
 # Put in place of each field in turn.
 WRONG = {
     "null": None, "true": True, "false": False, "zero": 0, "one": 1, "negative": -1, "2^53": 2**53, "2^53-1": 2**53 - 1,
@@ -190,6 +192,16 @@ CRAFTED = {
     "object-count-a-bool": {"source": {**VALID["files"]["source"], "object_count": True}},
     "source-of-the-other-kind": {"source": VALID["files"]["source"]},
     "source-with-extra-fields": {"source": {**DATABASE["source"], "extra": [1]}},
+    "profile-of-another-backup": {"profile": {**PROFILE, "key": "production/database/2026-11-29--10-00-01.sql.encrypted.profile.encrypted"}},
+    "profile-unversioned": {"profile": {**PROFILE, "version_id": None}},
+    "profile-with-an-extra-field": {"profile": {**PROFILE, "rows": 5}},
+    "profile-without-entries": {"profile": {k: v for k, v in PROFILE.items() if k != "entries"}},
+    "profile-size-a-bool": {"profile": {**PROFILE, "size": True}},
+    "profile-entries-negative": {"profile": {**PROFILE, "entries": -1}},
+    "profile-sha256-upper": {"profile": {**PROFILE, "sha256": "D" * 64}},
+    "profile-version-1025-chars": {"profile": {**PROFILE, "version_id": "v" * 1025}},
+    "profile-a-list": {"profile": [PROFILE]},
+    "profile-null": {"profile": None},
 }
 
 
@@ -255,7 +267,10 @@ def test_decrypt_py_accepts_exactly_the_manifests_the_library_accepts():
     disagree = {name: (mine[0], theirs[0]) for name, (mine, theirs) in answers.items() if mine != theirs}
     assert disagree == {}, f"{len(disagree)} of {len(corpus)} disagree (decrypt.py, library): {disagree}"
     accepted = {name for name, (mine, _) in answers.items() if mine[0] == "accepted"}
-    assert {*VALID, "at the size limit", "UTF-16", "one line", "files: extra-fields"} <= accepted
+    assert {*VALID, "at the size limit", "UTF-16", "one line", "files: extra-fields", "database: profile-unversioned"} <= accepted
+    profiles_accepted = {name for name in accepted if "profile-" in name}
+    assert profiles_accepted == {f"{name}: profile-unversioned" for name in ("database", "database-before-compression",
+                                                                             "database-with-profile")}
     assert len(corpus) - len(accepted) > 1000  # most of the corpus is refused
 
 

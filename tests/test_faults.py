@@ -118,7 +118,7 @@ def test_backup_and_restore_survive_transient_s3_faults(run, pg, big_db, proxy, 
     stored = s3server.client().get_object(Bucket=bucket, Key=manifest["key"], VersionId=manifest["version_id"])["Body"].read()
     assert len(stored) == manifest["encrypted_size"] > 5 * 8 * 1024 * 1024 - 8 * 1024 * 1024
     assert hashlib.sha256(stored).hexdigest() == manifest["encrypted_sha256"]
-    assert len(versions(s3server.client(), bucket)) == 2  # the backup and its manifest, once each
+    assert len(versions(s3server.client(), bucket)) == 3  # the backup, its profile and its manifest, once each
 
     proxy.clear()
     proxy.add("ListObjectVersions", fault="500", limit=1)
@@ -631,7 +631,7 @@ def test_decrypt_wrong_passphrase_or_truncated_leaves_nothing(run, tmp_path, pas
 def test_manifest_write_failing_leaves_an_incomplete_backup_that_readers_skip(run, pg, sample_db, proxy, via, s3server, bucket, scratch_db):
     first, then = at(2), at(1)
     earlier = database_backup(run, pg=pg, sample_db=sample_db, EXTERNAL_BACKUPS_NOW=iso(first))
-    proxy.add("PutObject", fault="500", after=1)  # the object goes up, its manifest never does
+    proxy.add("PutObject", fault="500", after=2)  # the object and its profile go up, its manifest never does
     done, elapsed = timed(run, "backup_database.py", env={"DATABASE_URL": pg.url(sample_db), "EXTERNAL_BACKUPS_NOW": iso(then), **via})
     assert done.returncode == 1 and elapsed < BOUND
     one_error(done, "manifest", "incomplete")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,7 @@ from tests.iam_helpers import IamS3Server
 
 SET_BY_TEST = "the test sets these variables itself"
 REAL_AWS = "needs real AWS"
+LOSS_WALK = "the loss alarm walk"  # section 4's "When the loss alarm fires": its own walk, after a loss
 # The one line of the runbook an operator edits (2.3: the time to go back to); the walk sets it
 # between its two backups, so the chosen backup is not the newest.
 EXAMPLE_WHEN = "WHEN=2026-11-29T09:00:00Z"
@@ -38,7 +40,8 @@ def variables_set_by(body: str) -> set[str]:
 def test_runbook_blocks_are_marked_only_as_allowed():
     found = bash_blocks(REPO / "runbook.md")
     assert len(found) > 15
-    assert all(m in (SET_BY_TEST, None) or m.startswith(REAL_AWS) for m, _ in found)
+    assert all(m in (SET_BY_TEST, None) or m.startswith((REAL_AWS, LOSS_WALK)) for m, _ in found)
+    assert sum(1 for m, _ in found if m and m.startswith(LOSS_WALK)) >= 4
     assert sum(1 for m, _ in found if m == SET_BY_TEST) == 1
     for _, body in found:
         assert "pass:" not in body and "PGPASSWORD=" not in body and " -p " not in body.replace("read -rsp", "")
@@ -137,6 +140,8 @@ def incident(pg, iam_server, tmp_path, bare_python):
         "SCRATCH_DATABASE_URL": f"postgresql://{APP_ROLE}@127.0.0.1:{pg.port}/runbook_drill",
         "ADMIN_DATABASE_URL": pg.url("postgres", password=False),
         "TARGET_BUCKET": RESTORED_FILES,
+        "APP_DATABASE_URL": f"postgresql://{APP_ROLE}@127.0.0.1:{pg.port}/runbook_app",  # the loss walk's (not used here)
+        "HELD_DATABASE_URL": f"postgresql://{APP_ROLE}@127.0.0.1:{pg.port}/runbook_loss_held",
     })
     yield work, env, has_files, older, {"reader": reader, "files_writer": files_writer}
     for name in ("runbook_app", "runbook_target", "runbook_drill"):
@@ -157,6 +162,8 @@ def test_runbook_restores_database_and_files(incident, pg, iam_server):
         if marker and marker.startswith(REAL_AWS):
             skipped.append(number)
             continue
+        if marker and marker.startswith(LOSS_WALK):
+            continue  # test_runbook_loss_alarm_walk
         if not has_files and ("restore_files.py" in body or "--kind files" in body):
             pytest.fail("scripts/backup_files.py and restore_files.py are needed by the runbook")
         body = body.replace(EXAMPLE_WHEN, f"WHEN={older['started_at']}")  # the operator's edit
@@ -202,3 +209,85 @@ def test_runbook_restores_database_and_files(incident, pg, iam_server):
                              f"Bucket='{RESTORED_FILES}', Key='x', Body=b'x')"],
                             env={**base_env(), **users["reader"].env()}, capture_output=True, text=True)
     assert denied.returncode != 0 and "AccessDenied" in denied.stderr
+
+
+INVOICES = 500
+
+
+def test_runbook_loss_alarm_walk(pg, iam_server, tmp_path):
+    """Section 4, "When the loss alarm fires", run as an operator would after the hourly check's
+    alarm: a housekeeping job deleted 90% of public.invoices between two backups, the check (as the
+    holder) held the backup before it. The walk reads the comparison, restores the held backup
+    beside production, copies the missing rows back into production and releases the hold."""
+    bucket = f"runbook-loss-{os.getpid()}"
+    printed = json.loads(subprocess.run([sys.executable, "scripts/setup_bucket.py", "--bucket", bucket, "--print-policies"],
+                                        cwd=REPO, env=base_env(), capture_output=True, text=True, check=True).stdout)
+    reader = iam_server.user(f"loss-reader-{os.getpid()}", printed["read_only"])
+    holder = iam_server.user(f"loss-holder-{os.getpid()}", printed["holder"])
+    admin = iam_server.admin
+    app_role(pg)
+    production, held_db = "runbook_loss_app", "runbook_loss_held"
+    for name in (production, held_db):
+        pg.drop_database(name)
+    pg.psql(f'CREATE DATABASE "{production}" OWNER {APP_ROLE}')
+    pg.psql(f"SET ROLE {APP_ROLE}; CREATE TABLE invoices (id int PRIMARY KEY, customer text, amount numeric); "
+            f"INSERT INTO invoices SELECT i, 'Zoë ' || i, i * 1.25 FROM generate_series(1, {INVOICES}) AS i", production)
+    before = table_fingerprint(pg, production, "invoices")
+    env = {**base_env(), **admin.env(), "BACKUP_BUCKET": bucket, "BACKUP_ENVIRONMENT": "production",
+           "BACKUP_ALLOW_PLAIN_HTTP": "1", "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, "PGPASSWORD": pg.password}
+
+    def script(*argv: str, user=None, check=True, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *argv], cwd=REPO, env={**env, **(user.env() if user else {}), **extra},
+                              check=check, capture_output=True, text=True)
+
+    script("scripts/setup_bucket.py", "--bucket", bucket, "--apply")
+    for hours_ago in (2, 1):  # the hourly backups, before and after the housekeeping job's mistake
+        started = (datetime.now().astimezone() - timedelta(hours=hours_ago)).strftime("%Y-%m-%dT%H:%M:%S%z")
+        script("scripts/backup_database.py", "--database-url", pg.url(production), EXTERNAL_BACKUPS_NOW=started)
+        pg.psql("DELETE FROM invoices WHERE id % 10 <> 0", production)
+    alarm = script("scripts/compare_backups.py", "--kind", "database", "--hold", user=holder, check=False)
+    assert alarm.returncode == 1 and "public.invoices holds 50 rows" in alarm.stderr, alarm.stderr
+
+    profiles = tmp_path / "aws-credentials"
+    profiles.write_text("".join(f"[{name}]\naws_access_key_id = {user.access_key_id}\n"
+                                f"aws_secret_access_key = {user.secret_access_key}\n\n"
+                                for name, user in (("external-backups-readonly", reader), ("external-backups-holder", holder))))
+    pgpass = tmp_path / "admin.pgpass"
+    pgpass.write_text(f"127.0.0.1:{pg.port}:*:{pg.user}:{pg.password}\n")
+    pgpass.chmod(0o600)
+    walk_env = {
+        **base_env(), "BACKUP_BUCKET": bucket, "BACKUP_ENVIRONMENT": "production", "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE,
+        # After section 3: the read-only identity by its profile, no keys in the environment.
+        "AWS_PROFILE": "external-backups-readonly", "AWS_SHARED_CREDENTIALS_FILE": str(profiles),
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"), "AWS_ENDPOINT_URL": iam_server.endpoint, "AWS_REGION": "us-east-1",
+        "PATH": f"{Path(sys.executable).parent}:{pg.bin}:/usr/local/bin:/usr/bin:/bin",
+        "APP_ROLE": APP_ROLE, "PGPASSWORD": APP_PASSWORD, "PGPASSFILE": str(pgpass),
+        "ADMIN_DATABASE_URL": pg.url("postgres", password=False),
+        "APP_DATABASE_URL": f"postgresql://{APP_ROLE}@127.0.0.1:{pg.port}/{production}",
+        "HELD_DATABASE_URL": f"postgresql://{APP_ROLE}@127.0.0.1:{pg.port}/{held_db}",
+    }
+    walk_env.pop("PYTHONPATH", None)
+    blocks = [body for marker, body in bash_blocks(REPO / "runbook.md") if marker and marker.startswith(LOSS_WALK)]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "scripts").symlink_to(REPO / "scripts")
+    try:
+        done = subprocess.run(["bash", "-c", "\n".join(["set -euo pipefail", *blocks])], cwd=work, env=walk_env,
+                              capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert "LOSS: table public.invoices holds 50 rows" in done.stdout
+        assert "missing_from_production" in done.stdout and "450" in done.stdout and "INSERT 0 450" in done.stdout
+        assert table_fingerprint(pg, production, "invoices") == before  # the lost rows are back, nothing else changed
+        assert done.stdout.count("RELEASED: ") == 3
+        assert alarm.stdout.count("HELD: ") == 3
+        client = holder.client()
+        for line in done.stdout.splitlines():
+            if line.startswith("RELEASED: "):
+                key, _, version = line.partition(f"s3://{bucket}/")[2].partition(" version ")
+                assert client.get_object_legal_hold(Bucket=bucket, Key=key, VersionId=version)["LegalHold"]["Status"] == "OFF"
+        assert not list(work.glob("held-rows.csv")) and not list(work.glob("loss.json"))
+        assert pg.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{held_db}'") == "0"
+        assert PASSPHRASE not in done.stdout + done.stderr and APP_PASSWORD not in done.stdout + done.stderr
+    finally:
+        for name in (production, held_db):
+            pg.drop_database(name)

@@ -452,3 +452,57 @@ def test_environment_goes_with_print_policies_only():
         assert done.returncode == 2 and "--environment goes with --print-policies" in error_lines(done.stderr)[0]
     done = Runner(base_env())(SCRIPT, "--bucket", "ok-bucket", "--environment", "Staging", "--print-policies")
     assert done.returncode == 2 and "invalid environment name" in error_lines(done.stderr)[0]
+
+
+# -- the holder: compare_backups.py --hold ------------------------------------------------------------
+
+def test_holder_policy_reads_and_holds_and_nothing_else():
+    actions = {a for s in bucket_state.holder("b-1")["Statement"] for a in s["Action"]}
+    assert actions == {"s3:ListBucket", "s3:ListBucketVersions", "s3:GetObject", "s3:GetObjectVersion",
+                       "s3:PutObjectLegalHold", "s3:GetObjectLegalHold"}
+
+
+def test_holder_holds_the_backup_before_a_loss_and_cannot_write_delete_or_shorten_a_lock(iam_server, pg):
+    """Two backups made by the writer, the second after 90% of a table went; the holder's
+    comparison holds the first. The holder can read and hold, and nothing else."""
+    from dev.harness import create_sample_database
+
+    setup = make_setup(iam_server, {"PG_DUMP": str(pg.bin / "pg_dump"), "PSQL": str(pg.bin / "psql")})
+    setup.runner(setup.operator)(SCRIPT, "--apply", "--allow-plain-http", check=True)
+    holder = iam_server.user(f"holder-{setup.bucket[-12:]}", printed_policies(setup.bucket)["holder"])
+    name = f"held_{uuid.uuid4().hex[:8]}"
+    made = []
+    for rows, hours_ago in ((200, 2), (20, 1)):
+        create_sample_database(pg, name, rows=rows)
+        started = (datetime.now(UTC) - timedelta(hours=hours_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        done = setup.runner(setup.writer)("backup_database.py", "--json",
+                                          env={"DATABASE_URL": pg.url(name), "EXTERNAL_BACKUPS_NOW": started}, check=True)
+        made.append(json.loads(done.stdout))
+    pg.drop_database(name)
+    good, damaged = made
+
+    done = setup.runner(holder)("compare_backups.py", "--kind", "database", "--hold")
+    assert done.returncode == 1, done.stderr
+    assert "public.applications" in error_lines(done.stderr)[0] and "HELD: profile" in done.stdout
+    client = holder.client()
+    assert client.get_object_legal_hold(Bucket=setup.bucket, Key=good["key"], VersionId=good["version_id"])["LegalHold"]["Status"] == "ON"
+    assert client.get_object_legal_hold(Bucket=setup.bucket, Key=damaged["key"],
+                                        VersionId=damaged["version_id"])["LegalHold"].get("Status") != "ON"
+    key, version = good["key"], good["version_id"]
+    denied = {
+        "put": error_code(client.put_object, Bucket=setup.bucket, Key="production/database/x", Body=b"x", ChecksumAlgorithm="CRC32"),
+        "delete": error_code(client.delete_object, Bucket=setup.bucket, Key=key),
+        "delete version": error_code(client.delete_object, Bucket=setup.bucket, Key=key, VersionId=version),
+        "retention": error_code(client.put_object_retention, Bucket=setup.bucket, Key=key, VersionId=version,
+                                Retention={"Mode": "GOVERNANCE", "RetainUntilDate": datetime.now(UTC) + timedelta(days=1)},
+                                BypassGovernanceRetention=True),
+        "lock configuration": error_code(client.put_object_lock_configuration, Bucket=setup.bucket,
+                                         ObjectLockConfiguration={"ObjectLockEnabled": "Enabled"}),
+        "lifecycle": error_code(client.put_bucket_lifecycle_configuration, Bucket=setup.bucket,
+                                LifecycleConfiguration={"Rules": [{"ID": "x", "Status": "Enabled", "Filter": {},
+                                                                   "Expiration": {"Days": 1}}]}),
+    }
+    assert denied == dict.fromkeys(denied, "AccessDenied")
+    # Releasing is the holder's too: one request per version held.
+    client.put_object_legal_hold(Bucket=setup.bucket, Key=key, VersionId=version, LegalHold={"Status": "OFF"})
+    assert client.get_object_legal_hold(Bucket=setup.bucket, Key=key, VersionId=version)["LegalHold"]["Status"] == "OFF"

@@ -167,9 +167,11 @@ def judge(ending: Ending, sig: int, s3server, bucket: str, *, unanswered: bool =
     assert "Traceback" not in ending.stderr, ending.stderr
     client = s3server.client()
     stored = versions(client, bucket)
-    objects = [v for v in stored if not v["Key"].endswith(".manifest.json")]
+    objects = [v for v in stored if not v["Key"].endswith((".manifest.json", ".profile.encrypted"))]
     manifests = [v for v in stored if v["Key"].endswith(".manifest.json")]
+    profiles = [v for v in stored if v["Key"].endswith(".profile.encrypted")]
     assert len(manifests) <= len(objects) <= 1, [v["Key"] for v in stored]
+    assert len(manifests) <= len(profiles) <= len(objects), [v["Key"] for v in stored]  # a profile only after its backup
     last = ending.last_line()
     if objects and not manifests:
         assert unanswered, f"an object without its manifest: {objects[0]['Key']}\n{ending.stderr}"

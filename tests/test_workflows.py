@@ -51,13 +51,14 @@ REUSABLE = ("_backup-database.yml", "_backup-files.yml", "_check-freshness.yml",
 # The contract's scripts: a workflow naming anything else has a typo.
 KNOWN_SCRIPTS = {
     "backup_database", "backup_files", "list_backups", "verify_backup", "fetch_backup",
-    "restore_database", "restore_files", "setup_bucket",
+    "restore_database", "restore_files", "setup_bucket", "compare_backups",
 }
 ENVIRONMENTS = ("sandbox", "staging", "production")
 # Every variable the README tells operators to create (unset ones are empty, as on GitHub).
 DOCUMENTED_VARS = (
     "BACKUP_BUCKET", "AWS_REGION", "AWS_ROLE_TO_ASSUME", "READONLY_AWS_ROLE_TO_ASSUME",
     "SOURCE_BUCKET", "SOURCE_PREFIX", "SOURCE_AWS_REGION", "SOURCE_AWS_ENDPOINT_URL",
+    "HOLDER_AWS_ROLE_TO_ASSUME", "BACKUP_ALLOW_DROP", "BACKUP_ALLOW_CHANGE",
 )
 
 
@@ -526,7 +527,9 @@ def dead_url(name: str) -> str:
 
 def backups(s3server, bucket: str, prefix: str) -> tuple[list[str], list[str]]:
     keys = [v["Key"] for v in versions(s3server.client(), bucket, prefix)]
-    return [k for k in keys if k.endswith(".encrypted")], [k for k in keys if k.endswith(".manifest.json")]
+    data = [k for k in keys if k.endswith(".encrypted") and not k.endswith(".profile.encrypted")]
+    assert sorted(k for k in keys if k.endswith(".profile.encrypted")) == sorted(k + ".profile.encrypted" for k in data)
+    return data, [k for k in keys if k.endswith(".manifest.json")]
 
 
 # --- Static checks --------------------------------------------------------------------------
@@ -812,8 +815,9 @@ def test_check_workflow_sends_the_scripts_error_lines(workflow_run, pg, s3server
     assert not job.ok
     fail_body = monitor.requests[1].body.decode()
     alert = monitor.alert()
-    # One line per failing script run (files, then database), SCRIPT: MESSAGE.
-    assert len(alert["errors"]) == 2 and all(line.startswith("verify_backup") for line in alert["errors"]), alert
+    # One line per failing script run (files, then database, then the files tripwire), SCRIPT: MESSAGE.
+    assert len(alert["errors"]) == 3 and all(line.startswith("verify_backup") for line in alert["errors"][:2]), alert
+    assert alert["errors"][2].startswith("compare_backups") and "no usable files backup" in alert["errors"][2]
     assert fail_body.splitlines() == alert["errors"]
 
 
@@ -974,7 +978,7 @@ def test_a_failing_backup_script_pings_fail_and_its_error_line_reaches_the_alert
 # --- The hourly freshness check -------------------------------------------------------------
 
 def freshness_job(workflow_run, s3server, environment: str, **kwargs) -> JobRun:
-    secrets = {**readonly_secrets(s3server), **kwargs.pop("secrets", {})}
+    secrets = {"EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE, **readonly_secrets(s3server), **kwargs.pop("secrets", {})}
     return workflow_run("_check-freshness.yml", inputs={"environment": environment}, secrets=secrets, **kwargs)
 
 
@@ -984,8 +988,9 @@ def test_freshness_workflow_names_missing_configuration_and_alerts(workflow_run,
                        variables={"BACKUP_BUCKET": ""})
     assert job.step("check-configuration").status == "failure"
     assert job.step("freshness").status == "skipped"
-    assert monitor.paths() == ["/fresh/fail", "/alert"]
-    assert "missing variable BACKUP_BUCKET" in monitor.requests[0].body.decode()
+    assert monitor.paths() == ["/fresh/start", "/fresh/fail", "/alert"]
+    assert "missing variable BACKUP_BUCKET" in monitor.requests[1].body.decode()
+    assert "missing secret EXTERNAL_BACKUP_ENCRYPTION_KEY" in monitor.requests[1].body.decode()
     assert monitor.alert()["job"] == "Freshness check"
 
 
@@ -1009,6 +1014,37 @@ def test_freshness_workflow_passes_on_fresh_backups_and_alerts_on_stale_ones(wor
     assert monitor.paths() == ["/fresh/start", "/fresh/fail", "/alert"]
     (line,) = monitor.alert()["errors"]
     assert line.startswith("list_backups") and "database" in line and "files:" not in line, line
+    monitor.assert_never_printed(job)
+
+
+def test_the_hourly_check_alarms_on_a_loss_through_the_heartbeat_and_the_alert_and_holds_the_backup_before(
+        workflow_run, run, pg, s3server, bucket, monitor):
+    """A housekeeping job deletes 90% of a table between two hourly backups: the freshness check
+    passes (the backups are fresh), the loss tripwire fails the job: /fail with its error line,
+    the alert, and a legal hold on the backup before the loss (the holder's keys given)."""
+    name = f"hourly_{os.getpid()}"
+    pg.create_database(name)
+    pg.psql("CREATE TABLE invoices (id int); INSERT INTO invoices SELECT generate_series(1, 500)", name)
+    made = []
+    for hours_ago in (2, 1):
+        done = run("backup_database.py", "--environment", "staging", "--database-url", pg.url(name), "--json", check=True,
+                   env={"EXTERNAL_BACKUPS_NOW": at(hours_ago).strftime("%Y-%m-%dT%H:%M:%SZ")})
+        made.append(json.loads(done.stdout))
+        pg.psql("DELETE FROM invoices WHERE id > 50", name)
+    pg.drop_database(name)
+    keys = s3server.env()
+    secrets = {"HEARTBEAT_URL_FRESHNESS": monitor.url("fresh"), "ALERT_WEBHOOK_URL": monitor.url("alert"),
+               "HOLDER_AWS_ACCESS_KEY_ID": keys["AWS_ACCESS_KEY_ID"], "HOLDER_AWS_SECRET_ACCESS_KEY": keys["AWS_SECRET_ACCESS_KEY"]}
+    job = freshness_job(workflow_run, s3server, "staging", secrets=secrets)
+    assert job.step("loss-tripwire").status == "failure", job.report()
+    assert monitor.paths() == ["/fresh/start", "/fresh/fail", "/alert"]
+    stale, line = monitor.alert()["errors"]  # no files backup here: the freshness step fails too
+    assert stale.startswith("list_backups") and "files" in stale
+    assert line.startswith("compare_backups") and "public.invoices" in line and "50 rows" in line and "500" in line, line
+    assert "HELD: backup" in job.step("loss-tripwire").output
+    held = s3server.client().get_object_legal_hold(Bucket=bucket, Key=made[0]["key"], VersionId=made[0]["version_id"])
+    assert held["LegalHold"]["Status"] == "ON"
+    assert "Loss tripwire (database): staging" in job.summary and "public.invoices" in job.summary
     monitor.assert_never_printed(job)
 
 
@@ -1036,7 +1072,7 @@ def test_heartbeat_and_alert_steps_are_one_text_in_every_reusable_workflow():
 
 @pytest.mark.parametrize(("name", "secret", "script_step"), [("_backup-database.yml", "HEARTBEAT_URL_DATABASE", "backup-database"),
                                                              ("_backup-files.yml", "HEARTBEAT_URL_FILES", "backup-files"),
-                                                             ("_check-freshness.yml", "HEARTBEAT_URL_FRESHNESS", "freshness"),
+                                                             ("_check-freshness.yml", "HEARTBEAT_URL_FRESHNESS", None),
                                                              ("_check-backups.yml", "HEARTBEAT_URL_CHECK", None)])
 def test_only_single_script_jobs_give_their_script_the_heartbeat(name, secret, script_step):
     doc = load(name)

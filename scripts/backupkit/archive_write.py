@@ -86,8 +86,10 @@ class ArchiveWriter:
     ZIP64 where a member, the archive or the member count needs it. Use as a context manager:
     leaving the block with an error abandons the archive (nothing more reaches the sink)."""
 
-    def __init__(self, sink: Any):
+    def __init__(self, sink: Any, observer: Any = None):
+        """`observer.member(name, size, crc32)` is told each member written (profile.ArchiveEntries)."""
         self._gate = _Gate(sink)
+        self.observer = observer
         # No tell() on the sink: zipfile then streams, counting the offsets itself.
         self._zip = zipfile.ZipFile(self._gate, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         self.members = 0
@@ -115,6 +117,8 @@ class ArchiveWriter:
                     progress(len(chunk))
         if written != size:
             raise BackupError(f"s3 object {name!r} was {written} bytes, its listing said {size}")
+        if self.observer is not None:
+            self.observer.member(name, written, info.CRC)
         self.members += 1
         self.bytes += written
         return written

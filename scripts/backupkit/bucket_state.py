@@ -105,6 +105,18 @@ def read_only(bucket: str) -> dict[str, Any]:
     )
 
 
+def holder(bucket: str) -> dict[str, Any]:
+    """What compare_backups.py --hold needs: read the backups' versions and profiles, and place (or
+    release) legal holds. No PutObject, no delete, no retention change: a hold keeps a version
+    longer, never shorter."""
+    return _policy(
+        {"Sid": "ListBackups", "Effect": "Allow", "Action": ["s3:ListBucket", "s3:ListBucketVersions"],
+         "Resource": [bucket_arn(bucket)]},
+        {"Sid": "ReadAndHold", "Effect": "Allow", "Resource": [f"{bucket_arn(bucket)}/*"], "Action": [
+            "s3:GetObject", "s3:GetObjectVersion", "s3:PutObjectLegalHold", "s3:GetObjectLegalHold"]},
+    )
+
+
 def administer(bucket: str) -> dict[str, Any]:
     """What setup_bucket.py --apply needs (plus everything --check reads). For the account owner's
     one-off setup; no backup job should hold it."""
@@ -129,6 +141,7 @@ def policies(bucket: str, environment: str | None = None) -> dict[str, dict[str,
         "write_only": write_only(bucket, environment),
         "write_only_recommended": write_only_recommended(bucket, environment),
         "read_only": read_only(bucket),
+        "holder": holder(bucket),
         "administer": administer(bucket),
     }
 

@@ -18,6 +18,7 @@ from .laststep import LastStep
 from .manifest import for_upload
 from .pgurl import DatabaseTarget
 from .pipeline import Pipeline
+from .profile import DumpRows, ObservedTally, profile_key, send_database_profile
 from .progress import Progress
 from .streams import Tally, copy
 from .upload import StreamingUpload
@@ -42,9 +43,11 @@ class DumpWriter:
         """Dump, compress, encrypt and upload to s3://bucket/key, then write the manifest (whose
         `source` is given); returns the manifest. `client` may be a Future of the S3 client (made
         while the dump starts); `on_interrupt` is given what to say of the run if it is stopped."""
-        plaintext, compressed = Tally(), Tally()
+        rows = DumpRows()  # the loss tripwire's profile: rows per table, counted as the SQL goes past
+        plaintext, compressed = ObservedTally(rows), Tally()
         progress = Progress("uploaded")
-        with StreamingUpload(client, bucket, key) as upload, Pipeline() as pipeline:
+        with StreamingUpload(client, bucket, key) as upload, Pipeline() as pipeline, \
+                StreamingUpload(client, bucket, profile_key(key)) as profile_upload:
             last = LastStep(upload, bucket)
             on_interrupt(last.left)
             dump = pipeline.start("pg_dump", [self.pg_dump, *PG_DUMP_FLAGS, *self.database.args()], env=self.database.env())
@@ -55,10 +58,11 @@ class DumpWriter:
             # the dump every core is busy, and it would delay the dump by as much.
             crypto.start_key_ids([self.passphrase])
             upload.flush()
+            profile = send_database_profile(profile_upload, key, rows, self.passphrase)  # completed after the backup
             key_id = crypto.key_id(self.passphrase)
             progress.done()
             # From here a signal no longer stops the backup half-way: it is completed with its manifest.
             return last.run(client.result() if hasattr(client, "result") else client, lambda: for_upload(
                 upload, plaintext, kind=self.fmt.kind, environment=environment, started_at=started_at, key_id=key_id,
-                source=source, compression=self.fmt.manifest_compression(compressed),
-            ))
+                source=source, compression=self.fmt.manifest_compression(compressed), profile=profile.field(),
+            ), before_manifest=(profile_upload,))

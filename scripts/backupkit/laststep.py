@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import signals
+from .errors import BackupError
 from .manifest import write_manifest
 from .upload import StreamingUpload
 
@@ -26,11 +27,18 @@ class LastStep:
         self.bucket = bucket
         self.manifest_written = False
 
-    def run(self, client: Any, manifest_for: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def run(self, client: Any, manifest_for: Callable[[], dict[str, Any]],
+            before_manifest: tuple[StreamingUpload, ...] = ()) -> dict[str, Any]:
         """The manifest written. `manifest_for()` builds it from the completed upload; call with
-        every part uploaded (upload.flush()) so that this step is two requests."""
+        every part uploaded (upload.flush()) so that this step is two requests (and one more
+        per upload of `before_manifest`, completed after the backup: its profile)."""
         with signals.held():
             signals.finish(self.upload.complete)
+            for extra in before_manifest:
+                try:
+                    signals.finish(extra.complete)
+                except BackupError as exc:
+                    raise BackupError(f"{exc} (the backup object exists but counts as incomplete: no manifest)") from exc
             manifest = manifest_for()
             signals.finish(write_manifest, client, self.bucket, manifest)
             self.manifest_written = True

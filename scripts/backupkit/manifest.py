@@ -28,6 +28,7 @@ from . import __version__, formats
 from .config import ENVIRONMENT_RE, utcnow
 from .errors import BackupError, Problem, VerificationError
 from .output import shown
+from .profile import PROFILE_SUFFIX, profile_problem
 from .s3 import error_code, read_body, s3_errors
 from .threads import DaemonPool
 
@@ -139,6 +140,7 @@ def build_manifest(
     plaintext_sha256: str,
     source: dict[str, Any],
     compression: dict[str, Any] | None = None,
+    profile: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A manifest; `compression` is {"compression": "zstd", "compressed_size": …, "compressed_sha256": …}
     for a compressed database backup (plaintext_* then describe the SQL, end to end)."""
@@ -159,19 +161,22 @@ def build_manifest(
         "plaintext_sha256": plaintext_sha256,
         "source": source,
         "tool_version": __version__,
+        **({"profile": profile} if profile is not None else {}),  # the loss tripwire's (profile.py)
     }
     validate_manifest(manifest)
     return manifest
 
 
 def for_upload(upload: Any, plaintext: Any, *, kind: str, environment: str, started_at: datetime, key_id: str,
-               source: dict[str, Any], compression: dict[str, Any] | None = None) -> dict[str, Any]:
+               source: dict[str, Any], compression: dict[str, Any] | None = None,
+               profile: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of a completed StreamingUpload (its key, version, size and SHA-256) whose
     plaintext went through the Tally `plaintext`, completed now."""
     return build_manifest(kind=kind, environment=environment, key=upload.key, version_id=upload.version_id,
                           started_at=started_at, completed_at=utcnow(), key_id=key_id, encrypted_size=upload.size,
                           encrypted_sha256=upload.sha256.hexdigest(), plaintext_size=plaintext.size,
-                          plaintext_sha256=plaintext.hexdigest(), source=source, compression=compression)
+                          plaintext_sha256=plaintext.hexdigest(), source=source, compression=compression,
+                          profile=profile)
 
 
 def _text(value: Any, limit: int = _MAX_TEXT) -> bool:
@@ -238,6 +243,8 @@ def validate_manifest(manifest: Any, *, key: str | None = None, kind: str | None
     if not _text(manifest["tool_version"], 64):
         raise bad("has an invalid 'tool_version'")
     _validate_source(manifest["kind"], manifest["source"], bad)
+    if (problem := profile_problem(manifest)) is not None:
+        raise bad(problem)
     if key is not None and manifest["key"] != key:
         raise bad(f"names another object ({shown(manifest['key'])})")
     if kind is not None and manifest["kind"] != kind:
@@ -346,6 +353,7 @@ class Backup:
     retain_until: datetime | None = None
     storage_class: str | None = None  # as the listing said (None: not said, i.e. STANDARD)
     checked: bool = False  # its manifest and problem are known (Catalogue.walk)
+    manifest_version_id: str | None = None  # the version of KEY.manifest.json that is its manifest
 
     @property
     def complete(self) -> bool:
@@ -487,6 +495,8 @@ class Catalogue:
     def add(self, kind: str, version: Listed) -> None:
         key = version.key
         self._listed += 1
+        if key.endswith(PROFILE_SUFFIX) and match_key(key[: -len(PROFILE_SUFFIX)]):
+            return  # a backup's profile, read only through its manifest (compare_backups.py)
         backup_part = key[: -len(MANIFEST_SUFFIX)] if key.endswith(MANIFEST_SUFFIX) else key
         match = match_key(backup_part)
         if not match or match.group("kind") != kind or key_time(backup_part) is None:
@@ -571,13 +581,13 @@ class Catalogue:
             backup.problem, backup.detail = Problem.UNREADABLE, unreadable_detail(backup.storage_class or "")
             return
         answers = [self._read[(backup.key, m.version_id)] for m in wanted]
-        valid = [m for m, _ in answers if m is not None]
-        mine = [m for m in valid if m["version_id"] == backup.version_id]
+        valid = [(m, v) for (m, _), v in zip(answers, wanted, strict=True) if m is not None]
+        mine = [(m, v) for m, v in valid if m["version_id"] == backup.version_id]
         if backup.version_id is None and not mine:
             mine = valid  # an unversioned listing: the key's manifest
         problems = [p for _, p in answers if p]
         if mine:
-            backup.manifest = mine[0]
+            backup.manifest, backup.manifest_version_id = mine[0][0], mine[0][1].version_id
         elif problems:
             backup.problem, backup.detail = Problem.BAD_MANIFEST, problems[0]
             return

@@ -6,7 +6,8 @@ change here.
 What the library asks of a store is the S3 API subset it calls: put_object, get_object (with
 Range and VersionId), head_object, the list_object_versions and list_objects_v2 paginators,
 create/upload_part/complete/abort_multipart_upload (upload.py), and for setup_bucket.py the
-bucket's versioning, Object Lock, encryption, lifecycle, policy and public-access settings. Its
+bucket's versioning, Object Lock, encryption, lifecycle, policy and public-access settings;
+for compare_backups.py --hold / --release, put_object_legal_hold. Its
 errors are botocore's, which s3.explain turns into operator messages.
 """
 
