@@ -42,10 +42,10 @@ def database_backup(run, started_at: datetime | None = None, passphrase: str | N
     return json.loads(done.stdout)
 
 
-def files_backup(run, source: str, *args: str, check: bool = True):
+def files_backup(run, source: str, *args: str, check: bool = True, timeout: float = 300):
     """Run backup_files.py (as the daily job does) on the app bucket `source`; returns its manifest
     (or the finished process, when it failed and `check` is false)."""
-    done = run("backup_files.py", "--source-bucket", source, "--json", *args, check=check)
+    done = run("backup_files.py", "--source-bucket", source, "--json", *args, check=check, timeout=timeout)
     return json.loads(done.stdout) if done.returncode == 0 else done
 
 

@@ -309,7 +309,9 @@ def test_zip64_archive_of_more_than_65535_objects(run, s3server, bucket, tmp_pat
     source = new_bucket(s3server)
     count = 65_600
     fill(client, source, {f"k/{i // 1000:02d}/{i:06d}": Obj(b"%d" % i) for i in range(count)}, workers=8)
-    manifest = backup(run, source)
+    began = time.monotonic()
+    manifest = backup(run, source, timeout=1800)  # 65,600 GETs from moto: minutes, more on a busy machine
+    print(f"backup_files.py of {count} objects: {time.monotonic() - began:.0f} s")
     assert manifest["source"]["object_count"] == count
     plain = tmp_path / "many.zip"
     plain.write_bytes(decrypt_bytes(client.get_object(Bucket=bucket, Key=manifest["key"])["Body"].read(), PASSPHRASE))

@@ -28,7 +28,6 @@ from . import __version__, formats
 from .config import ENVIRONMENT_RE, utcnow
 from .errors import BackupError, Problem, VerificationError
 from .output import shown
-from .profile import PROFILE_SUFFIX, profile_problem
 from .s3 import error_code, read_body, s3_errors
 from .threads import DaemonPool
 
@@ -70,6 +69,10 @@ _KEY_ID = re.compile(r"[0-9a-f]{16}")
 _ISO = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 _MAX_SIZE = 2**53
 _MAX_TEXT = 1024
+
+# A backup's profile (profile.py writes and reads it) is named and checked by its manifest.
+PROFILE_SUFFIX = ".profile.encrypted"
+PROFILE_FIELDS = {"key": str, "version_id": (str, type(None)), "size": int, "sha256": str, "entries": int}
 
 MANIFEST_FIELDS: dict[str, type] = {
     "manifest_version": int,
@@ -183,8 +186,31 @@ def _text(value: Any, limit: int = _MAX_TEXT) -> bool:
     return isinstance(value, str) and len(value) <= limit
 
 
-def _size(value: Any) -> bool:
+def valid_size(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_SIZE
+
+
+def profile_key(backup_key: str) -> str:
+    return backup_key + PROFILE_SUFFIX
+
+
+def profile_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's optional `profile` field (None: absent or well formed).
+    decrypt.py holds the same rule (tests/test_decrypt_parity.py)."""
+    if "profile" not in manifest:
+        return None
+    profile = manifest["profile"]
+    if not isinstance(profile, dict) or set(profile) != set(PROFILE_FIELDS):
+        return "has an invalid 'profile'"
+    if profile["key"] != profile_key(manifest["key"]):
+        return "names a profile that is not its backup's"
+    if not (profile["version_id"] is None or (isinstance(profile["version_id"], str) and len(profile["version_id"]) <= 1024)):
+        return "has an invalid profile 'version_id'"
+    if not (valid_size(profile["size"]) and valid_size(profile["entries"])):
+        return "has an invalid profile 'size' or 'entries'"
+    if not (isinstance(profile["sha256"], str) and _HEX64.fullmatch(profile["sha256"])):
+        return "has an invalid profile 'sha256'"
+    return None
 
 
 def validate_manifest(manifest: Any, *, key: str | None = None, kind: str | None = None,
@@ -224,7 +250,7 @@ def validate_manifest(manifest: Any, *, key: str | None = None, kind: str | None
     if fmt.suffix != match.group("suffix"):
         raise bad(f"says compression {compression}, which does not fit the name {shown(manifest['key'])}")
     fields = fmt.compression.manifest_fields  # the compressed stream's size and SHA-256
-    if fields and not all(_size(manifest.get(name)) if name.endswith("_size") else
+    if fields and not all(valid_size(manifest.get(name)) if name.endswith("_size") else
                           isinstance(manifest.get(name), str) and _HEX64.fullmatch(manifest[name]) for name in fields):
         raise bad(f"lacks a valid {' or '.join(repr(name) for name in fields)}")
     if not _KEY_ID.fullmatch(manifest["key_id"]):
@@ -233,7 +259,7 @@ def validate_manifest(manifest: Any, *, key: str | None = None, kind: str | None
         if not _HEX64.fullmatch(manifest[name]):
             raise bad(f"has an invalid {name!r}")
     for name in ("encrypted_size", "plaintext_size"):
-        if not _size(manifest[name]):
+        if not valid_size(manifest[name]):
             raise bad(f"has an invalid {name!r}")
     for name in ("started_at", "completed_at"):
         if not _ISO.fullmatch(manifest[name]):
@@ -259,12 +285,12 @@ def _validate_source(kind: str, source: dict[str, Any], bad: Any) -> None:
         value = source.get(name)
         if wanted is str and not _text(value):
             raise bad(f"lacks a valid source {name!r}")
-        if wanted is int and not _size(value):
+        if wanted is int and not valid_size(value):
             raise bad(f"lacks a valid source {name!r}")
         if wanted is list and not (isinstance(value, list) and len(value) <= 10 * MAX_SKIPPED_LISTED
                                    and all(_text(item) for item in value)):
             raise bad(f"lacks a valid source {name!r}")
-    if kind == "files" and "skipped_count" in source and not _size(source["skipped_count"]):
+    if kind == "files" and "skipped_count" in source and not valid_size(source["skipped_count"]):
         raise bad("lacks a valid source 'skipped_count'")
 
 

@@ -30,12 +30,11 @@ from typing import Any
 from .config import child_env
 from .crypto import AESCRYPT_FORMAT, AESCRYPT_MAGIC, OPENSSL_FORMAT, OPENSSL_MAGIC, openssl_args, passphrase_pipe
 from .errors import BackupError, Problem, VerificationError
+from .manifest import PROFILE_SUFFIX, profile_key, profile_problem, valid_size  # noqa: F401 - the profile's names live with the manifest that checks them
 from .output import shown
 from .streams import CHUNK, Tally
 
 FORMAT = "profile-v1"
-PROFILE_SUFFIX = ".profile.encrypted"
-PROFILE_FIELDS = {"key": str, "version_id": (str, type(None)), "size": int, "sha256": str, "entries": int}
 # A database profile is a line per table (under 2 KiB each: identifiers are at most 63 bytes, but
 # quoted they may double): 64 MiB is over 30,000 tables of the longest names.
 MAX_DATABASE_PROFILE = 64 * 1024 * 1024
@@ -43,35 +42,6 @@ MAX_DATABASE_PROFILE = 64 * 1024 * 1024
 # control characters), and three numbers.
 MAX_FILES_LINE = 8 * 1024
 MAX_LINE = MAX_FILES_LINE
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_MAX_SIZE = 2**53
-
-
-def profile_key(backup_key: str) -> str:
-    return backup_key + PROFILE_SUFFIX
-
-
-def _size(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_SIZE
-
-
-def profile_problem(manifest: dict[str, Any]) -> str | None:
-    """What is wrong with a manifest's optional `profile` field (None: absent or well formed).
-    decrypt.py holds the same rule (tests/test_decrypt_parity.py)."""
-    if "profile" not in manifest:
-        return None
-    profile = manifest["profile"]
-    if not isinstance(profile, dict) or set(profile) != set(PROFILE_FIELDS):
-        return "has an invalid 'profile'"
-    if profile["key"] != profile_key(manifest["key"]):
-        return "names a profile that is not its backup's"
-    if not (profile["version_id"] is None or (isinstance(profile["version_id"], str) and len(profile["version_id"]) <= 1024)):
-        return "has an invalid profile 'version_id'"
-    if not (_size(profile["size"]) and _size(profile["entries"])):
-        return "has an invalid profile 'size' or 'entries'"
-    if not (isinstance(profile["sha256"], str) and _HEX64.fullmatch(profile["sha256"])):
-        return "has an invalid profile 'sha256'"
-    return None
 
 
 # -- recording: database ----------------------------------------------------------------------
@@ -461,9 +431,9 @@ def parse_lines(raw: Iterator[bytes], manifest: dict[str, Any]) -> Iterator[dict
             count = 0
             continue
         if kind == "database":
-            if not (isinstance(entry.get("table"), str) and _size(entry.get("rows")) and _size(entry.get("bytes"))):
+            if not (isinstance(entry.get("table"), str) and valid_size(entry.get("rows")) and valid_size(entry.get("bytes"))):
                 raise bad("has a malformed table line")
-        elif not (isinstance(entry.get("key"), str) and _size(entry.get("size")) and isinstance(entry.get("crc32"), str)):
+        elif not (isinstance(entry.get("key"), str) and valid_size(entry.get("size")) and isinstance(entry.get("crc32"), str)):
             raise bad("has a malformed object line")
         count += 1
         yield entry
