@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dev.harness import REPO, PostgresCluster
 
-from .common import BIN, PASSPHRASE, PY, Contender, MotoProcess, empty_bucket
+from .common import BIN, PASSPHRASE, PY, Contender, MotoProcess
 
 OPENSSL_ENC = "openssl enc -aes-256-cbc -pbkdf2 -md sha256 -iter 10000 -pass env:BENCH_KEY"
 
@@ -103,26 +103,38 @@ def level_contenders(pg: PostgresCluster, moto: MotoProcess, bucket: str, databa
             for level in levels]
 
 
+BUCKET_RESTORE = "ours: restore_database.py --key, from the bucket (zstd)"
+
+
 def restore_contenders(pg: PostgresCluster, moto: MotoProcess, bucket: str, work: Path, database: str,
                        compare: Path | None = None) -> list[Contender]:
     """Each restores the same dump into a fresh database: ours from our encrypted backups (with
-    their manifests) on local disk, compressed and not; psql from the plain SQL file on disk."""
+    their manifests) on local disk, compressed and not, and straight from the bucket (streamed);
+    psql from the plain SQL file on disk."""
     client = moto.client()
     env = {**os.environ, **moto.env(), "PYTHONDONTWRITEBYTECODE": "1", "EXTERNAL_BACKUP_ENCRYPTION_KEY": PASSPHRASE,
            "BACKUP_ALLOW_SUPERUSER": "1"}  # the throwaway cluster's role is its superuser
-    files = {}
+    files, keys = {}, {}
     for compression in ("zstd", "none"):
         done = subprocess.run([PY, "scripts/backup_database.py", "--environment", "restore-src", "--bucket", bucket, "--json",
                                "--compression", compression, "--pg-dump", str(pg.bin / "pg_dump")],
                               env={**env, "DATABASE_URL": pg.url(database)}, cwd=REPO, capture_output=True, text=True, check=True)
-        key = json.loads(done.stdout)["key"]
+        key = keys[compression] = json.loads(done.stdout)["key"]
         files[compression] = work / key.rsplit("/", 1)[1]
         client.download_file(bucket, key, str(files[compression]))
         client.download_file(bucket, key + ".manifest.json", f"{files[compression]}.manifest.json")
     plain = work / "plain.sql"
     subprocess.run(["openssl", "enc", "-d", *OPENSSL_ENC.split()[2:], "-in", str(files["none"]), "-out", str(plain)],
                    env={**os.environ, "BENCH_KEY": PASSPHRASE}, check=True)
-    empty_bucket(client, bucket)
+    # The backups stay in the bucket for the restore from it; run.py empties it afterwards.
+
+    def from_bucket(key: str, name: str):
+        def command(rep):
+            target = f"restore_{name}_{rep}"
+            pg.create_database(target)
+            return [PY, str(REPO / "scripts" / "restore_database.py"), "--environment", "restore-src", "--bucket", bucket,
+                    "--key", key, "--target-database-url", pg.url(target), "--psql", str(pg.bin / "psql")], env, []
+        return command
 
     def ours_from(path: Path, name: str, script: Path | None = None):
         def command(rep):
@@ -143,6 +155,8 @@ def restore_contenders(pg: PostgresCluster, moto: MotoProcess, bucket: str, work
         Contender("ours: restore_database.py --file (zstd)", "checks manifest, openssl -d → zstd -d → restricted psql, holds back the tail",
                   ours_from(files["zstd"], "ours")),
         Contender("ours: restore_database.py --file (uncompressed)", "the same without zstd", ours_from(files["none"], "plain")),
+        Contender(BUCKET_RESTORE, "streamed: GET → SHA-256 → openssl -d → zstd -d → restricted psql, all at once; "
+                  "COMMIT after every check", from_bucket(keys["zstd"], "bucket")),
     ]
     if compare:
         contenders.append(Contender(f"ours at {compare} (uncompressed)", "the same script from another checkout",
@@ -153,5 +167,5 @@ def restore_contenders(pg: PostgresCluster, moto: MotoProcess, bucket: str, work
 
 def drop_restore_targets(pg: PostgresCluster, reps: int) -> None:
     for rep in range(reps + 1):
-        for name in ("ours", "plain", "compare", "psql"):
+        for name in ("ours", "plain", "compare", "bucket", "psql"):
             pg.drop_database(f"restore_{name}_{rep}")

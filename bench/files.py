@@ -57,9 +57,13 @@ def files_contenders(moto: MotoProcess, source: str, bucket: str, work: Path, ou
     return contenders
 
 
+MANUAL_RESTORE = "manual: aws s3 cp + pyAesCrypt -d + unzip + aws s3 cp --recursive"
+
+
 def restore_contenders(moto: MotoProcess, source: str, bucket: str, work: Path) -> list[Contender]:
-    """Our files restore of one backup of `source` into an empty bucket each run, against
-    `aws s3 sync` of the source into an empty bucket (the floor: no decryption, no checks)."""
+    """Our files restore of one backup of `source` into an empty bucket each run, against the
+    manual path (the runbook's, by hand) and `aws s3 sync` of the source into an empty bucket
+    (the floor: no decryption, no checks)."""
     import json
     import subprocess
     import uuid
@@ -72,6 +76,7 @@ def restore_contenders(moto: MotoProcess, source: str, bucket: str, work: Path) 
                            "--json"], env=base, cwd=REPO, capture_output=True, text=True, check=True)
     key = json.loads(done.stdout)["key"]
     client = moto.client()
+    aws = f"{BIN / 'aws'} --endpoint-url {moto.endpoint} --only-show-errors s3"
 
     def target() -> str:
         name = f"restored-{uuid.uuid4().hex[:8]}"
@@ -82,11 +87,22 @@ def restore_contenders(moto: MotoProcess, source: str, bucket: str, work: Path) 
         return [PY, "scripts/restore_files.py", "--environment", "restore-src", "--bucket", bucket, "--key", key,
                 "--target-bucket", target()], base, []
 
+    def manual(rep):
+        # The runbook's path by hand: download, decrypt (the stock pyAesCrypt CLI: password on
+        # argv, acceptable only in this bench), unzip, upload the tree (aws guesses each content
+        # type from the name, as the app's uploads were typed).
+        tree, archive = work / "manual", work / "manual.zip"
+        script = (f"set -e; rm -rf {tree} {archive}*; {aws} cp s3://{bucket}/{key} {archive}.aes; "
+                  f'{BIN / "pyAesCrypt"} -d {archive}.aes -p "$BENCH_KEY" -o {archive}; '
+                  f"unzip -q {archive} -d {tree}; {aws} cp --recursive {tree} s3://{target()}")
+        return ["bash", "-c", script], {**base, "BENCH_KEY": PASSPHRASE}, [tree, archive]
+
     def sync(rep):
         return [str(BIN / "aws"), "--endpoint-url", moto.endpoint, "--only-show-errors", "s3", "sync", f"s3://{source}",
                 f"s3://{target()}"], base, []
 
     return [
         Contender("ours: restore_files.py --key", "download → AES Crypt (HMAC) → ZIP checks → re-upload with metadata", ours),
+        Contender(MANUAL_RESTORE, "backup, ZIP and tree on disk; no checks against the manifest", manual),
         Contender("floor: aws s3 sync bucket to bucket", "no backup at all: a copy of the live bucket", sync),
     ]

@@ -204,6 +204,7 @@ def main(argv: list[str]) -> int:
             print("restore (application-like):", file=sys.stderr)
             contenders = database.restore_contenders(pg, moto, bucket, work, "realsrc", compare)
             alternate(contenders, size.reps)
+            empty_bucket(client, bucket)
             database.drop_restore_targets(pg, size.reps)
             out += ["### Restore, application-like dataset (same dump, fresh database each run)", "", *table(contenders), ""]
             if args.profile:
@@ -212,6 +213,10 @@ def main(argv: list[str]) -> int:
                 database.drop_restore_targets(pg, size.reps)
             r = ratio(contenders[0], contenders[-1])
             targets.append(target("restore (application-like, zstd): ours ≤ 1.1 × psql -f of the plain dump", r, (r or 9) <= 1.1))
+            streamed = next(c for c in contenders if c.name == database.BUCKET_RESTORE)
+            r = ratio(streamed, contenders[-1])
+            targets.append(target("restore from the bucket (application-like, zstd): ours ≤ 1.3 × psql -f of the plain dump",
+                                  r, (r or 9) <= 1.3))
             clear(work)
             save(final=False)
 
@@ -232,6 +237,9 @@ def main(argv: list[str]) -> int:
                         client.delete_bucket(Bucket=name)
                     empty()
                     out += [f"### Files restore: {total_mib} MiB in {count} objects, into an empty bucket", "", *table(restorers), ""]
+                    manual = next(c for c in restorers if c.name == files.MANUAL_RESTORE)
+                    r = ratio(restorers[0], manual)
+                    targets.append(target(f"files restore {total_mib} MiB: wall ≤ 0.7 × the manual path", r, (r or 9) <= 0.7))
                 empty_bucket(client, source)
                 client.delete_bucket(Bucket=source)
                 if args.profile:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Restore a database backup: download, check, `openssl -d` straight into psql in one transaction."""
+"""Restore a database backup: streamed from the bucket through `openssl -d` into psql in one
+transaction, committed only once the download and the SQL checked out at its end."""
 
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ DESCRIPTION = """\
 Restore a database backup into TARGET with
   openssl enc -d -aes-256-cbc -pbkdf2 [| zstd -d] | psql -v ON_ERROR_STOP=1
 in one transaction (its BEGIN and COMMIT sent by this script, never by the end of psql's input).
-Nothing plaintext touches the disk, and nothing is committed unless the whole backup verified:
-the download's size and SHA-256 match the manifest, openssl (and zstd) exited 0, the SQL's
-SHA-256 matches, and pg_dump's completion trailer is there. Until then the end of the dump is
-held back from psql, and so is the COMMIT; on any failure psql is killed and its transaction
-rolls back (if this script is killed outright, psql reads the end of its input without a COMMIT,
-and its transaction rolls back too).
+The backup streams from the bucket into psql as it downloads (a connection that breaks off
+resumes where it stopped). Nothing plaintext touches the disk, and nothing is committed unless
+the whole backup verified at its end: the download's size and SHA-256 match the manifest,
+openssl (and zstd) exited 0, the SQL's SHA-256 matches, and pg_dump's completion trailer is
+there. Until then the end of the dump is held back from psql, and so is the COMMIT; on any
+failure psql is killed and its transaction rolls back (if this script is killed outright, psql
+reads the end of its input without a COMMIT, and its transaction rolls back too).
 
 psql runs restricted (its \\restrict, with a key of ours) from its first input byte, and the SQL
 passes a guard on its way: only the statements a plain pg_dump of one database writes reach psql.
@@ -140,7 +142,7 @@ def main(argv: list[str]) -> int:
     else:
         reader = BucketReader(store.external_store(), bucket, environment, "database", passphrases)
         candidates = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
-        retrieved = reader.first_good(candidates, restore, latest=args.latest)
+        retrieved = reader.first_good(candidates, restore, latest=args.latest, stream=True)
     report(retrieved, target, psql, args.json)
     return 0
 

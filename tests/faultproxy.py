@@ -107,6 +107,7 @@ class FaultProxy:
         self.lock = threading.Lock()
         self.log: list[tuple[str, str]] = []  # (operation, "forwarded NNN" | fault)
         self.paths: list[tuple[str, str]] = []  # (operation, request path), every request
+        self.ranges: list[tuple[str, str, str]] = []  # (request path, Range, If-Match) of each ranged request
         self.down = False
         self.stopping = threading.Event()
         self.first = {}  # operation → threading.Event set when first seen
@@ -235,6 +236,8 @@ class FaultProxy:
         op = operation(handler.command, handler.path)
         with self.lock:
             self.paths.append((op, handler.path))
+            if handler.headers.get("Range"):
+                self.ranges.append((handler.path, handler.headers["Range"], handler.headers.get("If-Match", "")))
         rule = self._choose(op, handler.path)
         fault = rule.fault if rule else None
         if fault == "down":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -478,6 +479,26 @@ def test_restore_of_a_corrupt_version_in_the_bucket(run, pg, sample_db, s3server
     assert table_fingerprint(pg, target, "applications") == table_fingerprint(pg, sample_db, "applications")
 
 
+@pytest.mark.parametrize("where", [16, 0.5, -1], ids=["first-block", "middle", "last-byte"])
+def test_restore_streamed_from_the_bucket_commits_nothing_with_a_corrupt_byte_anywhere(run, pg, sample_db, s3server,
+                                                                                       bucket, target, where):
+    """The backup streams into psql as it downloads, so its ciphertext's SHA-256 is known only at
+    its end: one flipped byte early (zstd fails at once), in the middle, or in openssl's last block
+    (its padding) fails the restore, named as a corrupted download, and nothing is committed."""
+    good = database_backup(run, pg=pg, sample_db=sample_db)
+    client = s3server.client()
+    body = bytearray(client.get_object(Bucket=bucket, Key=good["key"], VersionId=good["version_id"])["Body"].read())
+    at = int(len(body) * where) if isinstance(where, float) else where % len(body)
+    body[at] ^= 0x01
+    bad_version = client.put_object(Bucket=bucket, Key=good["key"], Body=bytes(body))["VersionId"]
+    client.put_object(Bucket=bucket, Key=good["key"] + ".manifest.json", Body=json.dumps({**good, "version_id": bad_version}).encode())
+    done = run("restore_database.py", "--key", good["key"], "--version-id", bad_version, "--replace",
+               "--target-database-url", pg.url(target))
+    assert done.returncode == 1
+    one_error(done, "the downloaded object does not match the manifest's SHA-256")
+    unchanged(pg, target)
+
+
 # -- restore failing or killed half-way through psql ----------------------------------------------
 GATE_LOCK = 4242
 
@@ -654,6 +675,11 @@ def test_restore_survives_downloads_breaking_off(run, pg, big_db, proxy, via, s3
     assert done.returncode == 0, done.stderr
     assert proxy.faults()[fault] == 2
     assert done.stderr.count("broke off") == 2
+    # The backup streams into psql as it downloads: its GET resumes where it broke off, on the same
+    # version, never from the start (the bytes psql already has are not sent twice).
+    assert done.stderr.count("resuming from byte") == 1, done.stderr
+    ((path, byte_range, etag),) = [r for r in proxy.ranges if ".manifest.json" not in r[0]]  # a manifest's GET: bytes=0-LIMIT
+    assert "versionId=" in path and re.fullmatch(r"bytes=[1-9]\d*-", byte_range) and etag, proxy.ranges
     assert table_fingerprint(pg, target, "big") == table_fingerprint(pg, big_db, "big")
     assert list(tmp_path.iterdir()) == []
 

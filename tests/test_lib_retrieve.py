@@ -64,3 +64,63 @@ def test_skips_are_named_then_counted():
     few = Skips()
     few.add(Skip(backup(), Problem.CORRUPT, "why"))
     assert few.more() == "" and nothing_verifies(few).startswith("the only backup found cannot be used")
+
+
+class Cutting:
+    """An S3 client whose GetObject answers honour Range, and whose bodies break off after
+    `cut_after` bytes (botocore's error for a body cut short) while `cuts` lasts."""
+
+    def __init__(self, data: bytes, cut_after: int, cuts: int):
+        self.data = data
+        self.cut_after = cut_after
+        self.cuts = cuts
+        self.requests: list[dict[str, object]] = []
+
+    def get_object(self, **request: object) -> dict[str, object]:
+        self.requests.append(request)
+        start = int(str(request.get("Range", "bytes=0-"))[6:-1])
+        client = self
+
+        class Body:
+            def __init__(self) -> None:
+                self.at = start
+                self.sent = 0
+
+            def read(self, size: int = -1) -> bytes:
+                if client.cuts and self.sent >= client.cut_after:
+                    client.cuts -= 1
+                    raise botocore.exceptions.IncompleteReadError(actual_bytes=self.sent, expected_bytes=len(client.data))
+                size = min(size if size > 0 else len(client.data), 1000)
+                chunk = client.data[self.at:self.at + size]
+                self.at += len(chunk)
+                self.sent += len(chunk)
+                return chunk
+
+            def close(self) -> None:
+                pass
+
+        return {"Body": Body(), "ETag": '"etag-1"'}
+
+
+def test_a_body_that_breaks_off_resumes_where_it_stopped(monkeypatch, capsys):
+    """Each break is followed by a ranged GET from the first byte not yet received, on the same
+    version and ETag: the reader gets every byte once, in order."""
+    monkeypatch.setattr("time.sleep", lambda _: None)
+    data = bytes(range(256)) * 40
+    client = Cutting(data, cut_after=3000, cuts=3)
+    body = BucketReader(client, "ext", "production", "database", None).body(backup())
+    received = b"".join(iter(lambda: body.read(1000), b""))
+    assert received == data
+    assert [r.get("Range") for r in client.requests] == [None, "bytes=3000-", "bytes=6000-", "bytes=9000-"]
+    assert all(r["VersionId"] == "v1" for r in client.requests)
+    assert [r.get("IfMatch") for r in client.requests] == [None, '"etag-1"', '"etag-1"', '"etag-1"']
+    assert capsys.readouterr().err.count("resuming from byte") == 3
+
+
+def test_a_body_that_keeps_breaking_off_without_progress_fails(monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda _: None)
+    client = Cutting(b"x" * 5000, cut_after=0, cuts=100)
+    body = BucketReader(client, "ext", "production", "database", None).body(backup())
+    with pytest.raises(BackupError, match="broke off 5 times"):
+        body.read(1000)
+    assert len(client.requests) == 5

@@ -5,6 +5,7 @@ restores into a scratch database and reports row counts."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from datetime import timedelta
@@ -159,10 +160,16 @@ def test_since_with_nothing_in_the_window_fails(run, pg, sample_db):
     assert "no database backup started within the last 1d" in error_lines(done.stderr)[0]
 
 
-def test_restore_into_reports_row_counts(run, pg, sample_db, scratch_db):
+def test_restore_into_reports_row_counts(run, pg, sample_db, scratch_db, tmp_path):
     manifest = database_backup(run, pg=pg)
-    done = verify(run, "--kind", "database", "--key", manifest["key"], "--restore-into", pg.url(scratch_db))
+    summary = tmp_path / "summary.md"
+    done = verify(run, "--kind", "database", "--key", manifest["key"], "--restore-into", pg.url(scratch_db),
+                  env={"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary)})
     assert done.returncode == 0, done.stderr
+    # The drill's step summary shows the restore's wall time and throughput.
+    timing = re.search(rf"Restore of `{re.escape(manifest['key'])}` into `{scratch_db}`: (\d+\.\d) s wall, "
+                       r"[\d.]+ \w+ of SQL at [\d.]+ \w+/s, [\d.]+ \w+ downloaded at [\d.]+ \w+/s", summary.read_text())
+    assert timing and float(timing.group(1)) < 60, summary.read_text()
     assert f"restored into '{scratch_db}': 2 tables, 1501 rows" in done.stdout
     assert "public.applications: 1500 rows" in done.stdout and "public.admin_user: 1 rows" in done.stdout
     assert pg.psql("SELECT count(*) FROM applications", scratch_db) == "1500"

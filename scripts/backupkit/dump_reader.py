@@ -1,11 +1,12 @@
 """Reading a database backup back: the format's decryption (then its decompression, when it is
-compressed) into this process, which hashes the SQL and hands it on, either to a sink that keeps
-only its end (verify, here), or to psql (restore, dump_restore.py); never more of it than the
-manifest promised.
+compressed), fed from a file or straight from the bucket as it downloads (`Fetched.body`, whose
+size and SHA-256 are checked in `finish()`, before anything else), into this process, which
+hashes the SQL and hands it on, either to a sink that keeps only its end (verify, here), or to
+psql (restore, dump_restore.py); never more of it than the manifest promised.
 
 `hold_back` keeps the last HOLD_BACK bytes of the SQL (which hold pg_dump's completion trailer)
-from psql until decryption ended cleanly, the SQL's size and SHA-256 matched the manifest and the
-trailer is there (dump_restore.py sends its COMMIT only after them).
+from psql until decryption ended cleanly, the download, the SQL's size and SHA-256 matched the
+manifest and the trailer is there (dump_restore.py sends its COMMIT only after them).
 """
 
 from __future__ import annotations
@@ -47,6 +48,31 @@ class _Prefixed:
         self._rest.close()
 
 
+class _Draining:
+    """The decryption's input, fed from the download: when the decryption stops reading (it, or
+    the decompression after it, failed), the rest of the download is still read and hashed
+    (and dropped), so that DumpReader.finish() can tell a corrupted download from the rest."""
+
+    def __init__(self, stdin: IO[bytes]):
+        self._stdin = stdin
+        self._broken = False
+
+    def write(self, chunk: bytes) -> None:
+        if self._broken:
+            return
+        try:
+            self._stdin.write(chunk)
+        except BrokenPipeError:
+            self._broken = True
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self._stdin.close()
+        except OSError:
+            pass
+
+
 class DumpReader:
     """The SQL of one backup file, read from `stdout`; `finish()` raises unless every stage that
     produced it exited cleanly."""
@@ -55,7 +81,12 @@ class DumpReader:
         self._pipeline = pipeline
         self._encryption = formats.encryption_named(fetched.encryption)
         assert self._encryption.start is not None, f"{fetched.encryption} is not a pipeline stage"
-        self.decrypt = self._encryption.start(pipeline, fetched.passphrase, decrypt=True, infile=fetched.path)
+        self.body = fetched.body
+        if self.body is None:
+            self.decrypt = self._encryption.start(pipeline, fetched.passphrase, decrypt=True, infile=fetched.path)
+        else:  # streamed from the bucket: fed to the decryption as it downloads, hashed on the way
+            self.decrypt = self._encryption.start(pipeline, fetched.passphrase, decrypt=True, stdin=subprocess.PIPE)
+            pipeline.pump(self.body, _Draining(self.decrypt.stdin))
         self.decompress = None
         first = b""
         if fetched.compression is None:  # a local dump without manifest: its first bytes say
@@ -75,8 +106,17 @@ class DumpReader:
         else:
             self.stdout = _Prefixed(first, self.decrypt.stdout) if first else self.decrypt.stdout
 
+    def abandon(self) -> None:
+        """Stop reading the download (a deadline, a stop): it then never checks out."""
+        if self.body is not None:
+            self.body.abandon()
+
     def finish(self) -> None:
         self._pipeline.join_pumps()
+        if self.body is not None:
+            # The ciphertext first, as when it was downloaded before the decryption: a corrupted
+            # download is named as such, whatever the decryption made of it.
+            self.body.check()
         decrypted = self.decrypt.wait()
         decompressed = self.decompress.wait() if self.decompress is not None else 0
         # The decompression stopping on bad data makes openssl fail writing to it (SIGPIPE, or

@@ -124,14 +124,16 @@ class _Deadline:
     """Kills the restore's processes, psql first (it must never see the end of its input), once
     the operator's time for one backup is up."""
 
-    def __init__(self, seconds: float, stages: Callable[[], list[Any]]):
+    def __init__(self, seconds: float, stages: Callable[[], list[Any]], abandon: Callable[[], None]):
         self.expired = threading.Event()
         self._stages = stages
+        self._abandon = abandon
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
 
     def _expire(self) -> None:
         self.expired.set()
+        self._abandon()  # the download, when it streams: no reading on to its end
         for stage in self._stages():
             if stage.proc.poll() is None:
                 stage.proc.kill()
@@ -198,7 +200,7 @@ def _restore(fetched: Fetched, target: DatabaseTarget, psql: str, options: Resto
         )
         guard = SqlGuard(restore.stdin.write, restrict_key=secrets.token_hex(32), seal=True, begin=True,
                          statement_timeout_ms=int(options.statement_timeout.total_seconds() * 1000))
-        with _Deadline(options.timeout.total_seconds(), lambda: [restore, *pipeline.stages]) as deadline:
+        with _Deadline(options.timeout.total_seconds(), lambda: [restore, *pipeline.stages], reader.abandon) as deadline:
             try:
                 held, broken, refused = hold_back(Bounded(reader.stdout, plaintext, fetched), guard, deadline.expired)
                 if not deadline.expired.is_set():

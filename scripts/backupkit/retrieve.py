@@ -5,7 +5,8 @@ through here, so it is hardened once.
 writer chose), and `open()`s one: it picks the passphrase named by the manifest's key_id (an
 unknown one is refused before anything is downloaded), downloads into a private temporary
 directory with the manifest's size as a ceiling, checks size and SHA-256, and only then hands a
-`Fetched` file to the caller's `work`. `first_good()` runs that over the candidates: with
+`Fetched` file to the caller's `work`; or, with `stream=True` (the database readers), hands `work`
+the download as it arrives, which the reader checks at its end, before anything is committed. `first_good()` runs that over the candidates: with
 `--latest` a backup that fails or cannot be read is skipped (the reason comes back as data, a
 `Skip`; a flood of them is counted, not said line by line), and manifests are read only as far as
 it goes; otherwise the first failure is final. `--key` names one version: a key with several is
@@ -43,7 +44,7 @@ from .manifest import (
 )
 from .output import log, shown
 from .progress import Progress, human_bytes
-from .s3 import error_code, read_body
+from .s3 import ResumableBody, error_code
 from .streams import CHUNK, Tally
 
 T = TypeVar("T")
@@ -107,9 +108,66 @@ def per_problem(counts: Counter[Problem]) -> str:
     return ", ".join(f"{n:,} {problem.value}" for problem, n in counts.most_common())
 
 
+class CheckedBody:
+    """A backup version's bytes as they download: never more than the listing's size, hashed on
+    the way, and `check()`ed against the manifest (size, SHA-256) once they ended. `abandon()`
+    (from any thread) makes it end early: then it never checks out."""
+
+    def __init__(self, body: ResumableBody, backup: Backup):
+        self._body = body
+        self._backup = backup
+        self.tally = Tally()
+        self._front = b""
+        self._abandoned = False
+        self.checked = False
+
+    def peek(self, size: int) -> bytes:
+        """The first `size` bytes (fewer if the object is shorter), read again by the next reads."""
+        while len(self._front) < size and (more := self._take(size - len(self._front))):
+            self._front += more
+        return self._front[:size]
+
+    def _take(self, size: int) -> bytes:
+        chunk = self._body.read(size)
+        self.tally.update(chunk)
+        if self.tally.size > self._backup.size:
+            raise VerificationError(f"the download is longer than the {self._backup.size} bytes listed: corrupted",
+                                    Problem.CORRUPT)
+        return chunk
+
+    def read(self, size: int = CHUNK) -> bytes:
+        if self._front:
+            data, self._front = self._front, b""
+            return data
+        if self._abandoned:
+            return b""
+        return self._take(size if size > 0 else CHUNK)
+
+    read1 = read
+
+    def drain(self) -> None:
+        """Read (and hash) the rest, for check(): a reader that stopped early still learns whether the
+        download was whole."""
+        while self.read(CHUNK):
+            pass
+
+    def abandon(self) -> None:
+        self._abandoned = True
+
+    def check(self) -> None:
+        if self._abandoned:
+            raise VerificationError("the download was stopped before its end", Problem.CORRUPT)
+        check_against_manifest(self.tally, self._backup.manifest, "the downloaded object")
+        self.checked = True
+
+    def close(self) -> None:
+        self._body.close()
+
+
 @dataclass
 class Fetched:
-    """A backup file on disk that passed every check made before decryption."""
+    """A backup that passed every check made before decryption: a file on disk (`path`), or a
+    download under way (`body`, with `path` empty), checked at its end by its reader."""
 
     path: str
     passphrase: str
@@ -118,6 +176,7 @@ class Fetched:
     manifest: dict[str, Any] | None  # None: a local file without one (nothing to check against)
     label: str  # for messages: the S3 key and version, or the file's path
     backup: Backup | None = None  # None for a local file
+    body: CheckedBody | None = None  # streamed from the bucket (BucketReader.open(stream=True))
 
 
 @dataclass
@@ -237,42 +296,67 @@ class BucketReader:
         backups = [b for b in self.catalogue().backups if now - b.taken_at <= window]
         return self.catalogue().check(backups, read_archived=False)
 
-    def download_checked(self, backup: Backup, path: str) -> None:
-        """Stream one backup version to `path` (0600), never more than the listing's size, and check it
-        against its manifest (size and SHA-256)."""
+    def body(self, backup: Backup) -> ResumableBody:
+        """One backup version's bytes as a stream that resumes where a broken connection left off
+        (s3.ResumableBody: a ranged GET on the same version, If-Match on its ETag)."""
         extra = {"VersionId": backup.version_id} if backup.version_id else {}
-        _room_for(os.path.dirname(path), backup.size)
 
-        def get() -> Any:
+        def get(**more: str) -> Any:
             try:
-                return self.client.get_object(Bucket=self.bucket, Key=backup.key, **extra)
+                return self.client.get_object(Bucket=self.bucket, Key=backup.key, **extra, **more)
             except botocore.exceptions.ClientError as exc:
                 if error_code(exc) in UNREADABLE_CODES or (error_code(exc) or "").startswith("KMS."):
                     raise unreadable(error_code(exc) or "", backup) from None
                 raise
 
-        def save(body: Any) -> Tally:
-            tally = Tally()  # from scratch on every attempt
-            progress = Progress(f"downloaded {shown(backup.key)}", total_bytes=backup.size)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        return ResumableBody(f"download s3://{self.bucket}/{shown(backup.key)}", get)
+
+    def download_checked(self, backup: Backup, path: str) -> None:
+        """Stream one backup version to `path` (0600), never more than the listing's size, and check it
+        against its manifest (size and SHA-256)."""
+        _room_for(os.path.dirname(path), backup.size)
+        body = CheckedBody(self.body(backup), backup)
+        progress = Progress(f"downloaded {shown(backup.key)}", total_bytes=backup.size)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
             with os.fdopen(fd, "wb") as out:
                 while chunk := body.read(CHUNK):
-                    tally.update(chunk)
-                    if tally.size > backup.size:
-                        raise VerificationError(f"the download is longer than the {backup.size} bytes listed: corrupted",
-                                                Problem.CORRUPT)
                     out.write(chunk)
                     progress.update(len(chunk))
-            progress.done()
-            return tally
+        finally:
+            body.close()
+        progress.done()
+        body.check()
 
-        tally = read_body(f"download s3://{self.bucket}/{shown(backup.key)}", get, save)
-        check_against_manifest(tally, backup.manifest, "the downloaded object")
+    def _streamed(self, backup: Backup, passphrase: str, work: Callable[[Fetched], T]) -> Retrieved[T]:
+        """`work` on the backup as it downloads (`Fetched.body`): its reader checks the body against
+        the manifest once it ended (CheckedBody.check), before anything is committed."""
+        manifest = backup.manifest
+        body = CheckedBody(self.body(backup), backup)
+        try:
+            detected = formats.detect_encryption(body.peek(formats.MAGIC_READ))
+            found = detected.name if detected else None
+            if found != manifest["encryption"]:
+                body.drain()
+                body.check()  # a corrupted download is named as such, as when it was downloaded first
+                raise VerificationError(f"the object is not in its manifest's format {manifest['encryption']} "
+                                        f"(it looks like {found or 'neither format'})", Problem.BAD_CONTENT)
+            fetched = Fetched("", passphrase, manifest["encryption"], compression_of(manifest),
+                              manifest, f"s3://{self.bucket}/{backup.label()}", backup, body=body)
+            result = work(fetched)
+            if not body.checked:
+                raise AssertionError(f"{fetched.label}: its reader never checked the download against the manifest")
+            return Retrieved(fetched, result)
+        finally:
+            body.abandon()  # a reader thread still draining it stops
+            body.close()
 
     def open(self, backup: Backup, work: Callable[[Fetched], T], *, near: str | None = None,
-             explicit: bool = False) -> Retrieved[T]:
+             explicit: bool = False, stream: bool = False) -> Retrieved[T]:
         """Check `backup`, download it into a private directory (beside `near` when given), check
         it against its manifest, and run `work(fetched)`; the directory is removed afterwards.
+        With `stream` (a database backup's readers: dump_reader.DumpReader), nothing is written to
+        disk: `work` reads it as it downloads, and its reader checks size and SHA-256 at the end.
         Raises VerificationError (with its Problem) when the backup is not fit to use."""
         if not backup.checked:
             self.catalogue().check([backup], read_archived=explicit)
@@ -283,6 +367,8 @@ class BucketReader:
             raise VerificationError(backup.detail or backup.problem.value, backup.problem)
         manifest = backup.manifest
         passphrase = "" if self.passphrases is None else pick_passphrase(manifest["key_id"], self.passphrases)  # before any download
+        if stream:
+            return self._streamed(backup, passphrase, work)
         with private_directory(near) as workdir:
             path = os.path.join(workdir, "backup.encrypted")
             self.download_checked(backup, path)
@@ -297,14 +383,14 @@ class BucketReader:
             return Retrieved(fetched, work(fetched))
 
     def first_good(self, backups: list[Backup], work: Callable[[Fetched], T], *, latest: bool,
-                   near: str | None = None) -> Retrieved[T]:
+                   near: str | None = None, stream: bool = False) -> Retrieved[T]:
         """`work` on the first backup that passes. With `latest`, backups that are not usable or
         fail are skipped (the first SKIPS_NAMED said on stderr, the rest counted), reading each
         one's manifest only when it is reached; otherwise the one named must pass."""
         skipped = Skips()
         for backup in self.catalogue().walk(backups) if latest else backups:
             try:
-                retrieved = self.open(backup, work, near=near, explicit=not latest)
+                retrieved = self.open(backup, work, near=near, explicit=not latest, stream=stream)
             except VerificationError as exc:
                 if not latest:
                     raise VerificationError(f"{backup.label()}: {exc}", exc.problem) from None

@@ -33,6 +33,7 @@ BODY_ERRORS = (
 )
 
 MAX_ATTEMPTS = 5  # botocore standard retry mode: 1 try + 4 retries with backoff, per request
+MAX_RESUMES = 100  # resumptions of one body in all (ResumableBody), however much each brought
 # Seconds; overridable (BACKUP_S3_CONNECT_TIMEOUT / BACKUP_S3_READ_TIMEOUT) for slow links and
 # for tests that make an endpoint stall.
 CONNECT_TIMEOUT = 10
@@ -240,3 +241,72 @@ def read_body(action: str, get: Callable[[], Any], consume: Callable[[Any], T]) 
                   f"({attempt + 1}/{MAX_ATTEMPTS})", file=sys.stderr, flush=True)
             time.sleep(min(0.5 * 2 ** (attempt - 1), 8))
     raise AssertionError("unreachable")
+
+
+class ResumableBody:
+    """One object version's body, read front to back as one stream: when the connection breaks
+    off after the answer's headers came (botocore's retries have ended by then), the GET is sent
+    again for the rest only (Range: bytes=N-, the same VersionId, If-Match on the first answer's
+    ETag), so no byte is fetched twice and the reader never sees a seam. Up to MAX_ATTEMPTS GETs
+    in a row that bring nothing new (MAX_RESUMES resumptions in all), then a BackupError; each break is warned of on stderr.
+
+    `get(**extra)` sends the GetObject (with the caller's Bucket, Key, VersionId and error
+    translation) and returns its answer; `extra` holds Range and IfMatch on a resumption."""
+
+    def __init__(self, action: str, get: Callable[..., Any]):
+        self._action = action
+        self._get = get
+        self._body: Any = None
+        self._etag: str | None = None
+        self.position = 0  # bytes handed over so far
+        self._failures = 0  # GETs in a row that broke off before bringing a byte
+        self.resumed = 0
+
+    def _open(self) -> None:
+        extra: dict[str, str] = {}
+        if self.position:
+            extra["Range"] = f"bytes={self.position}-"
+            if self._etag:
+                extra["IfMatch"] = self._etag
+        with s3_errors(self._action):
+            answer = self._get(**extra)  # botocore retries the request itself
+        if self._etag is None:
+            self._etag = answer.get("ETag")
+        self._body = answer["Body"]
+
+    def read(self, size: int = -1) -> bytes:
+        while True:
+            if self._body is None:
+                self._open()
+            try:
+                chunk = self._body.read(size)
+            except BODY_ERRORS as exc:
+                self._broke_off(exc)
+                continue
+            if chunk:
+                self.position += len(chunk)
+                self._failures = 0
+            return chunk
+
+    read1 = read
+
+    def _broke_off(self, exc: BaseException) -> None:
+        with contextlib.suppress(Exception):
+            self._body.close()
+        self._body = None
+        self._failures += 1
+        if self._failures >= MAX_ATTEMPTS:
+            raise BackupError(f"could not {self._action}: the download broke off {MAX_ATTEMPTS} times ({exc})") from exc
+        if self.resumed >= MAX_RESUMES:
+            raise BackupError(f"could not {self._action}: the download broke off {MAX_RESUMES + 1} times in all ({exc})") from exc
+        self.resumed += 1
+        where = f"resuming from byte {self.position:,}" if self.position else "trying again"
+        print(f"warning: {self._action}: the download broke off ({type(exc).__name__}); {where} "
+              f"({self._failures + 1}/{MAX_ATTEMPTS})", file=sys.stderr, flush=True)
+        time.sleep(min(0.5 * 2 ** (self._failures - 1), 8))
+
+    def close(self) -> None:
+        if self._body is not None:
+            with contextlib.suppress(Exception):
+                self._body.close()
+            self._body = None
