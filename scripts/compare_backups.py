@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from backupkit import cli, config, s3, store
-from backupkit.config import duration_arg, format_age
+from backupkit.config import argument_type, duration_arg, format_age
 from backupkit.crypto import pick_passphrase
 from backupkit.errors import BackupError, UsageError
 from backupkit.manifest import KINDS, Backup, iso, manifest_key
@@ -102,13 +102,7 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
-def percent_arg(value: str) -> float:
-    import argparse
-
-    try:
-        return percent(value)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+percent_arg = argument_type(percent)
 
 
 def count_arg(value: str) -> int:

@@ -174,6 +174,24 @@ def test_a_profile_that_does_not_match_its_manifest_is_not_decrypted(run, pg, ap
     one_error(compare(run), "profile of the newest backup", "does not match the manifest's size and SHA-256")
 
 
+def test_a_profile_in_another_format_than_its_backup_is_not_decrypted(run, pg, app, s3server, bucket):
+    """A writer plants a backup whose manifest names, with the right size and SHA-256, a profile
+    in AES Crypt's format beside a database backup (openssl's): refused by its magic, unread."""
+    import hashlib
+
+    backup(run, pg, app, 3)
+    newest = backup(run, pg, app, 2)
+    client = s3server.client()
+    key = f"production/database/{at(1).strftime('%Y-%m-%d--%H-%M-%S')}.sql.zst.encrypted"
+    planted = b"AES\x02\x00" + b"\x00" * 64
+    version = client.put_object(Bucket=bucket, Key=key + ".profile.encrypted", Body=planted, ChecksumAlgorithm="CRC32")["VersionId"]
+    body = read_object(client, bucket, newest["key"], newest["version_id"])
+    put_with_manifest(client, bucket, key, body, {**newest, "profile": {
+        **newest["profile"], "key": key + ".profile.encrypted", "version_id": version, "size": len(planted),
+        "sha256": hashlib.sha256(planted).hexdigest()}})
+    one_error(compare(run), "profile of the newest backup", "not in the backup's format")
+
+
 @pytest.mark.parametrize("args", [
     ["--max-drop", "150%"], ["--max-drop", "ten"], ["--min-rows", "-1"], ["--window", "0d"], ["--kind", "wal"],
     ["--environment", "Production"],

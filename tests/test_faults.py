@@ -457,13 +457,19 @@ def test_restore_of_a_broken_file_commits_nothing(run, pg, sample_backup, target
     unchanged(pg, target)
 
 
+def put_damaged_version(client, bucket: str, good: dict, damage) -> str:
+    """A new version of a genuine backup's key holding its bytes passed through `damage`, and a
+    manifest for that version that is the genuine one's (so only the bytes disagree); its id."""
+    body = client.get_object(Bucket=bucket, Key=good["key"], VersionId=good["version_id"])["Body"].read()
+    bad_version = client.put_object(Bucket=bucket, Key=good["key"], Body=damage(body))["VersionId"]
+    client.put_object(Bucket=bucket, Key=good["key"] + ".manifest.json", Body=json.dumps({**good, "version_id": bad_version}).encode())
+    return bad_version
+
+
 def test_restore_of_a_corrupt_version_in_the_bucket(run, pg, sample_db, s3server, bucket, target):
     """A newer version whose bytes do not match its manifest: --key refuses it, --latest skips it."""
     good = database_backup(run, pg=pg, sample_db=sample_db)
-    client = s3server.client()
-    body = client.get_object(Bucket=bucket, Key=good["key"], VersionId=good["version_id"])["Body"].read()
-    bad_version = client.put_object(Bucket=bucket, Key=good["key"], Body=flip_middle_byte(body))["VersionId"]
-    client.put_object(Bucket=bucket, Key=good["key"] + ".manifest.json", Body=json.dumps({**good, "version_id": bad_version}).encode())
+    bad_version = put_damaged_version(s3server.client(), bucket, good, flip_middle_byte)
 
     done = run("restore_database.py", "--key", good["key"], "--version-id", bad_version, "--replace",
                "--target-database-url", pg.url(target))
@@ -486,12 +492,12 @@ def test_restore_streamed_from_the_bucket_commits_nothing_with_a_corrupt_byte_an
     its end: one flipped byte early (zstd fails at once), in the middle, or in openssl's last block
     (its padding) fails the restore, named as a corrupted download, and nothing is committed."""
     good = database_backup(run, pg=pg, sample_db=sample_db)
-    client = s3server.client()
-    body = bytearray(client.get_object(Bucket=bucket, Key=good["key"], VersionId=good["version_id"])["Body"].read())
-    at = int(len(body) * where) if isinstance(where, float) else where % len(body)
-    body[at] ^= 0x01
-    bad_version = client.put_object(Bucket=bucket, Key=good["key"], Body=bytes(body))["VersionId"]
-    client.put_object(Bucket=bucket, Key=good["key"] + ".manifest.json", Body=json.dumps({**good, "version_id": bad_version}).encode())
+
+    def flip(data: bytes) -> bytes:
+        at = int(len(data) * where) if isinstance(where, float) else where % len(data)
+        return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+
+    bad_version = put_damaged_version(s3server.client(), bucket, good, flip)
     done = run("restore_database.py", "--key", good["key"], "--version-id", bad_version, "--replace",
                "--target-database-url", pg.url(target))
     assert done.returncode == 1

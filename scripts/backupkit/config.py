@@ -10,11 +10,15 @@ import argparse
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from .errors import UsageError
 from .output import shown
+
+T = TypeVar("T")
 
 ENVIRONMENT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -97,12 +101,19 @@ def parse_duration(value: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def duration_arg(value: str) -> timedelta:
-    """argparse `type=` wrapper: a bad duration is a usage error (exit 2)."""
-    try:
-        return parse_duration(value)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def argument_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """`parse` as an argparse `type=`: the UsageError it raises is argparse's usage error (exit 2)."""
+
+    def convert(value: str) -> T:
+        try:
+            return parse(value)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+duration_arg = argument_type(parse_duration)
 
 
 def format_age(delta: timedelta) -> str:

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import child_env
-from .crypto import AESCRYPT_FORMAT, AESCRYPT_MAGIC, OPENSSL_FORMAT, OPENSSL_MAGIC, openssl_args, passphrase_pipe
+from .crypto import AESCRYPT_FORMAT, OPENSSL_FORMAT, openssl_args, passphrase_pipe
 from .errors import BackupError, Problem, VerificationError
+from .formats import MAGIC_READ, detect_encryption
 from .manifest import PROFILE_SUFFIX, profile_key, profile_problem, valid_size  # noqa: F401 - the profile's names live with the manifest that checks them
 from .output import shown
 from .streams import CHUNK, Tally
@@ -284,7 +285,6 @@ class ArchiveEntries:
         self._file = os.fdopen(unnamed_file(tempfile.gettempdir()), "w+b")
         self._sink = EncryptingSink(passphrase, self._file.write)
         self._pending = bytearray()
-        self._lock = threading.Lock()
         self._write(header("files", backup_key))
 
     def _write(self, entry: dict[str, Any]) -> None:
@@ -360,9 +360,8 @@ def download_profile(client: Any, bucket: str, manifest: dict[str, Any], path: s
         raise VerificationError(f"its profile {where} does not match the manifest's size and SHA-256: corrupted",
                                 Problem.CORRUPT)
     with open(path, "rb") as handle:
-        head = handle.read(8)
-    found = OPENSSL_FORMAT if head.startswith(OPENSSL_MAGIC) else AESCRYPT_FORMAT if head.startswith(AESCRYPT_MAGIC) else None
-    if found != manifest["encryption"]:
+        found = detect_encryption(handle.read(MAGIC_READ))
+    if found is None or found.name != manifest["encryption"]:
         raise VerificationError(f"its profile is not in the backup's format {manifest['encryption']}", Problem.BAD_CONTENT)
 
 
