@@ -20,6 +20,13 @@ from dev.measure import Poller
 WATCHED = ("pg_dump", "psql", "openssl")
 
 
+def _comm(pid: int) -> str:
+    """The process's name as the kernel has it now (/proc/PID/comm, set by exec; psutil caches
+    name(), so it cannot tell an exec between two reads)."""
+    with open(f"/proc/{pid}/comm") as handle:
+        return handle.read().rstrip("\n")
+
+
 @dataclass(frozen=True)
 class Seen:
     pid: int
@@ -49,10 +56,13 @@ class ProcWatch(Poller):
             return
         for proc in children:
             try:
+                before = _comm(proc.pid)
                 cmdline = tuple(proc.cmdline())
                 environ = tuple(sorted(proc.environ().items()))
                 name = proc.name()
-            except psutil.Error:
+                if _comm(proc.pid) != before:
+                    continue  # it exec'd while being read: argv and environment may be either program's
+            except (psutil.Error, OSError):
                 continue
             if not cmdline or not environ:
                 # Exiting: /proc no longer shows argv or environment (our children always get at
