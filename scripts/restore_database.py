@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from backupkit import cli, config, store
+from backupkit.crypto import start_key_ids
 from backupkit.dump_restore import Restored, add_restore_args, check_restore_target, restore_dump, restore_options
 from backupkit.errors import BackupError, UsageError
 from backupkit.output import md_code, shown
@@ -103,12 +104,14 @@ def main(argv: list[str]) -> int:
     if not args.target_database_url:
         raise UsageError("no target database: set TARGET_DATABASE_URL or pass --target-database-url")
     passphrases = config.passphrases()
+    start_key_ids(passphrases)  # PBKDF2, in a thread: ready by the time the manifest names one
     psql = client_binary("psql", explicit=args.psql)
     if args.file:
         local_format(args.file, "database")
     else:
         environment = config.environment_name(args.environment)
         bucket = config.bucket_name(args.bucket)
+        client = store.external_store_soon()  # made while psql checks the target
     options = restore_options(args)
     tables = check_restore_target(target, psql, options)
     if tables and not args.replace:
@@ -140,7 +143,7 @@ def main(argv: list[str]) -> int:
     if args.file:
         retrieved = open_local(args.file, "database", passphrases, restore, require_manifest=not args.without_manifest)
     else:
-        reader = BucketReader(store.external_store(), bucket, environment, "database", passphrases)
+        reader = BucketReader(client.result(), bucket, environment, "database", passphrases)
         candidates = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
         retrieved = reader.first_good(candidates, restore, latest=args.latest, stream=True)
     report(retrieved, target, psql, args.json)

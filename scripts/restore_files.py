@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
     else:
         reader = BucketReader(store.external_store(), bucket, environment, "files", passphrases)
         options = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
-        retrieved = reader.first_good(options, restore, latest=args.latest)
+        retrieved = reader.first_good(options, restore, latest=args.latest, stream=True)
     report(args, retrieved, f"s3://{target_bucket}/{prefix}", time.monotonic() - began)
     return 0
 

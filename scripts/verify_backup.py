@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Verify backups: download (a database backup streamed), check against the manifest, decrypt
-without writing plaintext to disk, check the content; optionally restore a database backup into a scratch database."""
+"""Verify backups: download (streamed, checked against the manifest at its end), decrypt
+without writing anything to disk, check the content; optionally restore a database backup into a scratch database."""
 
 from __future__ import annotations
 
@@ -156,7 +156,6 @@ def main(argv: list[str]) -> int:
     reader = BucketReader(store.external_store(), bucket, environment, args.kind, passphrases)
     results: list[dict[str, Any]] = []
     skipped = Skips()
-    streams = args.kind == "database"  # read as it downloads, checked at its end (a files backup: downloaded first)
 
     def work(fetched: Fetched) -> dict[str, Any]:
         return check(fetched, target, psql, limits)
@@ -169,7 +168,7 @@ def main(argv: list[str]) -> int:
         for backup in backups:
             log(f"verifying {backup.label()}")
             try:
-                results.append(outcome(backup, True, reader.open(backup, work, stream=streams).result))
+                results.append(outcome(backup, True, reader.open(backup, work, stream=True).result))
             except VerificationError as exc:
                 results.append(outcome(backup, False, reason=str(exc), problem=exc.problem))
             if not args.json and len(results) <= SHOWN_RESULTS:
@@ -179,7 +178,7 @@ def main(argv: list[str]) -> int:
     else:
         options = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)
         try:
-            retrieved = reader.first_good(options, work, latest=args.latest, stream=streams)
+            retrieved = reader.first_good(options, work, latest=args.latest, stream=True)
             backup = retrieved.fetched.backup
             skipped = retrieved.skipped
             results.append(outcome(backup, True, retrieved.result))

@@ -104,11 +104,14 @@ def read_archive(fetched: Fetched, keep: int | None = None,
     handle = open(keep, "wb", closefd=False) if keep is not None else None
     sink = _ArchiveSink(handle, progress)
     try:
-        with open(fetched.path, "rb") as source:
-            if fetched.encryption == "zip":
-                copy(source, sink.write)
-            else:
-                formats.encryption_named(fetched.encryption).decrypt(source, sink, fetched.passphrase)
+        if fetched.body is not None:
+            _decrypt_download(fetched, sink)
+        else:
+            with open(fetched.path, "rb") as source:
+                if fetched.encryption == "zip":
+                    copy(source, sink.write)
+                else:
+                    formats.encryption_named(fetched.encryption).decrypt(source, sink, fetched.passphrase)
     finally:
         if handle is not None:
             handle.close()
@@ -128,6 +131,23 @@ def read_archive(fetched: Fetched, keep: int | None = None,
         raise VerificationError(f"the ZIP holds {len(members)} members, the manifest says {expected} objects: "
                                 "incomplete archive", Problem.BAD_CONTENT)
     return ArchiveContents(members, sink.tally.size)
+
+
+def _decrypt_download(fetched: Fetched, sink: _ArchiveSink) -> None:
+    """Decrypt a backup as it downloads (`fetched.body`), then check the download against the
+    manifest (size, SHA-256). When the decryption or the ZIP checks fail, the download is read
+    to its end and checked first: a corrupted download is named as such, as when it was
+    downloaded whole before decrypting."""
+    body = fetched.body
+    assert body is not None
+    try:
+        formats.encryption_named(fetched.encryption).decrypt(body, sink, fetched.passphrase)
+    except VerificationError:
+        body.drain()
+        body.check()
+        raise
+    body.drain()
+    body.check()
 
 
 def unsafe_name(member: ArchiveMember) -> str | None:

@@ -5,8 +5,9 @@ through here, so it is hardened once.
 writer chose), and `open()`s one: it picks the passphrase named by the manifest's key_id (an
 unknown one is refused before anything is downloaded), downloads into a private temporary
 directory with the manifest's size as a ceiling, checks size and SHA-256, and only then hands a
-`Fetched` file to the caller's `work`; or, with `stream=True` (the database readers), hands `work`
-the download as it arrives, which the reader checks at its end, before anything is committed. `first_good()` runs that over the candidates: with
+`Fetched` file to the caller's `work` (fetch_backup.py); or, with `stream=True` (every reader that
+decrypts: restores and verify), hands `work` the download as it arrives, which the reader checks
+at its end, before anything is committed or uploaded. `first_good()` runs that over the candidates: with
 `--latest` a backup that fails or cannot be read is skipped (the reason comes back as data, a
 `Skip`; a flood of them is counted, not said line by line), and manifests are read only as far as
 it goes; otherwise the first failure is final. `--key` names one version: a key with several is
@@ -121,8 +122,9 @@ class CheckedBody:
         self._abandoned = False
         self.checked = False
 
-    def peek(self, size: int) -> bytes:
-        """The first `size` bytes (fewer if the object is shorter), read again by the next reads."""
+    def first_bytes(self, size: int) -> bytes:
+        """The first `size` bytes (fewer if the object is shorter), read again by the next reads.
+        (Not `peek`: readers such as pyAesCrypt take an object with `peek` for a buffered file.)"""
         while len(self._front) < size and (more := self._take(size - len(self._front))):
             self._front += more
         return self._front[:size]
@@ -137,7 +139,8 @@ class CheckedBody:
 
     def read(self, size: int = CHUNK) -> bytes:
         if self._front:
-            data, self._front = self._front, b""
+            cut = size if 0 < size < len(self._front) else len(self._front)
+            data, self._front = self._front[:cut], self._front[cut:]
             return data
         if self._abandoned:
             return b""
@@ -334,7 +337,7 @@ class BucketReader:
         manifest = backup.manifest
         body = CheckedBody(self.body(backup), backup)
         try:
-            detected = formats.detect_encryption(body.peek(formats.MAGIC_READ))
+            detected = formats.detect_encryption(body.first_bytes(formats.MAGIC_READ))
             found = detected.name if detected else None
             if found != manifest["encryption"]:
                 body.drain()
@@ -355,8 +358,9 @@ class BucketReader:
              explicit: bool = False, stream: bool = False) -> Retrieved[T]:
         """Check `backup`, download it into a private directory (beside `near` when given), check
         it against its manifest, and run `work(fetched)`; the directory is removed afterwards.
-        With `stream` (a database backup's readers: dump_reader.DumpReader), nothing is written to
-        disk: `work` reads it as it downloads, and its reader checks size and SHA-256 at the end.
+        With `stream` (the readers that decrypt: dump_reader.DumpReader, archive_read.read_archive),
+        the ciphertext is not written to disk: `work` reads it as it downloads, and its reader checks
+        size and SHA-256 at the end.
         Raises VerificationError (with its Problem) when the backup is not fit to use."""
         if not backup.checked:
             self.catalogue().check([backup], read_archived=explicit)
