@@ -333,3 +333,26 @@ def test_an_interrupted_restore_says_how_many_objects_are_in_and_a_rerun_finishe
     assert done.returncode == 0, done.stderr
     assert result["identical"] == in_target and result["uploaded"] == count - in_target
     assert len(snapshot(client, target)) == count
+
+
+@pytest.mark.parametrize("listing", ["allowed", "denied"])
+def test_a_listing_of_the_target_spares_the_heads_of_keys_it_does_not_hold(run, s3server, backed_up, listing):
+    """The target is listed while the backup downloads: into an empty target no key is HEADed;
+    where the listing is refused, every key is HEADed instead, with the same result. A rerun
+    HEADs the keys the target now holds (to tell identical from changed)."""
+    from tests.faultproxy import FaultProxy
+
+    target = new_bucket(s3server, "restored")
+    with FaultProxy(s3server.endpoint, seed=1) as proxy:
+        if listing == "denied":
+            proxy.add("ListObjects", fault="403-denied")
+        via = {"AWS_ENDPOINT_URL": proxy.endpoint}
+        result, done = restore(run, "--latest", "--target-bucket", target, env=via)
+        assert done.returncode == 0, done.stderr
+        assert (result["new"], result["uploaded"]) == (5, 5)
+        assert proxy.count("HeadObject") == (0 if listing == "allowed" else 5)
+        result, done = restore(run, "--latest", "--target-bucket", target, env=via)
+        assert done.returncode == 0, done.stderr
+        assert (result["identical"], result["uploaded"]) == (5, 0)
+        assert proxy.count("HeadObject") == (5 if listing == "allowed" else 10)
+    assert snapshot(s3server.client(), target) == expected_snapshot(SAMPLE)

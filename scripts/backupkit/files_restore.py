@@ -21,7 +21,7 @@ from .output import log, shown
 from .progress import Progress
 from .retrieve import Fetched, private_directory
 from .streams import CHUNK
-from .threads import DaemonPool
+from .threads import DaemonPool, in_background
 
 WORKERS = 8  # uploads (and HEADs) in flight
 NEW, CHANGED, IDENTICAL = "new", "changed", "identical"
@@ -117,7 +117,32 @@ def same_bytes(plaintext: int, item: Item, etag: str) -> bool:
     return any(hasher.etag() == etag for hasher in hashers)
 
 
-def classify(client: Any, bucket: str, plaintext: int, item: Item) -> str:
+# A listing of the target is read beside the download, so that keys it does not hold need no
+# HEAD; it stops (and every key is HEADed, as without it) past this many keys.
+LISTING_CEILING = 200_000
+
+
+def keys_in_target(client: Any, bucket: str, prefix: str, ceiling: int) -> frozenset[str] | None:
+    """The keys under `prefix` in the target, listed page by page: a member whose key is not
+    among them is NEW without a HEAD (2,048 HEADs cost a few seconds; a page of 1,000 keys is one
+    request). None when there are more than `ceiling` keys or this identity may not list: then
+    `classify` HEADs every key."""
+    keys: set[str] = set()
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys.update(listed["Key"] for listed in page.get("Contents", []))
+            if len(keys) > ceiling:
+                return None
+    except Exception:  # noqa: BLE001 - AccessDenied or any failure: classify HEADs every key instead
+        return None
+    return frozenset(keys)
+
+
+def classify(client: Any, bucket: str, plaintext: int, item: Item, listed: frozenset[str] | None = None) -> str:
+    """NEW, CHANGED or IDENTICAL: by the target's listing when it does not hold the key, by a HEAD
+    (size, metadata, attributes) and the ETag of the member's bytes otherwise."""
+    if listed is not None and item.key not in listed:
+        return NEW
     try:
         head = client.head_object(Bucket=bucket, Key=item.key)
     except Exception as exc:
@@ -230,6 +255,12 @@ class Restore:
         # 0700: the decrypted archive lives here, in a file that has no name
         with private_directory(prefix="restore-files-") as workdir, plaintext_file(fetched, workdir) as plaintext:
             plain = fetched.encryption == "zip"
+            expected = (fetched.manifest or {}).get("source", {}).get("object_count")
+            # listed while the backup downloads; not for --only, which may pick a few keys of many
+            listing = None if self.only else in_background(
+                keys_in_target, self.client, self.bucket, self.prefix,
+                min(LISTING_CEILING, max(1000, 2 * expected)) if isinstance(expected, int) else LISTING_CEILING // 10,
+                name="list-target")
             total = (fetched.manifest or {}).get("plaintext_size") or os.path.getsize(fetched.path)
             progress = Progress("checked" if plain else "decrypted", total_bytes=total)
             log(f"{'checking' if plain else 'decrypting'} {fetched.label}")
@@ -239,7 +270,8 @@ class Restore:
             for left_out in unsafe:
                 log(f"warning: not restored: '{shown(left_out['name'])}': {left_out['reason']}")
             log(f"comparing {len(items)} members of {fetched.label} with s3://{self.bucket}/{shown(self.prefix)}")
-            run_pool(items, lambda item: setattr(item, "action", classify(self.client, self.bucket, plaintext, item)))
+            listed = listing.result() if listing is not None else None
+            run_pool(items, lambda item: setattr(item, "action", classify(self.client, self.bucket, plaintext, item, listed)))
             todo = [item for item in items if item.action != IDENTICAL]
             self.todo = len(todo)
             extra = (not_in_backup(self.client, self.bucket, self.prefix, self.only, {m.name for m in contents.members})
