@@ -29,9 +29,11 @@ from moto.server import main
 def _listing_copy(self: FakeKey, memo: dict[int, Any]) -> FakeKey:
     self.etag  # noqa: B018 - computed from the bytes and kept on the original, so the copy has it
     copied = object.__new__(type(self))
-    copied.__dict__.update(self.__dict__)
-    copied._value_buffer = tempfile.SpooledTemporaryFile(self._max_buffer_size)  # its own: disposing it closes only that
-    copied.lock = threading.Lock()
+    copied.__dict__.update(
+        self.__dict__,
+        _value_buffer=tempfile.SpooledTemporaryFile(self._max_buffer_size),  # its own: disposing it closes only that
+        lock=threading.Lock(),
+    )
     memo[id(self)] = copied
     return copied
 
