@@ -229,7 +229,7 @@ class Restore:
     def __call__(self, fetched: Fetched) -> dict[str, Any]:
         # 0700: the decrypted archive lives here, in a file that has no name
         with private_directory(prefix="restore-files-") as workdir, plaintext_file(fetched, workdir) as plaintext:
-            plain = fetched.encryption == "zip"
+            plain = not fetched.encryption.encrypts
             total = (fetched.manifest or {}).get("plaintext_size") or os.path.getsize(fetched.path)
             progress = Progress("checked" if plain else "decrypted", total_bytes=total)
             log(f"{'checking' if plain else 'decrypting'} {fetched.label}")

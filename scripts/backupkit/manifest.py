@@ -155,7 +155,7 @@ def build_manifest(
         "version_id": version_id,
         "started_at": iso(started_at),
         "completed_at": iso(completed_at),
-        "encryption": formats.of_kind(kind)[0].encryption.name,
+        "encryption": formats.default(kind).encryption.name,
         **(compression or ({"compression": formats.uncompressed(kind).compression.name} if kind == "database" else {})),
         "key_id": key_id,
         "encrypted_size": encrypted_size,
