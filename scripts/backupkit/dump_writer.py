@@ -58,7 +58,7 @@ class DumpWriter:
             # the dump every core is busy, and it would delay the dump by as much.
             crypto.start_key_ids([self.passphrase])
             upload.flush()
-            profile = send_database_profile(profile_upload, key, rows, self.passphrase)  # completed after the backup
+            profile = send_database_profile(profile_upload, key, rows, self.fmt.encryption, self.passphrase)  # completed after the backup
             key_id = crypto.key_id(self.passphrase)
             progress.done()
             # From here a signal no longer stops the backup half-way: it is completed with its manifest.
