@@ -65,4 +65,5 @@ class DumpWriter:
             return last.run(client.result() if hasattr(client, "result") else client, lambda: for_upload(
                 upload, plaintext, kind=self.fmt.kind, environment=environment, started_at=started_at, key_id=key_id,
                 source=source, compression=self.fmt.manifest_compression(compressed), profile=profile.field(),
+                encryption=self.fmt.encryption.name,
             ), before_manifest=(profile_upload,))
