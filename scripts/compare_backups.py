@@ -11,7 +11,6 @@ from typing import Any
 
 from backupkit import cli, config, s3, store
 from backupkit.config import argument_type, duration_arg, format_age
-from backupkit.crypto import pick_passphrase
 from backupkit.errors import BackupError, UsageError
 from backupkit.manifest import KINDS, Backup, iso, manifest_key
 from backupkit.output import log, md_code, shown
@@ -136,8 +135,8 @@ class Profiles:
 
     def read(self, backup: Backup, consume: Any) -> Any:
         manifest = backup.manifest
-        passphrase = pick_passphrase(manifest["key_id"], self.reader.passphrases or [])
-        return read_profile(self.reader.client, self.reader.bucket, manifest, passphrase, self.directory, consume)
+        return read_profile(self.reader.client, self.reader.bucket, manifest, self.reader.secret_for(manifest),
+                            self.directory, consume)
 
 
 def table_rows(entries: Any) -> dict[str, int]:

@@ -94,8 +94,8 @@ def main(argv: list[str]) -> int:
     target_bucket = config.bucket_name(args.target_bucket, "target bucket", "set TARGET_BUCKET or pass --target-bucket")
     prefix = args.target_prefix or ""
     if args.file:
-        fmt = local_format(args.file, "files", plain_zip=True)
-        passphrases = config.passphrases() if fmt != "zip" else []
+        encryption = local_format(args.file, "files", plain=True)
+        passphrases = config.passphrases() if encryption.encrypts else []
     else:
         environment = config.environment_name(args.environment)
         bucket = config.bucket_name(args.bucket)
@@ -107,7 +107,7 @@ def main(argv: list[str]) -> int:
     restore = Restore(target, target_bucket, prefix, args.only, args.dry_run, args.skip_unsafe_names)
     cli.on_interrupt(restore.interrupted)
     if args.file:
-        retrieved = open_local(args.file, "files", passphrases, restore, require_manifest=False, plain_zip=True)
+        retrieved = open_local(args.file, "files", passphrases, restore, require_manifest=False, plain=True)
     else:
         reader = BucketReader(store.external_store(), bucket, environment, "files", passphrases)
         options = reader.candidates(latest=args.latest, key=args.key, version_id=args.version_id)

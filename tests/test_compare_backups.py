@@ -294,7 +294,7 @@ def test_a_week_of_hourly_profiles_is_compared_in_seconds_without_downloading_a_
 
     from backupkit import crypto
     from backupkit.manifest import backup_key, build_manifest, write_manifest
-    from backupkit.profile import lines, openssl_encrypt, profile_key
+    from backupkit.profile import encrypt_profile, lines, profile_key
 
     client = s3server.client()
     key_id = crypto.key_id(PASSPHRASE)
@@ -304,7 +304,7 @@ def test_a_week_of_hourly_profiles_is_compared_in_seconds_without_downloading_a_
         started = now - timedelta(minutes=17 * (168 - i))
         key = backup_key("production", "database", started)
         tables = [{"table": f"public.t{n:02}", "rows": 1000 + i + n, "bytes": 50_000} for n in range(60)]
-        profile = openssl_encrypt(lines("database", key, tables), PASSPHRASE)
+        profile = encrypt_profile(crypto.OPENSSL, lines("database", key, tables), PASSPHRASE)
         profile_version = client.put_object(Bucket=bucket, Key=profile_key(key), Body=profile, ChecksumAlgorithm="CRC32")["VersionId"]
         body = b"Salted__" + os.urandom(24)  # never read: a download would fail its checks
         version = client.put_object(Bucket=bucket, Key=key, Body=body, ChecksumAlgorithm="CRC32")["VersionId"]

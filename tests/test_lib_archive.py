@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backupkit import archive_read, archive_write, attributes
+from backupkit import archive_read, archive_write, attributes, formats
 from backupkit.attributes import (
     METADATA_LIMIT,
     REQUEST_HEADER_LIMIT,
@@ -136,7 +136,7 @@ def read_back(zip_bytes: bytes) -> archive_read.ArchiveContents:
     with tempfile.NamedTemporaryFile(suffix=".zip") as handle:
         handle.write(zip_bytes)
         handle.flush()
-        return archive_read.read_archive(Fetched(handle.name, "", "zip", None, None, "test.zip"))
+        return archive_read.read_archive(Fetched("files", handle.name, "", formats.plain("files").encryption, None, None, "test.zip"))
 
 
 # -- the properties -----------------------------------------------------------------------------

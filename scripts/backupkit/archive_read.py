@@ -15,13 +15,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
 
-from . import formats
 from .attributes import decode_attributes
 from .errors import Problem, VerificationError
 from .manifest import check_plaintext
 from .output import has_unsafe_characters, shown
 from .retrieve import Fetched
-from .streams import Tally, copy
+from .streams import Tally
 from .zipcheck import ZipStreamChecker
 
 
@@ -86,7 +85,7 @@ def unnamed_file(directory: str) -> int:
 def plaintext_file(fetched: Fetched, directory: str) -> Iterator[int]:
     """A descriptor for the ZIP a restore reads its members from: the plain ZIP it was given, or
     an `unnamed_file` in `directory` for the archive it decrypts (closed, and so gone, on exit)."""
-    descriptor = os.open(fetched.path, os.O_RDONLY) if fetched.encryption == "zip" else unnamed_file(directory)
+    descriptor = unnamed_file(directory) if fetched.encryption.encrypts else os.open(fetched.path, os.O_RDONLY)
     try:
         yield descriptor
     finally:
@@ -104,14 +103,12 @@ def read_archive(fetched: Fetched, keep: int | None = None,
     handle = open(keep, "wb", closefd=False) if keep is not None else None
     sink = _ArchiveSink(handle, progress)
     try:
+        assert fetched.encryption.decrypt is not None, f"{fetched.encryption.name} does not decrypt in process"
         if fetched.body is not None:
             _decrypt_download(fetched, sink)
         else:
             with open(fetched.path, "rb") as source:
-                if fetched.encryption == "zip":
-                    copy(source, sink.write)
-                else:
-                    formats.encryption_named(fetched.encryption).decrypt(source, sink, fetched.passphrase)
+                fetched.encryption.decrypt(source, sink, fetched.secret)
     finally:
         if handle is not None:
             handle.close()
@@ -141,7 +138,8 @@ def _decrypt_download(fetched: Fetched, sink: _ArchiveSink) -> None:
     body = fetched.body
     assert body is not None
     try:
-        formats.encryption_named(fetched.encryption).decrypt(body, sink, fetched.passphrase)
+        assert fetched.encryption.decrypt is not None
+        fetched.encryption.decrypt(body, sink, fetched.secret)
     except VerificationError:
         body.drain()
         body.check()

@@ -216,8 +216,8 @@ class EncryptingSink:
     """
 
     def __init__(self, passphrase: str, out: Callable[[bytes], Any], buffer_size: int = AESCRYPT_BUFFER,
-                 fmt: formats.Format = formats.FILES):
-        self._encrypt_stream = fmt.encryption.encrypt
+                 fmt: formats.Format | None = None):
+        self._encrypt_stream = (fmt or formats.default("files")).encryption.encrypt
         self.plaintext = Tally()
         self._out = out
         self._error: BaseException | None = None

@@ -1,8 +1,9 @@
 """Encryptions, one `Encryption` entry each (formats.py puts them in backup formats): openssl
 `enc -aes-256-cbc -pbkdf2` for dumps (a pipeline stage), AES Crypt v2 for archives (in process).
 
-Also the passphrase's `key_id` (names a passphrase without revealing it) and the choice of the
-passphrase a backup needs.
+Also the passphrase's `key_id` (names a passphrase without revealing it) and the rule that picks
+the passphrase a backup needs (`pick_passphrase`, today's entries' `pick_secret`), and `PLAIN_ZIP`,
+the identity a local, already decrypted archive is read through (never a backup's format).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from typing import Any, BinaryIO
 from .config import child_env
 from .errors import Problem, UsageError, VerificationError
 from .pipeline import Pipeline, Stage
+from .streams import copy
 from .threads import DaemonPool
 
 OPENSSL_MAGIC = b"Salted__"
 AESCRYPT_MAGIC = b"AES"
+ZIP_MAGIC = b"PK\x03\x04"  # a ZIP's first local header: how an already decrypted archive starts
 OPENSSL_FORMAT = "openssl-aes-256-cbc-pbkdf2"
 AESCRYPT_FORMAT = "aescrypt-v2"
 # openssl's own defaults for -pbkdf2 (3.x), spelled out so an older openssl cannot differ.
@@ -162,13 +165,23 @@ def aescrypt_decrypt(reader: BinaryIO, writer: Any, passphrase: str) -> None:
                                 Problem.UNDECRYPTABLE) from None
 
 
+def unchanged(reader: BinaryIO, writer: Any, secret: str = "") -> None:
+    """PLAIN_ZIP's "decryption": the bytes as they are."""
+    copy(reader, writer.write)
+
+
 @dataclass(frozen=True)
 class Encryption:
     """One way of encrypting a backup: `name` is the manifest's "encryption" value, `magic` how
     its files start, `looks_like` what a file that is not one lacks (for the refusal of --file).
     A stream cipher run as a pipeline stage has `start` (and `write_failed`, what it says when
     the stage after it stopped reading: that stage's failure is the cause); one run in process
-    has `encrypt` and `decrypt` (reader → writer)."""
+    has `encrypt` and `decrypt` (reader → writer). `pick_secret(key_id, candidates)` is its rule
+    for the secret a backup needs: the manifest's key_id and the secrets given (the passphrases
+    of EXTERNAL_BACKUP_ENCRYPTION_KEY and _PREVIOUS, current first) in, the one to decrypt with
+    out (or VerificationError, Problem.UNKNOWN_PASSPHRASE); readers hand it to `start` or
+    `decrypt` as it is (retrieve.Fetched.secret). `encrypts` is False only for the identity a
+    local plaintext is read through (PLAIN_ZIP), which no manifest and no bucket reader accepts."""
 
     name: str
     magic: bytes
@@ -178,8 +191,13 @@ class Encryption:
     write_failed: str | None = None
     encrypt: Callable[..., None] | None = None
     decrypt: Callable[..., None] | None = None
+    pick_secret: Callable[[str, list[str]], str] = pick_passphrase
+    encrypts: bool = True
 
 
 OPENSSL = Encryption(OPENSSL_FORMAT, OPENSSL_MAGIC, "no 'Salted__' header", start=start_openssl,
                      write_failed=OPENSSL_WRITE_FAILED)
 AESCRYPT = Encryption(AESCRYPT_FORMAT, AESCRYPT_MAGIC, "AES Crypt", encrypt=aescrypt_encrypt, decrypt=aescrypt_decrypt)
+# restore_files.py --file also takes the archive already decrypted (decrypt.py's output): read
+# through this identity, checked as any archive is, but never a backup format (formats.register_plain).
+PLAIN_ZIP = Encryption("none", ZIP_MAGIC, "a ZIP", suffix="", decrypt=unchanged, encrypts=False)

@@ -79,13 +79,13 @@ class DumpReader:
 
     def __init__(self, pipeline: Pipeline, fetched: Fetched):
         self._pipeline = pipeline
-        self._encryption = formats.encryption_named(fetched.encryption)
-        assert self._encryption.start is not None, f"{fetched.encryption} is not a pipeline stage"
+        self._encryption = fetched.encryption
+        assert self._encryption.start is not None, f"{fetched.encryption.name} is not a pipeline stage"
         self.body = fetched.body
         if self.body is None:
-            self.decrypt = self._encryption.start(pipeline, fetched.passphrase, decrypt=True, infile=fetched.path)
+            self.decrypt = self._encryption.start(pipeline, fetched.secret, decrypt=True, infile=fetched.path)
         else:  # streamed from the bucket: fed to the decryption as it downloads, hashed on the way
-            self.decrypt = self._encryption.start(pipeline, fetched.passphrase, decrypt=True, stdin=subprocess.PIPE)
+            self.decrypt = self._encryption.start(pipeline, fetched.secret, decrypt=True, stdin=subprocess.PIPE)
             pipeline.pump(self.body, _Draining(self.decrypt.stdin))
         self.decompress = None
         first = b""

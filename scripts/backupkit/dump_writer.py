@@ -58,11 +58,12 @@ class DumpWriter:
             # the dump every core is busy, and it would delay the dump by as much.
             crypto.start_key_ids([self.passphrase])
             upload.flush()
-            profile = send_database_profile(profile_upload, key, rows, self.passphrase)  # completed after the backup
+            profile = send_database_profile(profile_upload, key, rows, self.fmt.encryption, self.passphrase)  # completed after the backup
             key_id = crypto.key_id(self.passphrase)
             progress.done()
             # From here a signal no longer stops the backup half-way: it is completed with its manifest.
             return last.run(client.result() if hasattr(client, "result") else client, lambda: for_upload(
                 upload, plaintext, kind=self.fmt.kind, environment=environment, started_at=started_at, key_id=key_id,
                 source=source, compression=self.fmt.manifest_compression(compressed), profile=profile.field(),
+                encryption=self.fmt.encryption.name,
             ), before_manifest=(profile_upload,))

@@ -254,7 +254,7 @@ class Restore:
     def __call__(self, fetched: Fetched) -> dict[str, Any]:
         # 0700: the decrypted archive lives here, in a file that has no name
         with private_directory(prefix="restore-files-") as workdir, plaintext_file(fetched, workdir) as plaintext:
-            plain = fetched.encryption == "zip"
+            plain = not fetched.encryption.encrypts
             expected = (fetched.manifest or {}).get("source", {}).get("object_count")
             # listed while the backup downloads; not for --only, which may pick a few keys of many
             listing = None if self.only else in_background(

@@ -4,7 +4,13 @@ both directions (`start_writing` here; dump_reader.py and archive_read.py read i
 
 Readers find a backup's format here, from its manifest, its key or its first bytes; nothing else
 tests "zstd" or a suffix by name. A new compression is a `Compression` entry and one `register`
-line (tests/test_lib_formats.py adds one in a test only); a new encryption, an `Encryption` entry.
+line (tests/test_lib_formats.py adds one in a test only); a new encryption, an `Encryption` entry
+(its stages and its rule for the secret it needs) and its `register` lines, `default=True` to
+write new backups in it (tests/test_lib_encryption_seam.py adds one in a test only).
+
+`register_plain` names what a kind's plaintext looks like where a reader accepts it already
+decrypted (restore_files.py --file takes a plain ZIP): an identity `Encryption` that no manifest,
+key or bucket reader ever accepts.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from .compression import NONE, ZSTD, Compression
-from .crypto import AESCRYPT, OPENSSL, Encryption
+from .crypto import AESCRYPT, OPENSSL, PLAIN_ZIP, Encryption
 from .pipeline import Pipeline
 from .streams import Tally
 
@@ -58,20 +64,42 @@ class Format:
 
 
 _formats: list[Format] = []
+_plain: list[Format] = []
 
 
-def register(fmt: Format) -> Format:
-    """Add a format (a kind's first is its default; a compression's first format names it)."""
+def register(fmt: Format, *, default: bool = False) -> Format:
+    """Add a format (a kind's first is its default, what new backups are written in; a
+    compression's first format names it). `default`: put it first."""
+    if not fmt.encryption.encrypts:
+        raise ValueError(f"{fmt.encryption.name} does not encrypt: a backup format must (register_plain)")
     if any(f.suffix == fmt.suffix or (f.kind, f.compression.name, f.encryption.name) ==
            (fmt.kind, fmt.compression.name, fmt.encryption.name) for f in _formats):
         raise ValueError(f"a format with suffix {fmt.suffix} or the same kind, compression and encryption exists")
-    _formats.append(fmt)
+    if default:
+        _formats.insert(0, fmt)
+    else:
+        _formats.append(fmt)
     return fmt
 
 
 def unregister(fmt: Format) -> None:
     """Take a format out again (a test's own)."""
     _formats.remove(fmt)
+
+
+def register_plain(fmt: Format) -> Format:
+    """Add what `fmt.kind`'s plaintext is when a local file is accepted already decrypted: its
+    encryption the identity (`encrypts` False). Never a backup format: no manifest, key or
+    bucket reader knows it; only `plain(kind)` hands it out."""
+    if fmt.encryption.encrypts or plain(fmt.kind) is not None:
+        raise ValueError(f"{fmt.kind}'s plaintext is registered, or {fmt.encryption.name} encrypts")
+    _plain.append(fmt)
+    return fmt
+
+
+def plain(kind: str) -> Format | None:
+    """The kind's plaintext as a local file may hold it (register_plain), or None."""
+    return next((f for f in _plain if f.kind == kind), None)
 
 
 def all_formats() -> tuple[Format, ...]:
@@ -84,6 +112,11 @@ def kinds() -> tuple[str, ...]:
 
 def of_kind(kind: str) -> list[Format]:
     return [f for f in _formats if f.kind == kind]
+
+
+def default(kind: str) -> Format:
+    """What new `kind` backups are written in (manifest.build_manifest names its encryption)."""
+    return of_kind(kind)[0]
 
 
 def suffixes() -> tuple[str, ...]:
@@ -144,14 +177,10 @@ def detect_encryption(head: bytes) -> Encryption | None:
     return next((f.encryption for f in _formats if head.startswith(f.encryption.magic)), None)
 
 
-def kind_of(encryption: str) -> str | None:
-    """The kind whose backups are made with this encryption."""
-    return next((f.kind for f in _formats if f.encryption.name == encryption), None)
-
-
 MAGIC_READ = 8  # bytes read to tell a file's encryption: the longest magic ("Salted__")
 
 # The order says the defaults: a kind's first format (and compression) is what it is written in.
 register(Format("database", ".sql", ZSTD, OPENSSL))
 register(Format("database", ".sql", NONE, OPENSSL))
-FILES = register(Format("files", ".zip", NONE, AESCRYPT))
+register(Format("files", ".zip", NONE, AESCRYPT))
+register_plain(Format("files", ".zip", NONE, PLAIN_ZIP))

@@ -144,9 +144,11 @@ def build_manifest(
     source: dict[str, Any],
     compression: dict[str, Any] | None = None,
     profile: dict[str, Any] | None = None,
+    encryption: str | None = None,
 ) -> dict[str, Any]:
     """A manifest; `compression` is {"compression": "zstd", "compressed_size": …, "compressed_sha256": …}
-    for a compressed database backup (plaintext_* then describe the SQL, end to end)."""
+    for a compressed database backup (plaintext_* then describe the SQL, end to end); `encryption`
+    the name of the one it was written in (None: the kind's default format's)."""
     manifest = {
         "manifest_version": 1,
         "kind": kind,
@@ -155,7 +157,7 @@ def build_manifest(
         "version_id": version_id,
         "started_at": iso(started_at),
         "completed_at": iso(completed_at),
-        "encryption": formats.of_kind(kind)[0].encryption.name,
+        "encryption": encryption or formats.default(kind).encryption.name,
         **(compression or ({"compression": formats.uncompressed(kind).compression.name} if kind == "database" else {})),
         "key_id": key_id,
         "encrypted_size": encrypted_size,
@@ -172,14 +174,14 @@ def build_manifest(
 
 def for_upload(upload: Any, plaintext: Any, *, kind: str, environment: str, started_at: datetime, key_id: str,
                source: dict[str, Any], compression: dict[str, Any] | None = None,
-               profile: dict[str, Any] | None = None) -> dict[str, Any]:
+               profile: dict[str, Any] | None = None, encryption: str | None = None) -> dict[str, Any]:
     """The manifest of a completed StreamingUpload (its key, version, size and SHA-256) whose
     plaintext went through the Tally `plaintext`, completed now."""
     return build_manifest(kind=kind, environment=environment, key=upload.key, version_id=upload.version_id,
                           started_at=started_at, completed_at=utcnow(), key_id=key_id, encrypted_size=upload.size,
                           encrypted_sha256=upload.sha256.hexdigest(), plaintext_size=plaintext.size,
                           plaintext_sha256=plaintext.hexdigest(), source=source, compression=compression,
-                          profile=profile)
+                          profile=profile, encryption=encryption)
 
 
 def _text(value: Any, limit: int = _MAX_TEXT) -> bool:

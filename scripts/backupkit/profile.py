@@ -3,8 +3,8 @@
 A profile is JSON Lines: a header ({"format": "profile-v1", "kind", "backup_key"}) then one line
 per table of a database backup ({"table", "rows", "bytes"}, in the dump's order) or per object of
 a files backup ({"key", "size", "crc32"}, in key order). Table names, counts and keys can be
-personal data: the profile is encrypted as its backup is (openssl for a dump, AES Crypt for an
-archive; same passphrase, same key_id), stored at `<backup key>.profile.encrypted`, and named by
+personal data: the profile is encrypted as its backup is (by its format's Encryption entry:
+openssl for a dump, AES Crypt for an archive; same passphrase, same key_id), stored at `<backup key>.profile.encrypted`, and named by
 the manifest's `profile` field (key, version_id, size, sha256 of the stored bytes, entries).
 
 Recording: `DumpRows` reads the plain dump as it streams past (the `COPY … FROM stdin;` blocks),
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import io
 import json
 import os
 import re
@@ -27,12 +28,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .config import child_env
-from .crypto import AESCRYPT_FORMAT, OPENSSL_FORMAT, openssl_args, passphrase_pipe
+from .crypto import Encryption, FullReader
 from .errors import BackupError, Problem, VerificationError
-from .formats import MAGIC_READ, detect_encryption
+from .formats import MAGIC_READ, detect_encryption, encryption_named
 from .manifest import PROFILE_SUFFIX, profile_key, profile_problem, valid_size  # noqa: F401 - the profile's names live with the manifest that checks them
 from .output import shown
+from .pipeline import Pipeline
 from .streams import CHUNK, Tally
 
 FORMAT = "profile-v1"
@@ -227,24 +228,31 @@ def lines(kind: str, backup_key: str, entries: list[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(e, ensure_ascii=False).encode() + b"\n" for e in [header(kind, backup_key), *entries])
 
 
-def openssl_encrypt(plaintext: bytes, passphrase: str) -> bytes:
-    """`plaintext` encrypted as a database backup is (openssl enc, passphrase through a pipe):
-    `openssl enc -d -aes-256-cbc -pbkdf2` decrypts it."""
-    return _openssl(plaintext, passphrase, decrypt=False)
-
-
-def _openssl(data: bytes, passphrase: str, *, decrypt: bool) -> bytes:
-    fd = passphrase_pipe(passphrase)
-    try:
-        done = subprocess.run(openssl_args(fd, decrypt=decrypt), input=data, capture_output=True, env=child_env(),
-                              pass_fds=[fd], check=False)
-    finally:
-        os.close(fd)
-    if done.returncode != 0:
+def _through_stage(encryption: Encryption, data: bytes, secret: str, *, decrypt: bool) -> bytes:
+    """`data` through the encryption's pipeline stage (a profile is small: held in memory)."""
+    assert encryption.start is not None, f"{encryption.name} is not a pipeline stage"
+    with Pipeline() as pipeline:
+        stage = encryption.start(pipeline, secret, decrypt=decrypt, stdin=subprocess.PIPE)
+        pipeline.pump(io.BytesIO(data), stage.stdin)
+        out = stage.stdout.read()
+        pipeline.join_pumps()
+        code = stage.wait()
+    if code != 0:
         if decrypt:
-            raise VerificationError("the profile does not decrypt (openssl): wrong passphrase or corrupted", Problem.UNDECRYPTABLE)
-        raise BackupError(f"openssl failed to encrypt the profile: {done.stderr.decode(errors='replace').strip()[-300:]}")
-    return done.stdout
+            raise VerificationError(f"the profile does not decrypt ({stage.name}): wrong passphrase or corrupted",
+                                    Problem.UNDECRYPTABLE)
+        raise BackupError(f"{stage.name} failed to encrypt the profile: {stage.stderr_text()[-300:]}")
+    return out
+
+
+def encrypt_profile(encryption: Encryption, plaintext: bytes, secret: str) -> bytes:
+    """`plaintext` encrypted as a backup in `encryption` is: through its stage, or in process."""
+    if encryption.start is not None:
+        return _through_stage(encryption, plaintext, secret, decrypt=False)
+    assert encryption.encrypt is not None, f"{encryption.name} does not encrypt"
+    out = io.BytesIO()
+    encryption.encrypt(FullReader(io.BytesIO(plaintext)), out, secret)
+    return out.getvalue()
 
 
 @dataclass
@@ -260,11 +268,13 @@ class ProfileWritten:
                 "sha256": self.upload.sha256.hexdigest(), "entries": self.entries}
 
 
-def send_database_profile(upload: Any, backup_key: str, rows: DumpRows, passphrase: str) -> ProfileWritten:
-    """Encrypt the database profile into `upload` (a StreamingUpload of profile_key(backup_key)),
-    every byte sent; the caller completes it after the backup and before the manifest."""
+def send_database_profile(upload: Any, backup_key: str, rows: DumpRows, encryption: Encryption,
+                          passphrase: str) -> ProfileWritten:
+    """Encrypt the database profile (as its backup: `encryption`) into `upload` (a StreamingUpload
+    of profile_key(backup_key)), every byte sent; the caller completes it after the backup and
+    before the manifest."""
     entries = rows.entries()
-    upload.write(openssl_encrypt(lines("database", backup_key, entries), passphrase))
+    upload.write(encrypt_profile(encryption, lines("database", backup_key, entries), passphrase))
     upload.flush()
     return ProfileWritten(upload, len(entries))
 
@@ -365,29 +375,33 @@ def download_profile(client: Any, bucket: str, manifest: dict[str, Any], path: s
         raise VerificationError(f"its profile is not in the backup's format {manifest['encryption']}", Problem.BAD_CONTENT)
 
 
-def decrypted_lines(path: str, encryption: str, passphrase: str) -> Iterator[bytes]:
-    """The lines of a downloaded (checked) profile, decrypted as they are read. The AES Crypt HMAC
-    is checked only at the end: the caller acts on nothing before the iterator ended."""
-    if encryption == OPENSSL_FORMAT:
+def decrypted_lines(path: str, encryption_name: str, secret: str) -> Iterator[bytes]:
+    """The lines of a downloaded (checked) profile, decrypted as they are read by its backup's
+    encryption (a stage: at once, in memory; in process: streamed). An in-process decryption's
+    check (AES Crypt's HMAC) comes only at the end: the caller acts on nothing before the
+    iterator ended."""
+    try:
+        encryption = encryption_named(encryption_name)
+    except KeyError:
+        raise VerificationError(f"unknown profile encryption {shown(encryption_name)}", Problem.BAD_CONTENT) from None
+    if encryption.start is not None:
         with open(path, "rb") as handle:
-            plaintext = _openssl(handle.read(), passphrase, decrypt=True)
+            plaintext = _through_stage(encryption, handle.read(), secret, decrypt=True)
         yield from plaintext.splitlines(keepends=True)
         return
-    if encryption != AESCRYPT_FORMAT:
-        raise VerificationError(f"unknown profile encryption {shown(encryption)}", Problem.BAD_CONTENT)
-    yield from _aescrypt_lines(path, passphrase)
+    yield from _streamed_lines(encryption, path, secret)
 
 
-def _aescrypt_lines(path: str, passphrase: str) -> Iterator[bytes]:
-    from .crypto import aescrypt_decrypt
-
+def _streamed_lines(encryption: Encryption, path: str, secret: str) -> Iterator[bytes]:
+    decrypt_stream = encryption.decrypt
+    assert decrypt_stream is not None, f"{encryption.name} does not decrypt in process"
     read_end, write_end = os.pipe()
     failure: list[BaseException] = []
 
     def decrypt() -> None:
         try:
             with open(path, "rb") as source, open(write_end, "wb") as sink:
-                aescrypt_decrypt(source, sink, passphrase)
+                decrypt_stream(source, sink, secret)
         except BaseException as exc:  # noqa: BLE001 - raised in the reader's thread at the end
             failure.append(exc)
 

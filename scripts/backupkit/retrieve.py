@@ -2,8 +2,8 @@
 through here, so it is hardened once.
 
 `BucketReader` lists the candidates (ordered and aged by S3's LastModified, never by a name a
-writer chose), and `open()`s one: it picks the passphrase named by the manifest's key_id (an
-unknown one is refused before anything is downloaded), downloads into a private temporary
+writer chose), and `open()`s one: the manifest's encryption picks the passphrase named by the
+manifest's key_id (`Encryption.pick_secret`; an unknown one is refused before anything is downloaded), downloads into a private temporary
 directory with the manifest's size as a ceiling, checks size and SHA-256, and only then hands a
 `Fetched` file to the caller's `work` (fetch_backup.py); or, with `stream=True` (every reader that
 decrypts: restores and verify), hands `work` the download as it arrives, which the reader checks
@@ -29,7 +29,7 @@ from typing import Any, Generic, TypeVar
 import botocore.exceptions
 
 from . import formats
-from .crypto import pick_passphrase, start_key_ids
+from .crypto import Encryption, start_key_ids
 from .errors import BackupError, Problem, UsageError, VerificationError
 from .manifest import (
     MANIFEST_SUFFIX,
@@ -172,9 +172,10 @@ class Fetched:
     """A backup that passed every check made before decryption: a file on disk (`path`), or a
     download under way (`body`, with `path` empty), checked at its end by its reader."""
 
+    kind: str  # "database" or "files"
     path: str
-    passphrase: str
-    encryption: str  # an Encryption's name (formats.py), or "zip" for an already decrypted archive
+    secret: str  # what `encryption` decrypts with, as its pick_secret chose it ("" when nothing is decrypted)
+    encryption: Encryption  # the backup's (formats.py), or a kind's plain one (formats.plain) for a local plaintext
     compression: str | None  # a Compression's name; None: unknown (a dump without manifest), told by its bytes
     manifest: dict[str, Any] | None  # None: a local file without one (nothing to check against)
     label: str  # for messages: the S3 key and version, or the file's path
@@ -331,7 +332,13 @@ class BucketReader:
         progress.done()
         body.check()
 
-    def _streamed(self, backup: Backup, passphrase: str, work: Callable[[Fetched], T]) -> Retrieved[T]:
+    def secret_for(self, manifest: dict[str, Any]) -> str:
+        """The secret a backup (or its profile) is decrypted with: its encryption's rule picks it
+        from the passphrases given, by the manifest's key_id."""
+        encryption = formats.encryption_named(manifest["encryption"])
+        return encryption.pick_secret(manifest["key_id"], self.passphrases or [])
+
+    def _streamed(self, backup: Backup, secret: str, work: Callable[[Fetched], T]) -> Retrieved[T]:
         """`work` on the backup as it downloads (`Fetched.body`): its reader checks the body against
         the manifest once it ended (CheckedBody.check), before anything is committed."""
         manifest = backup.manifest
@@ -344,7 +351,7 @@ class BucketReader:
                 body.check()  # a corrupted download is named as such, as when it was downloaded first
                 raise VerificationError(f"the object is not in its manifest's format {manifest['encryption']} "
                                         f"(it looks like {found or 'neither format'})", Problem.BAD_CONTENT)
-            fetched = Fetched("", passphrase, manifest["encryption"], compression_of(manifest),
+            fetched = Fetched(self.kind, "", secret, formats.encryption_named(found), compression_of(manifest),
                               manifest, f"s3://{self.bucket}/{backup.label()}", backup, body=body)
             result = work(fetched)
             if not body.checked:
@@ -370,9 +377,9 @@ class BucketReader:
         elif backup.problem is not None:
             raise VerificationError(backup.detail or backup.problem.value, backup.problem)
         manifest = backup.manifest
-        passphrase = "" if self.passphrases is None else pick_passphrase(manifest["key_id"], self.passphrases)  # before any download
+        secret = "" if self.passphrases is None else self.secret_for(manifest)  # before any download
         if stream:
-            return self._streamed(backup, passphrase, work)
+            return self._streamed(backup, secret, work)
         with private_directory(near) as workdir:
             path = os.path.join(workdir, "backup.encrypted")
             self.download_checked(backup, path)
@@ -382,7 +389,7 @@ class BucketReader:
             if found != manifest["encryption"]:
                 raise VerificationError(f"the object is not in its manifest's format {manifest['encryption']} "
                                         f"(it looks like {found or 'neither format'})", Problem.BAD_CONTENT)
-            fetched = Fetched(path, passphrase, manifest["encryption"], compression_of(manifest),
+            fetched = Fetched(self.kind, path, secret, formats.encryption_named(found), compression_of(manifest),
                               manifest, f"s3://{self.bucket}/{backup.label()}", backup)
             return Retrieved(fetched, work(fetched))
 
@@ -426,8 +433,9 @@ def nothing_verifies(skipped: Skips) -> str:
     return f"none of the {skipped.total} backups can be used (each one's reason is above); the newest: {newest}"
 
 
-def local_format(path: str, kind: str, *, plain_zip: bool = False) -> str:
-    """The encryption format of a local backup file, refusing what is not a `kind` backup."""
+def local_format(path: str, kind: str, *, plain: bool = False) -> Encryption:
+    """The encryption of a local backup file, refusing what is not a `kind` backup; with `plain`,
+    the kind's plaintext (formats.plain: an already decrypted archive) is accepted too."""
     if not os.path.isfile(path):
         raise UsageError(f"--file {shown(path)}: no such file")
     if os.path.getsize(path) == 0:
@@ -436,11 +444,13 @@ def local_format(path: str, kind: str, *, plain_zip: bool = False) -> str:
         head = handle.read(formats.MAGIC_READ)
     found = formats.detect_encryption(head)
     if found is not None and found.name in [e.name for e in formats.encryptions(kind)]:
-        return found.name
-    if kind == "files" and plain_zip and head.startswith(b"PK\x03\x04"):
-        return "zip"
+        return found
+    plaintext = formats.plain(kind) if plain else None
+    if plaintext is not None and head.startswith(plaintext.encryption.magic):
+        return plaintext.encryption
     lacks = ", ".join(e.looks_like for e in formats.encryptions(kind))
-    raise UsageError(f"{shown(path)} is not an encrypted {kind} backup ({lacks})" + (" nor a ZIP" if plain_zip else ""))
+    raise UsageError(f"{shown(path)} is not an encrypted {kind} backup ({lacks})"
+                     + (f" nor {plaintext.encryption.looks_like}" if plaintext is not None else ""))
 
 
 def read_local_manifest(path: str, kind: str) -> dict[str, Any] | None:
@@ -455,15 +465,16 @@ def read_local_manifest(path: str, kind: str) -> dict[str, Any] | None:
 
 
 def open_local(path: str, kind: str, passphrases: list[str], work: Callable[[Fetched], T], *,
-               require_manifest: bool, plain_zip: bool = False) -> Retrieved[T]:
+               require_manifest: bool, plain: bool = False) -> Retrieved[T]:
     """`work` on a local backup file: checked against FILE.manifest.json when there is one (whose
-    key_id then picks the passphrase); without one (allowed unless `require_manifest`), each
-    passphrase is tried in turn, as a failed attempt changes nothing."""
-    encryption = local_format(path, kind, plain_zip=plain_zip)
+    key_id then picks the passphrase, by the encryption's rule); without one (allowed unless
+    `require_manifest`), each passphrase is tried in turn, as a failed attempt changes nothing.
+    With `plain`, the kind's plaintext is accepted too (local_format), and read as it is."""
+    encryption = local_format(path, kind, plain=plain)
     start_key_ids(passphrases)
     label = shown(path)
-    if encryption == "zip":
-        fetched = Fetched(path, "", "zip", formats.uncompressed(kind).compression.name, None, label)
+    if not encryption.encrypts:
+        fetched = Fetched(kind, path, "", encryption, formats.uncompressed(kind).compression.name, None, label)
         return Retrieved(fetched, work(fetched))
     manifest = read_local_manifest(path, kind)
     if manifest is None and require_manifest:
@@ -473,15 +484,15 @@ def open_local(path: str, kind: str, passphrases: list[str], work: Callable[[Fet
             "manifest), or pass --without-manifest to restore it anyway")
     if manifest is not None:
         check_against_manifest(Tally.of_file(path), manifest, label)
-        tries = [pick_passphrase(manifest["key_id"], passphrases)]
+        tries = [encryption.pick_secret(manifest["key_id"], passphrases)]
         compression = compression_of(manifest)
     else:
         tries = passphrases
         # Without a manifest, a dump's compression is told by its first bytes.
         compression = None if len(formats.compressions(kind)) > 1 else formats.uncompressed(kind).compression.name
     problem: VerificationError | None = None
-    for passphrase in tries:
-        fetched = Fetched(path, passphrase, encryption, compression, manifest, label)
+    for secret in tries:
+        fetched = Fetched(kind, path, secret, encryption, compression, manifest, label)
         try:
             return Retrieved(fetched, work(fetched))
         except VerificationError as exc:

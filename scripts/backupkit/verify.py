@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import formats
 from .archive_read import read_archive
 from .dump_reader import verify_dump
 from .retrieve import Fetched
@@ -13,7 +12,7 @@ from .retrieve import Fetched
 
 def verify_fetched(fetched: Fetched) -> dict[str, Any]:
     """What was checked, for the report; raises VerificationError on the first problem."""
-    if formats.kind_of(fetched.encryption) == "database":
+    if fetched.kind == "database":
         return verify_dump(fetched)
     contents = read_archive(fetched)
     source = (fetched.manifest or {}).get("source", {})
