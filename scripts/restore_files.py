@@ -18,11 +18,11 @@ from backupkit.progress import human_bytes
 from backupkit.retrieve import BucketReader, Retrieved, local_format, open_local
 
 DESCRIPTION = """\
-Restore a files backup into TARGET_BUCKET: the backup is downloaded and checked against its
-manifest (size, SHA-256), decrypted into a private temporary file that has no name (0600, in a
-0700 directory: nothing is left on disk even when the process is killed), and only when the
-decryption ended cleanly (AES Crypt's HMAC is checked at the very end) and the plaintext SHA-256
-matches the manifest is anything uploaded. Each member goes back under TARGET_PREFIX + its
+Restore a files backup into TARGET_BUCKET: the backup is decrypted as it downloads into a
+private temporary file that has no name (0600, in a 0700 directory: nothing is left on disk
+even when the process is killed), and only when the download matched its manifest (size,
+SHA-256, checked at its end), the decryption ended cleanly (AES Crypt's HMAC is checked at the
+very end) and the plaintext SHA-256 matches the manifest is anything uploaded. Each member goes back under TARGET_PREFIX + its
 original key, with its ContentType, serving headers and user metadata as S3 returned them.
 Objects already identical in the target (same size, bytes (ETag/MD5), content type and
 metadata) are skipped.

@@ -21,9 +21,8 @@ from backupkit.verify import verify_fetched
 
 DESCRIPTION = """\
 Verify backups the way a restore would read them, without writing any plaintext to disk:
-  1. download the object (a files backup: ciphertext only, to a private temporary directory;
-     a database backup: decrypted as it downloads, nothing written),
-  2. check its size and SHA-256 against the manifest (a database backup's at its end),
+  1. download the object, decrypted as it downloads (nothing written, ciphertext included),
+  2. check its size and SHA-256 against the manifest at its end,
   3. pick the passphrase by the manifest's key_id and decrypt (AES Crypt: HMAC checked),
   4. check the plaintext's size and SHA-256 against the manifest,
   5. check the content: a dump ends with pg_dump's completion trailer; a ZIP's central

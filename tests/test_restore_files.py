@@ -126,6 +126,20 @@ def test_objects_not_in_the_backup_are_counted_page_by_page(s3server):
     assert not_in_backup(client, target, "p/", "1*", in_backup, page_size=4) == 7  # 10..19, less 12, 15, 18
 
 
+def test_a_target_flooded_with_keys_is_not_held_in_memory(s3server):
+    """The app chooses what its bucket holds: a target with more keys than twice the backup's
+    object count (at least 1,000) is not kept as a listing; every member is HEADed instead."""
+    from backupkit.files_restore import keys_in_target
+
+    client = s3server.client()
+    target = new_bucket(s3server, "restored")
+    fill(client, target, {f"p/{i:04d}": Obj(b"") for i in range(1001)} | {"elsewhere": Obj(b"")})
+    assert keys_in_target(client, target, "p/", 10) is None  # ceiling 1,000: the listing stops
+    listed = keys_in_target(client, target, "p/", 501)  # ceiling 1,002
+    assert listed is not None and len(listed) == 1001 and "elsewhere" not in listed
+    assert keys_in_target(client, target, "p/", "501") == listed  # not a count: a tenth of the ceiling
+
+
 def test_only_restores_matching_keys(run, s3server, backed_up):
     client = s3server.client()
     target = new_bucket(s3server, "restored")

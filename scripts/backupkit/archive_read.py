@@ -19,7 +19,7 @@ from .attributes import decode_attributes
 from .errors import Problem, VerificationError
 from .manifest import check_plaintext
 from .output import has_unsafe_characters, shown
-from .retrieve import Fetched
+from .retrieve import CheckedBody, Fetched
 from .streams import Tally
 from .zipcheck import ZipStreamChecker
 
@@ -103,12 +103,13 @@ def read_archive(fetched: Fetched, keep: int | None = None,
     handle = open(keep, "wb", closefd=False) if keep is not None else None
     sink = _ArchiveSink(handle, progress)
     try:
-        assert fetched.encryption.decrypt is not None, f"{fetched.encryption.name} does not decrypt in process"
+        decrypt = fetched.encryption.decrypt
+        assert decrypt is not None, f"{fetched.encryption.name} does not decrypt in process"
         if fetched.body is not None:
-            _decrypt_download(fetched, sink)
+            _decrypt_download(decrypt, fetched.body, fetched.secret, sink)
         else:
             with open(fetched.path, "rb") as source:
-                fetched.encryption.decrypt(source, sink, fetched.secret)
+                decrypt(source, sink, fetched.secret)
     finally:
         if handle is not None:
             handle.close()
@@ -130,22 +131,17 @@ def read_archive(fetched: Fetched, keep: int | None = None,
     return ArchiveContents(members, sink.tally.size)
 
 
-def _decrypt_download(fetched: Fetched, sink: _ArchiveSink) -> None:
-    """Decrypt a backup as it downloads (`fetched.body`), then check the download against the
-    manifest (size, SHA-256). When the decryption or the ZIP checks fail, the download is read
-    to its end and checked first: a corrupted download is named as such, as when it was
-    downloaded whole before decrypting."""
-    body = fetched.body
-    assert body is not None
+def _decrypt_download(decrypt: Callable[..., None], body: CheckedBody, secret: str, sink: _ArchiveSink) -> None:
+    """Decrypt a backup as it downloads, then check the download against the manifest (size,
+    SHA-256). When the decryption or the ZIP checks fail, the download is read to its end and
+    checked first: a corrupted download is named as such, as when it was downloaded whole before
+    decrypting."""
     try:
-        assert fetched.encryption.decrypt is not None
-        fetched.encryption.decrypt(body, sink, fetched.secret)
+        decrypt(body, sink, secret)
     except VerificationError:
-        body.drain()
-        body.check()
+        body.finish()
         raise
-    body.drain()
-    body.check()
+    body.finish()
 
 
 def unsafe_name(member: ArchiveMember) -> str | None:

@@ -122,11 +122,14 @@ def same_bytes(plaintext: int, item: Item, etag: str) -> bool:
 LISTING_CEILING = 200_000
 
 
-def keys_in_target(client: Any, bucket: str, prefix: str, ceiling: int) -> frozenset[str] | None:
+def keys_in_target(client: Any, bucket: str, prefix: str, object_count: Any) -> frozenset[str] | None:
     """The keys under `prefix` in the target, listed page by page: a member whose key is not
     among them is NEW without a HEAD (2,048 HEADs cost a few seconds; a page of 1,000 keys is one
-    request). None when there are more than `ceiling` keys or this identity may not list: then
+    request). None when there are more keys than twice the backup's `object_count` (its
+    manifest's; at least 1,000, at most LISTING_CEILING) or this identity may not list: then
     `classify` HEADs every key."""
+    ceiling = (min(LISTING_CEILING, max(1000, 2 * object_count)) if isinstance(object_count, int)
+               else LISTING_CEILING // 10)
     keys: set[str] = set()
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -258,9 +261,7 @@ class Restore:
             expected = (fetched.manifest or {}).get("source", {}).get("object_count")
             # listed while the backup downloads; not for --only, which may pick a few keys of many
             listing = None if self.only else in_background(
-                keys_in_target, self.client, self.bucket, self.prefix,
-                min(LISTING_CEILING, max(1000, 2 * expected)) if isinstance(expected, int) else LISTING_CEILING // 10,
-                name="list-target")
+                keys_in_target, self.client, self.bucket, self.prefix, expected, name="list-target")
             total = (fetched.manifest or {}).get("plaintext_size") or os.path.getsize(fetched.path)
             progress = Progress("checked" if plain else "decrypted", total_bytes=total)
             log(f"{'checking' if plain else 'decrypting'} {fetched.label}")
@@ -274,8 +275,11 @@ class Restore:
             run_pool(items, lambda item: setattr(item, "action", classify(self.client, self.bucket, plaintext, item, listed)))
             todo = [item for item in items if item.action != IDENTICAL]
             self.todo = len(todo)
-            extra = (not_in_backup(self.client, self.bucket, self.prefix, self.only, {m.name for m in contents.members})
-                     if self.dry_run else None)
+            extra = None
+            if self.dry_run:
+                names = {m.name for m in contents.members}
+                extra = (sum(key[len(self.prefix):] not in names for key in listed) if listed is not None
+                         else not_in_backup(self.client, self.bucket, self.prefix, self.only, names))
             if not self.dry_run and todo:
                 uploads = self.uploads = Progress("uploaded", total_bytes=sum(i.size for i in todo), total_objects=len(todo))
 

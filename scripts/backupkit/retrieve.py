@@ -154,6 +154,11 @@ class CheckedBody:
         while self.read(CHUNK):
             pass
 
+    def finish(self) -> None:
+        """drain() then check(): whether the reader read it all or stopped early."""
+        self.drain()
+        self.check()
+
     def abandon(self) -> None:
         self._abandoned = True
 
@@ -347,8 +352,7 @@ class BucketReader:
             detected = formats.detect_encryption(body.first_bytes(formats.MAGIC_READ))
             found = detected.name if detected else None
             if found != manifest["encryption"]:
-                body.drain()
-                body.check()  # a corrupted download is named as such, as when it was downloaded first
+                body.finish()  # a corrupted download is named as such, as when it was downloaded first
                 raise VerificationError(f"the object is not in its manifest's format {manifest['encryption']} "
                                         f"(it looks like {found or 'neither format'})", Problem.BAD_CONTENT)
             fetched = Fetched(self.kind, "", secret, formats.encryption_named(found), compression_of(manifest),
